@@ -1,0 +1,380 @@
+"""The relay: one object that owns start, run and graceful stop.
+
+``Relay.run()`` holds the only ``asyncio.run``; ``serve()`` is ``startup()`` -> ``main_loop()``
+-> ``shutdown()``. Sinks and the publisher start before the source; stop runs in reverse:
+close the source (releasing every subscription), drain within ``shutdown_timeout``, close the
+sinks (the recorder flushes), close the sockets.
+
+Stopping is a method: POSIX signal handlers and the Windows service both call
+:meth:`Relay.request_stop`, which only sets a flag and wakes the loop; a second SIGINT forces
+a fast stop (no draining).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import signal
+import threading
+import time
+import uuid
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    NamedTuple,
+    Optional,
+    Protocol,
+    Sequence,
+)
+
+import structlog
+
+from relay.config import Config
+from relay.encode import SpotEncoder
+from relay.normalise import Normaliser
+from relay.publish import Publisher
+from relay.records import SpotRecord
+from relay.sources import Batch, Source, create_source
+from relay.wire import encode_heartbeat
+
+__all__ = ["PublishedBatch", "Relay", "Sink", "State"]
+
+log = structlog.get_logger("relay.app")
+
+_HANDLED_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGBREAK") if hasattr(signal, name)
+)
+
+
+class State(enum.Enum):
+    NEW = "new"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+class PublishedBatch(NamedTuple):
+    """What sinks receive for every published batch."""
+
+    records: List[SpotRecord]
+    messages: List[bytes]        # the ":spot:"-prefixed SpotList messages, in order
+    counts: List[int]            # records in each message
+    first_seq: int               # seq of messages[0]
+    publish_time_ms: int
+    run_id: str
+    source: str
+
+
+class Sink(Protocol):
+    """A consumer of published batches (the HDF5 recorder, test collectors).
+
+    ``write`` is called on the event loop and must not block: a slow sink owns a bounded
+    queue and a writer of its own.
+    """
+
+    def start(self) -> None: ...
+
+    def write(self, batch: PublishedBatch) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _Stats:
+    __slots__ = ("batches", "bytes", "dropped", "errors", "lag_ms_max", "messages", "records")
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.records = 0
+        self.messages = 0
+        self.bytes = 0
+        self.errors = 0
+        self.lag_ms_max: Optional[int] = None
+        self.dropped: Dict[str, int] = {}
+
+
+class Relay:
+    """Runs one source through normalise -> encode -> publish (and sinks) until stopped.
+
+    Args:
+        config: the validated configuration.
+        source: a source to use instead of the one ``config.source.kind`` names.
+        sinks: extra consumers of every published batch.
+        clock: epoch seconds; publish times and stats use it.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        source: Optional[Source] = None,
+        sinks: Sequence[Sink] = (),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.run_id = uuid.uuid4().hex[:16]
+        self.state = State.NEW
+        self._clock = clock
+        self._source = source
+        self._sinks = list(sinks)
+        self._publisher = Publisher(config.publish.addresses)
+        norm = config.normalise
+        self._normaliser = Normaliser(
+            units=norm.units,
+            book_levels=norm.book_levels,
+            price_decimals=norm.price_decimals,
+            drop_auction=norm.drop_auction,
+        )
+        self._encoder: Optional[SpotEncoder] = None
+        self._seq = 0
+        self._stats = _Stats()
+        self._totals = _Stats()
+        self._stop_requested = False
+        self._force = False
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._wake: Optional[asyncio.Event] = None
+        self._started_sinks: List[Sink] = []
+
+    # -- stopping --------------------------------------------------------------------------
+
+    def request_stop(self, *, force: bool = False) -> None:
+        """Ask the relay to stop; safe from signal handlers and other threads."""
+        self._force = self._force or force
+        self._stop_requested = True
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # loop closing concurrently
+                loop.call_soon_threadsafe(wake.set)
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop_requested
+
+    def _handle_signal(self, signum: int, _frame: Any) -> None:
+        force = self._stop_requested and signum == signal.SIGINT
+        log.info("stop_requested", signal=signal.Signals(signum).name, force=force)
+        self.request_stop(force=force)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """Route SIGINT/SIGTERM to :meth:`request_stop`; restore prior handlers on exit."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self._handle_signal) for sig in _HANDLED_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    # -- running ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Run until stopped; the only ``asyncio.run`` in the relay.
+
+        Raises:
+            RelayError: startup failed (bad address, source unavailable).
+        """
+        with self.capture_signals():
+            asyncio.run(self.serve())
+
+    async def serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        if self._stop_requested:
+            self._wake.set()
+        try:
+            await self.startup()
+            if not self._stop_requested:
+                await self.main_loop()
+        finally:
+            await self.shutdown()
+
+    async def startup(self) -> None:
+        self.state = State.STARTING
+        cfg = self.config
+        if self._source is None:
+            self._source = create_source(cfg, clock=self._clock)
+        source = self._source
+        self._encoder = SpotEncoder(self.run_id, source.kind, cfg.publish.max_message_bytes)
+        self._publisher.start()
+        log.info("publishing", addresses=list(cfg.publish.addresses), run_id=self.run_id)
+        for sink in self._sinks:
+            sink.start()
+            self._started_sinks.append(sink)
+        await source.start()
+        self._normaliser.set_names(source.names)
+        log.info(
+            "relay_started",
+            source=source.kind,
+            simulated=source.kind == "simulator",
+            run_id=self.run_id,
+            securities=len(source.names),
+        )
+        self.state = State.RUNNING
+
+    async def main_loop(self) -> None:
+        assert self._wake is not None
+        pump = asyncio.ensure_future(self._pump())
+        helpers = [
+            asyncio.ensure_future(self._every(self.config.publish.heartbeat_interval,
+                                              self._heartbeat)),
+            asyncio.ensure_future(self._every(self.config.logging.stats_interval, self._log_stats)),
+        ]
+        wake = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait([pump, wake], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            wake.cancel()
+            for task in helpers:
+                task.cancel()
+            self.state = State.STOPPING
+            await self._stop_pump(pump)
+            await asyncio.gather(*helpers, wake, return_exceptions=True)
+
+    async def _stop_pump(self, pump: asyncio.Future[None]) -> None:
+        source = self._source
+        if source is not None:
+            await source.close()  # ends the batch iterator; releases subscriptions
+        if not pump.done():
+            timeout = 0.0 if self._force else self.config.shutdown_timeout
+            done, _ = await asyncio.wait([pump], timeout=timeout)
+            if not done:
+                log.warning("pump_cancelled", timeout=timeout)
+                pump.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            exc = await asyncio.gather(pump, return_exceptions=True)
+            if exc and isinstance(exc[0], Exception):
+                log.error("pump_failed", error=repr(exc[0]))
+
+    async def _pump(self) -> None:
+        assert self._source is not None
+        async for batch in self._source.batches():
+            try:
+                self.process(batch)
+            except Exception as exc:  # noqa: BLE001 - one bad batch must not stop the relay
+                self._stats.errors += 1
+                log.exception("batch_failed", error=repr(exc), size=len(batch))
+            if self._stop_requested:
+                break
+        if not self._stop_requested:
+            log.info("source_finished", source=self._source.kind)
+            self.request_stop()
+
+    def process(self, batch: Batch) -> Optional[PublishedBatch]:
+        """Normalise, encode and publish one source batch; returns what was published."""
+        encoder, source = self._encoder, self._source
+        assert encoder is not None and source is not None
+        result = self._normaliser.normalise_batch(batch)
+        stats = self._stats
+        for reason, n in result.dropped.items():
+            stats.dropped[reason] = stats.dropped.get(reason, 0) + n
+        records = result.records
+        if not records:
+            return None
+        publish_ms = int(self._clock() * 1000)
+        first_seq = self._seq + 1
+        counts: List[int] = []
+        publisher = self._publisher
+        sent_before = publisher.bytes_sent
+
+        def chunks() -> Iterator[bytes]:
+            for message, count in encoder.iter_chunks(records, first_seq=first_seq,
+                                                      publish_time_ms=publish_ms):
+                counts.append(count)
+                yield message
+
+        messages = publisher.send_batch(chunks())  # each message leaves as soon as encoded
+        self._seq += len(messages)
+        stats.batches += 1
+        stats.records += len(records)
+        stats.messages += len(messages) + 2
+        stats.bytes += publisher.bytes_sent - sent_before
+        newest = max(r.time_ms or 0 for r in records)
+        if newest:
+            lag = publish_ms - newest
+            if stats.lag_ms_max is None or lag > stats.lag_ms_max:
+                stats.lag_ms_max = lag
+        published = PublishedBatch(records, messages, counts, first_seq, publish_ms, self.run_id,
+                                   source.kind)
+        for sink in self._started_sinks:
+            try:
+                sink.write(published)
+            except Exception as exc:  # noqa: BLE001 - a failing sink must not stop publishing
+                stats.errors += 1
+                log.error("sink_failed", sink=type(sink).__name__, error=repr(exc))
+        return published
+
+    async def _every(self, interval: float, action: Callable[[], None]) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                action()
+            except Exception as exc:  # noqa: BLE001 - heartbeats/stats must keep going
+                log.error("periodic_task_failed", action=action.__name__, error=repr(exc))
+
+    def _heartbeat(self) -> None:
+        source = self._source
+        connected = bool(source is not None and source.connected)
+        self._publisher.send(encode_heartbeat({
+            "run_id": self.run_id,
+            "source": source.kind if source is not None else None,
+            "simulated": source is not None and source.kind == "simulator",
+            "status": "up" if connected else "down",
+            "seq": self._seq,
+            "time_ms": int(self._clock() * 1000),
+        }))
+
+    def _log_stats(self) -> None:
+        s, t = self._stats, self._totals
+        log.info(
+            "stats",
+            interval_s=self.config.logging.stats_interval,
+            batches=s.batches,
+            records=s.records,
+            dropped=dict(sorted(s.dropped.items())),
+            messages=s.messages,
+            bytes=s.bytes,
+            errors=s.errors,
+            subscribers=self._publisher.subscribers,
+            lag_ms_max=s.lag_ms_max,
+            seq=self._seq,
+        )
+        t.batches += s.batches
+        t.records += s.records
+        t.messages += s.messages
+        t.bytes += s.bytes
+        t.errors += s.errors
+        for reason, n in s.dropped.items():
+            t.dropped[reason] = t.dropped.get(reason, 0) + n
+        self._stats = _Stats()
+
+    async def shutdown(self) -> None:
+        """Release everything in reverse order of startup. Idempotent."""
+        if self.state is State.STOPPED:
+            return
+        self.state = State.STOPPING
+        source = self._source
+        if source is not None:
+            try:
+                await source.close()
+            except Exception as exc:  # noqa: BLE001 - keep releasing the rest
+                log.error("source_close_failed", error=repr(exc))
+        for sink in reversed(self._started_sinks):
+            try:
+                sink.close()
+            except Exception as exc:  # noqa: BLE001 - keep releasing the rest
+                log.error("sink_close_failed", sink=type(sink).__name__, error=repr(exc))
+        self._started_sinks.clear()
+        self._publisher.close()
+        self._log_stats()
+        t = self._totals
+        log.info("relay_stopped", run_id=self.run_id, batches=t.batches, records=t.records,
+                 messages=t.messages, dropped=dict(sorted(t.dropped.items())), errors=t.errors,
+                 last_seq=self._seq)
+        self.state = State.STOPPED

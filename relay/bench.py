@@ -1,0 +1,282 @@
+"""Hot-path benchmark: ``python -m relay.bench [--records N] [--bursts N]``.
+
+Measures, in one run on the same simulated full-market snapshot:
+
+* normalise + encode records/second, ours against the plain path (tick dict mapped by hand
+  into ``flatbuffers.Builder`` calls through the flatc-generated builder functions);
+* decode records/second of every field, ours against the flatc-generated accessors;
+* end-to-end latency: from handing a full-market batch of records to the encoder and
+  publisher until a subscriber process on loopback TCP has decoded all of it (p50/p99).
+
+Prints a human-readable report; the last line is one JSON object with ``encode_speedup``,
+``decode_speedup``, ``e2e_p50_ms`` and ``e2e_p99_ms`` among its keys. Nothing here asserts a
+time: the numbers are for people and CI logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import socket
+import statistics
+import sys
+import time
+from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple
+
+from relay.records import SpotRecord
+
+__all__ = ["builder_decode", "builder_encode", "main", "simulated_ticks"]
+
+Batch = Dict[str, Dict[str, Any]]
+
+
+def simulated_ticks(n: int, seed: int = 7) -> Tuple[Batch, Mapping[str, str]]:
+    """A full-market snapshot of ``n`` simulated securities in continuous trading."""
+    from relay.sources.simulator import SimulatedMarket  # noqa: PLC0415
+
+    market = SimulatedMarket(seed=seed, securities=n)
+    return market.bench_snapshot(), market.names
+
+
+# -- the plain path: generated builder functions and accessors ----------------------------
+
+
+def builder_encode(batch: Batch, names: Mapping[str, str], *, seq: int = 1, run_id: str = "",
+                   source: str = "", publish_time_ms: int = 0) -> bytes:
+    """Map QMT ticks straight into ``flatbuffers.Builder`` (how another producer would)."""
+    import flatbuffers  # noqa: PLC0415
+
+    from relay._flatgen import load  # noqa: PLC0415
+
+    spot, spot_list = load()
+    b = flatbuffers.Builder(1024 * 1024)
+    offsets = []
+
+    def doubles(start: Callable[[Any, int], None], values: Sequence[float]) -> int:
+        start(b, len(values))
+        for v in reversed(values):
+            b.PrependFloat64(float(v))
+        return int(b.EndVector())
+
+    for symbol, t in batch.items():
+        code, market = symbol.split(".")
+        ms = int(t["time"])
+        dt = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ms // 1000 + 8 * 3600))
+        s_market = b.CreateString(market)
+        s_code = b.CreateString(code)
+        s_name = b.CreateString(names.get(symbol, ""))
+        s_dt = b.CreateString(dt)
+        v_bid = doubles(spot.SpotStartBidVector, t["bidPrice"])
+        v_bid_amount = doubles(spot.SpotStartBidAmountVector, t["bidVol"])
+        v_ask = doubles(spot.SpotStartAskVector, t["askPrice"])
+        v_ask_amount = doubles(spot.SpotStartAskAmountVector, t["askVol"])
+        spot.SpotStart(b)
+        spot.SpotAddMarket(b, s_market)
+        spot.SpotAddCode(b, s_code)
+        spot.SpotAddName(b, s_name)
+        spot.SpotAddDatetime(b, s_dt)
+        spot.SpotAddYesterdayClose(b, t["lastClose"])
+        spot.SpotAddOpen(b, t["open"])
+        spot.SpotAddHigh(b, t["high"])
+        spot.SpotAddLow(b, t["low"])
+        spot.SpotAddClose(b, t["lastPrice"])
+        spot.SpotAddAmount(b, t["amount"] * 0.0001)
+        spot.SpotAddVolume(b, t["pvolume"] * 0.01)
+        spot.SpotAddBid(b, v_bid)
+        spot.SpotAddBidAmount(b, v_bid_amount)
+        spot.SpotAddAsk(b, v_ask)
+        spot.SpotAddAskAmount(b, v_ask_amount)
+        spot.SpotAddTimeMs(b, ms)
+        spot.SpotAddStatus(b, t["stockStatus"])
+        spot.SpotAddTradeCount(b, t["transactionNum"])
+        offsets.append(spot.SpotEnd(b))
+    s_run = b.CreateString(run_id)
+    s_source = b.CreateString(source)
+    spot_list.SpotListStartSpotVector(b, len(offsets))
+    for off in reversed(offsets):
+        b.PrependUOffsetTRelative(off)
+    vec = b.EndVector()
+    spot_list.SpotListStart(b)
+    spot_list.SpotListAddSpot(b, vec)
+    spot_list.SpotListAddSeq(b, seq)
+    spot_list.SpotListAddRunId(b, s_run)
+    spot_list.SpotListAddSource(b, s_source)
+    spot_list.SpotListAddPublishTimeMs(b, publish_time_ms)
+    b.Finish(spot_list.SpotListEnd(b))
+    return bytes(b.Output())
+
+
+def builder_decode(buf: bytes, offset: int = 0) -> List[Tuple[Any, ...]]:
+    """Read every field of every record through the generated accessors."""
+    from relay._flatgen import load  # noqa: PLC0415
+
+    _, spot_list = load()
+    root = spot_list.SpotList.GetRootAs(buf, offset)
+    out = []
+    for i in range(root.SpotLength()):
+        s = root.Spot(i)
+        out.append((
+            s.Market().decode(), s.Code().decode(), s.Name().decode(), s.Datetime().decode(),
+            s.YesterdayClose(), s.Open(), s.High(), s.Low(), s.Close(), s.Amount(), s.Volume(),
+            tuple(s.Bid(j) for j in range(s.BidLength())),
+            tuple(s.BidAmount(j) for j in range(s.BidAmountLength())),
+            tuple(s.Ask(j) for j in range(s.AskLength())),
+            tuple(s.AskAmount(j) for j in range(s.AskAmountLength())),
+            s.TimeMs(), s.Status(), s.TradeCount(),
+        ))
+    return out
+
+
+# -- measurement helpers -------------------------------------------------------------------
+
+
+def _best_rate(n: int, fn: Callable[[], object], repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return n / best
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _subscriber_proc(url: str, bursts: int, ready: Any, results: Any) -> None:
+    import pynng  # noqa: PLC0415
+
+    from relay.client import decode_spot_list  # noqa: PLC0415
+    from relay.wire import END, START  # noqa: PLC0415
+
+    with pynng.Sub0(recv_timeout=10000) as sock:
+        sock.subscribe(b":spot:")
+        sock.dial(url, block=True)
+        ready.set()
+        done = 0
+        count = 0
+        while done < bursts:
+            msg = sock.recv()
+            if msg == START:
+                count = 0
+            elif msg == END:
+                results.put((time.monotonic(), count))
+                done += 1
+            else:
+                count += len(decode_spot_list(msg, 6).records)
+
+
+def measure_e2e(records: List[SpotRecord], bursts: int) -> List[float]:
+    """Latency (ms) of each full-market burst, publisher to decoded at a subscriber process."""
+    from relay.encode import SpotEncoder  # noqa: PLC0415
+    from relay.publish import Publisher  # noqa: PLC0415
+
+    url = f"tcp://127.0.0.1:{_free_port()}"
+    pub = Publisher([url])
+    pub.start()
+    ctx = mp.get_context("spawn")
+    ready, results = ctx.Event(), ctx.Queue()
+    proc = ctx.Process(target=_subscriber_proc, args=(url, bursts, ready, results), daemon=True)
+    proc.start()
+    try:
+        if not ready.wait(30):
+            raise RuntimeError("subscriber did not start")
+        time.sleep(0.5)  # let the subscription reach the publisher
+        encoder = SpotEncoder("bench", "simulator")
+        latencies = []
+        seq = 1
+        for _ in range(bursts):
+            t0 = time.monotonic()
+            pub.send_batch(encoder.iter_messages(records, first_seq=seq,
+                                                  publish_time_ms=int(time.time() * 1000)))
+            t_done, count = results.get(timeout=30)
+            if count != len(records):
+                raise RuntimeError(f"subscriber decoded {count} of {len(records)} records")
+            latencies.append((t_done - t0) * 1000)
+            seq += 100
+            time.sleep(0.02)
+        return latencies
+    finally:
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+        pub.close()
+
+
+def _pct(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m relay.bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--records", type=int, default=8000, help="securities per snapshot")
+    ap.add_argument("--bursts", type=int, default=60, help="end-to-end bursts (>= 50)")
+    ap.add_argument("--repeat", type=int, default=5, help="timing repeats (best is kept)")
+    args = ap.parse_args(argv)
+
+    from relay.client import decode_spot_list  # noqa: PLC0415
+    from relay.encode import SpotEncoder  # noqa: PLC0415
+    from relay.normalise import Normaliser  # noqa: PLC0415
+
+    batch, names = simulated_ticks(args.records)
+    n = len(batch)
+    norm = Normaliser(names)
+    encoder = SpotEncoder("bench", "simulator", max_message_bytes=1 << 40)
+    records = norm.normalise_batch(batch).records
+    assert len(records) == n, "every simulated tick must normalise"
+
+    def ours_encode() -> object:
+        recs = Normaliser(names).normalise_batch(batch).records
+        return encoder.encode(recs, first_seq=1, publish_time_ms=0)
+
+    ours_enc = _best_rate(n, ours_encode, args.repeat)
+    ours_norm = _best_rate(n, lambda: Normaliser(names).normalise_batch(batch), args.repeat)
+    base_enc = _best_rate(n, lambda: builder_encode(batch, names), max(2, args.repeat // 2))
+    (msg,) = encoder.encode(records, first_seq=1, publish_time_ms=0)
+    plain = builder_encode(batch, names)
+    ours_dec = _best_rate(n, lambda: decode_spot_list(msg, 6), args.repeat)
+    ours_dec_plain = _best_rate(n, lambda: decode_spot_list(plain), args.repeat)
+    base_dec = _best_rate(n, lambda: builder_decode(msg, 6), max(2, args.repeat // 2))
+    latencies = measure_e2e(records, args.bursts)
+
+    result = {
+        "records": n,
+        "normalise_rps": round(ours_norm),
+        "encode_rps": round(ours_enc),
+        "baseline_encode_rps": round(base_enc),
+        "encode_speedup": round(ours_enc / base_enc, 1),
+        "decode_rps": round(ours_dec),
+        "decode_builder_buffer_rps": round(ours_dec_plain),
+        "baseline_decode_rps": round(base_dec),
+        "decode_speedup": round(ours_dec / base_dec, 1),
+        "e2e_bursts": len(latencies),
+        "e2e_p50_ms": round(_pct(latencies, 50), 2),
+        "e2e_p99_ms": round(_pct(latencies, 99), 2),
+        "e2e_max_ms": round(max(latencies), 2),
+        "bytes_per_record": round((len(msg) - 6) / n, 1),
+        "python": sys.version.split()[0],
+        "cpus": os.cpu_count(),
+    }
+    print(f"records per snapshot        {n}")
+    print(f"normalise + encode (ours)   {ours_enc:>12,.0f} rec/s   (normalise alone "
+          f"{ours_norm:,.0f})")
+    print(f"map + Builder (plain)       {base_enc:>12,.0f} rec/s   speedup "
+          f"{result['encode_speedup']}x")
+    print(f"decode all fields (ours)    {ours_dec:>12,.0f} rec/s   (Builder-made buffer "
+          f"{ours_dec_plain:,.0f})")
+    print(f"generated accessors (plain) {base_dec:>12,.0f} rec/s   speedup "
+          f"{result['decode_speedup']}x")
+    print(f"end to end, {len(latencies)} bursts       p50 {result['e2e_p50_ms']} ms   "
+          f"p99 {result['e2e_p99_ms']} ms   max {result['e2e_max_ms']} ms")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Command line: argv -> Config -> logging -> Relay -> exit code.
+
+Only this module turns errors into messages and exit codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List, Optional, Sequence, TextIO
+
+from relay import __version__
+from relay.errors import ConfigError, PublishError, RelayError
+
+__all__ = ["EXIT_CONFIG", "EXIT_FAILURE", "EXIT_OK", "EXIT_STARTUP", "main"]
+
+EXIT_OK = 0
+EXIT_FAILURE = 1          # the relay failed while running
+EXIT_CONFIG = 2           # bad configuration or command line
+EXIT_STARTUP = 3          # could not start: address in use, source unavailable
+EXIT_INTERRUPTED = 130    # tail stopped by Ctrl-C
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="qmt-relay",
+        description="Relay MiniQMT full-push ticks (or a simulated market) over NNG "
+                    "in hikyuu's spot format.",
+    )
+    p.add_argument("--version", action="version", version=f"qmt-relay {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    run = sub.add_parser("run", help="run the relay until SIGINT/SIGTERM")
+    run.add_argument("--config", "-c", metavar="FILE",
+                     help="YAML config (default: built-in defaults, the simulator)")
+    run.add_argument("--source", metavar="NAME", help="source kind: simulator, qmt or replay")
+    run.add_argument("--publish", metavar="URL", action="append",
+                     help="publish address, replaces the configured ones; repeat for several")
+    run.add_argument("--file", metavar="DAY.h5", help="recorded day for --source replay")
+    run.add_argument("--speed", type=float, metavar="X",
+                     help="replay speed factor (replay source)")
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+    check = sub.add_parser("check-config", help="validate a config file and print it")
+    check.add_argument("file", metavar="FILE")
+
+    tail = sub.add_parser("tail", help="print records from a running relay")
+    tail.add_argument("url", metavar="URL", nargs="?", default="tcp://127.0.0.1:9200",
+                      help="relay address (default tcp://127.0.0.1:9200)")
+    tail.add_argument("--json", action="store_true", help="one JSON object per record")
+    tail.add_argument("--codes", metavar="CODES",
+                      help="comma-separated codes to keep, e.g. 600000.SH,000001.SZ")
+    tail.add_argument("--count", type=int, metavar="N", help="stop after N records")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``qmt-relay`` console script."""
+    args = _parser().parse_args(argv)
+    if args.command == "run":
+        return _run(args)
+    if args.command == "check-config":
+        return _check_config(args.file)
+    return _tail(args)
+
+
+def _error(message: str) -> None:
+    print(f"qmt-relay: error: {message}", file=sys.stderr)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from relay.config import apply_overrides, load_config  # noqa: PLC0415 - keep --help fast
+
+    try:
+        config = apply_overrides(
+            load_config(args.config),
+            source=args.source,
+            publish=args.publish,
+            replay_file=args.file,
+            replay_speed=args.speed,
+            log_level=args.log_level,
+        )
+    except ConfigError as exc:
+        _error(str(exc))
+        return EXIT_CONFIG
+
+    from relay.app import Relay  # noqa: PLC0415
+    from relay.logs import configure_logging  # noqa: PLC0415
+
+    configure_logging(config.logging)
+    relay = Relay(config)
+    try:
+        relay.run()
+    except ConfigError as exc:
+        _error(str(exc))
+        return EXIT_CONFIG
+    except PublishError as exc:
+        _error(str(exc))
+        return EXIT_STARTUP
+    except RelayError as exc:
+        _error(str(exc))
+        return EXIT_STARTUP if relay.state.value == "starting" else EXIT_FAILURE
+    return EXIT_OK
+
+
+def _check_config(path: str) -> int:
+    from relay.config import config_to_dict, load_config  # noqa: PLC0415
+
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        _error(str(exc))
+        return EXIT_CONFIG
+    import yaml  # noqa: PLC0415
+
+    print(f"# {path}: OK")
+    print(yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True), end="")
+    return EXIT_OK
+
+
+_TABLE_HEAD = (
+    f"{'time':<8} {'symbol':<10} {'name':<8} {'last':>10} {'chg%':>7} "
+    f"{'volume':>12} {'amount':>12} {'bid1':>10} {'ask1':>10}"
+)
+
+
+def _table_row(rec: object, out: TextIO) -> None:
+    from relay.records import SpotRecord  # noqa: PLC0415
+
+    assert isinstance(rec, SpotRecord)
+    chg = (rec.close / rec.yesterday_close - 1.0) * 100 if rec.yesterday_close else 0.0
+    bid1 = rec.bid[0] if rec.bid else 0.0
+    ask1 = rec.ask[0] if rec.ask else 0.0
+    # Chinese names are two columns wide per character: pad by display width.
+    name = rec.name[:6]
+    pad = max(0, 8 - sum(2 if ord(c) > 0x2E80 else 1 for c in name))
+    out.write(
+        f"{rec.datetime[11:]:<8} {rec.symbol:<10} {name}{' ' * pad} {rec.close:>10.3f} "
+        f"{chg:>+7.2f} {rec.volume:>12.0f} {rec.amount:>12.1f} {bid1:>10.3f} {ask1:>10.3f}\n"
+    )
+
+
+def _tail(args: argparse.Namespace) -> int:
+    from relay.client import Subscriber  # noqa: PLC0415
+
+    codes: Optional[List[str]] = None
+    if args.codes:
+        codes = [c.strip() for c in args.codes.split(",") if c.strip()]
+    if args.count is not None and args.count < 1:
+        _error("--count must be at least 1")
+        return EXIT_CONFIG
+    out = sys.stdout
+    seen = 0
+    try:
+        with Subscriber(args.url, codes=codes,
+                        on_error=lambda exc: _error(f"skipped message: {exc}")) as sub:
+            if not args.json:
+                out.write(_TABLE_HEAD + "\n")
+            for batch in sub:
+                for rec in batch.records:
+                    if args.json:
+                        row = rec._asdict()
+                        row["source"] = batch.source
+                        row["seq"] = batch.first_seq
+                        out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    else:
+                        _table_row(rec, out)
+                    seen += 1
+                    if args.count is not None and seen >= args.count:
+                        out.flush()
+                        return EXIT_OK
+                out.flush()
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `qmt-relay tail | head`
+        return EXIT_OK
+    return EXIT_OK

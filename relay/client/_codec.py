@@ -1,0 +1,225 @@
+"""Pure-Python decoder for ``SpotList`` FlatBuffers (stdlib only).
+
+It reads any valid buffer for ``schemas/spot.fbs``: the relay's own, and those built the
+ordinary way with ``flatbuffers.Builder`` by other hikyuu-format producers. Speed comes from
+compiling, once per distinct vtable, a ``struct.Struct`` that reads every inline field of a
+table in one call; a producer that shares vtables (every Builder does) hits that cache on
+every record.
+
+Every read is bounds-checked: a truncated or malformed buffer raises
+:class:`~relay.errors.DecodeError`, never another exception, and a lying length cannot make
+the decoder allocate more than the buffer holds.
+"""
+
+from __future__ import annotations
+
+import struct
+from operator import itemgetter
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
+
+from relay.errors import DecodeError
+from relay.records import SpotRecord
+
+__all__ = ["SpotList", "decode_spot_list"]
+
+Buffer = Union[bytes, bytearray, memoryview]
+
+
+class SpotList(NamedTuple):
+    """One decoded ``SpotList`` message.
+
+    ``seq``, ``run_id``, ``source`` and ``publish_time_ms`` are ``None`` when the producer did
+    not send them (a plain hikyuu producer sends none of them).
+    """
+
+    records: List[SpotRecord]
+    seq: Optional[int]
+    run_id: Optional[str]
+    source: Optional[str]
+    publish_time_ms: Optional[int]
+
+
+# Field kinds.
+_STR, _VEC, _F64, _I64, _I32, _U64 = range(6)
+_SPOT_KINDS = (
+    (_STR, _STR, _STR, _STR)
+    + (_F64,) * 7
+    + (_VEC,) * 4
+    + (_I64, _I32, _I64)
+)
+_SPOT_DEFAULTS: Tuple[object, ...] = (
+    ("", "", "", "") + (0.0,) * 7 + ((), (), (), ()) + (None, None, None)
+)
+_LIST_KINDS = (_VEC, _U64, _STR, _STR, _I64)  # spot, seq, run_id, source, publish_time_ms
+_LIST_DEFAULTS: Tuple[object, ...] = (None, None, None, None, None)
+_CODE = {_STR: "I", _VEC: "I", _F64: "d", _I64: "q", _I32: "i", _U64: "Q"}
+_SIZE = {_STR: 4, _VEC: 4, _F64: 8, _I64: 8, _I32: 4, _U64: 8}
+
+_u32 = struct.Struct("<I").unpack_from
+_i32 = struct.Struct("<i").unpack_from
+_u16 = struct.Struct("<H").unpack_from
+_new_record = tuple.__new__
+_MAX_VTABLES = 256  # cache bound: a hostile stream cannot grow it without limit
+
+
+class _Plan:
+    """How to read one table whose vtable is a given byte string."""
+
+    __slots__ = ("getter", "refs", "struct", "table_size", "tail")
+
+    def __init__(self, vtable: bytes, kinds: Tuple[int, ...], defaults: Tuple[object, ...]):
+        n = (len(vtable) - 4) // 2
+        table_size = _u16(vtable, 2)[0]
+        offsets = struct.unpack_from(f"<{n}H", vtable, 4) if n else ()
+        present = []
+        for fid, off in enumerate(offsets[: len(kinds)]):
+            if off:
+                kind = kinds[fid]
+                if off < 4 or off + _SIZE[kind] > table_size:
+                    raise DecodeError(f"field {fid} at offset {off} outside its table")
+                present.append((off, fid, kind))
+        present.sort()
+        fmt = ["<"]
+        pos = 0
+        for off, fid, kind in present:
+            if off < pos:
+                raise DecodeError(f"field {fid} overlaps another field")
+            if off > pos:
+                fmt.append(f"{off - pos}x")
+            fmt.append(_CODE[kind])
+            pos = off + _SIZE[kind]
+        self.struct = struct.Struct("".join(fmt))
+        self.table_size = table_size
+        # unpack_from() + tail gives every field's raw value; getter puts them in field order.
+        slot_of = {fid: slot for slot, (_, fid, _) in enumerate(present)}
+        absent = [fid for fid in range(len(kinds)) if fid not in slot_of]
+        self.tail = tuple(defaults[fid] for fid in absent)
+        for i, fid in enumerate(absent):
+            slot_of[fid] = len(present) + i
+        self.getter = itemgetter(*(slot_of[fid] for fid in range(len(kinds))))
+        # Reference fields to resolve: (field id, offset of the field in the table, is string).
+        self.refs = tuple((fid, off, kind == _STR) for off, fid, kind in present
+                          if kind == _STR or kind == _VEC)
+
+
+class _Decoder:
+    __slots__ = ("_list_plans", "_spot_plans", "_vec_structs")
+
+    def __init__(self) -> None:
+        self._spot_plans: Dict[bytes, _Plan] = {}
+        self._list_plans: Dict[bytes, _Plan] = {}
+        self._vec_structs: Dict[int, struct.Struct] = {}
+
+    def _plan(self, buf: bytes, tpos: int, cache: Dict[bytes, _Plan], kinds: Tuple[int, ...],
+              defaults: Tuple[object, ...]) -> _Plan:
+        vt = tpos - _i32(buf, tpos)[0]
+        if vt < 0 or vt + 4 > len(buf):
+            raise DecodeError("vtable outside the buffer", tpos)
+        vt_size = _u16(buf, vt)[0]
+        if vt_size < 4 or vt_size & 1 or vt + vt_size > len(buf):
+            raise DecodeError("bad vtable size", vt)
+        key = buf[vt:vt + vt_size]
+        plan = cache.get(key)
+        if plan is None:
+            plan = _Plan(key, kinds, defaults)
+            if len(cache) >= _MAX_VTABLES:
+                cache.clear()
+            cache[key] = plan
+        if tpos + plan.table_size > len(buf):
+            raise DecodeError("table runs past the end", tpos)
+        return plan
+
+    def _table(self, buf: bytes, tpos: int, plan: _Plan, doubles: bool) -> List[Any]:
+        values = list(plan.getter(plan.struct.unpack_from(buf, tpos) + plan.tail))
+        n = len(buf)
+        for fid, off, is_str in plan.refs:
+            at = tpos + off + values[fid]
+            if at + 4 > n:
+                raise DecodeError(f"field {fid} points outside the buffer", tpos + off)
+            count = _u32(buf, at)[0]
+            if is_str:
+                end = at + 4 + count
+                if end > n:
+                    raise DecodeError(f"string field {fid} runs past the end", at)
+                try:
+                    values[fid] = buf[at + 4:end].decode()
+                except UnicodeDecodeError:
+                    raise DecodeError(f"string field {fid} is not UTF-8", at) from None
+            elif doubles:
+                if at + 4 + 8 * count > n:
+                    raise DecodeError(f"vector field {fid} runs past the end", at)
+                st = self._vec_structs.get(count)
+                if st is None:
+                    st = self._vec_structs[count] = struct.Struct(f"<{count}d")
+                values[fid] = st.unpack_from(buf, at + 4)
+            else:
+                values[fid] = (at, count)
+        return values
+
+    def decode(self, buf: Buffer, offset: int = 0) -> SpotList:
+        data = buf[offset:] if offset or buf.__class__ is not bytes else buf
+        if data.__class__ is not bytes:
+            data = bytes(data)
+        try:
+            return self._decode(data)  # type: ignore[arg-type]
+        except DecodeError:
+            raise
+        except struct.error as exc:
+            raise DecodeError(f"truncated or malformed ({exc})") from None
+
+    def _decode(self, buf: bytes) -> SpotList:
+        n = len(buf)
+        if n < 8:
+            raise DecodeError(f"{n} bytes is too short for a SpotList")
+        root = _u32(buf, 0)[0]
+        if root + 4 > n:
+            raise DecodeError("root offset outside the buffer", 0)
+        lplan = self._plan(buf, root, self._list_plans, _LIST_KINDS, _LIST_DEFAULTS)
+        head = self._table(buf, root, lplan, False)
+        records: List[SpotRecord] = []
+        spot_ref = head[0]
+        if spot_ref is not None:
+            vat, count = spot_ref
+            if vat + 4 + 4 * count > n:
+                raise DecodeError("spot vector runs past the end", vat)
+            base = vat + 4
+            slots = struct.unpack_from(f"<{count}I", buf, base) if count else ()
+            cache = self._spot_plans
+            plan_of = self._plan
+            table = self._table
+            append = records.append
+            last_key = None
+            plan = None
+            for i, rel in enumerate(slots):
+                tpos = base + 4 * i + rel
+                if tpos + 4 > n:
+                    raise DecodeError(f"record {i} outside the buffer", base + 4 * i)
+                # Fast path: same vtable position as the previous record (every Builder and
+                # our encoder share one vtable); the plan already checked that vtable.
+                vt = tpos - _i32(buf, tpos)[0]
+                if vt != last_key or plan is None:
+                    plan = plan_of(buf, tpos, cache, _SPOT_KINDS, _SPOT_DEFAULTS)
+                    last_key = vt
+                elif tpos + plan.table_size > n:
+                    raise DecodeError("table runs past the end", tpos)
+                append(_new_record(SpotRecord, table(buf, tpos, plan, True)))
+        return SpotList(records, head[1], head[2], head[3], head[4])
+
+
+_DEFAULT = _Decoder()
+
+
+def decode_spot_list(buf: Buffer, offset: int = 0) -> SpotList:
+    """Decode one ``SpotList`` FlatBuffer starting at ``offset`` of ``buf``.
+
+    Args:
+        buf: the message bytes.
+        offset: where the FlatBuffer starts (6 to skip the ``:spot:`` topic prefix).
+
+    Returns:
+        The records and the message's header fields.
+
+    Raises:
+        DecodeError: the buffer is truncated or malformed.
+    """
+    return _DEFAULT.decode(buf, offset)

@@ -1,0 +1,518 @@
+"""Typed, frozen configuration and its loader.
+
+``load_config(path)`` reads YAML with a ``yaml.SafeLoader`` that also rejects duplicate keys,
+rejects unknown config keys, checks types and ranges, and raises
+:class:`~relay.errors.ConfigError` naming the file and the dotted key. Building a config has no
+side effects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import math
+import os
+import re
+import sys
+from collections import abc
+from dataclasses import dataclass, field
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    List,
+    Literal,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+    get_args,
+    get_origin,
+    get_type_hints,
+)
+
+import yaml
+
+from relay.errors import ConfigError
+
+__all__ = [
+    "Config",
+    "LoggingConfig",
+    "NormaliseConfig",
+    "PublishConfig",
+    "QmtConfig",
+    "ReplayConfig",
+    "SimulatorConfig",
+    "SourceConfig",
+    "apply_overrides",
+    "config_to_dict",
+    "load_config",
+    "parse_config",
+]
+
+# dataclass(slots=True) exists from Python 3.10; on 3.9 the classes are frozen without slots.
+_DC: Dict[str, Any] = {"frozen": True}
+if sys.version_info >= (3, 10):
+    _DC["slots"] = True
+
+SourceKind = Literal["simulator", "qmt", "replay"]
+DEFAULT_ADDRESSES: Tuple[str, ...] = ("ipc:///tmp/hikyuu_real.ipc", "tcp://127.0.0.1:9200")
+
+
+@dataclass(**_DC)
+class SimulatorConfig:
+    """The built-in simulated market."""
+
+    seed: int = 20240101
+    securities: int = 5200          # how many securities to simulate (at least 5000 by default)
+    speed: float = 1.0              # simulated seconds per wall-clock second
+    push_interval: float = 3.0      # simulated seconds between pushes
+    # "open": the day starts at 09:30 (open already matched); "auction": starts at 09:15;
+    # "clock": follow real China time (speed and date ignored; silent outside sessions)
+    start: Literal["open", "auction", "clock"] = "open"
+    date: Optional[str] = None      # simulated trading date YYYY-MM-DD; None = today (China time)
+    skip_breaks: bool = False       # open/auction: jump over lunch and nights instead of waiting
+
+
+@dataclass(**_DC)
+class QmtConfig:
+    """MiniQMT via xtquant (Windows only); fleshed out by the QMT source."""
+
+    ip: str = ""
+    port: int = 0
+    markets: Tuple[str, ...] = ("SH", "SZ", "BJ")
+
+
+@dataclass(**_DC)
+class ReplayConfig:
+    """Replay of a recorded day."""
+
+    file: str = ""
+    speed: float = 1.0
+
+
+@dataclass(**_DC)
+class SourceConfig:
+    kind: SourceKind = "simulator"
+    simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
+    qmt: QmtConfig = field(default_factory=QmtConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+
+
+@dataclass(**_DC)
+class NormaliseConfig:
+    units: Literal["hikyuu", "raw"] = "hikyuu"
+    book_levels: int = 5            # expected depth of bid/ask arrays (empty arrays also pass)
+    price_decimals: int = 4         # rounding that removes float noise (11.370000000000001)
+    drop_auction: bool = False      # drop call-auction ticks (stockStatus 2), don't pass them
+
+
+@dataclass(**_DC)
+class PublishConfig:
+    addresses: Tuple[str, ...] = DEFAULT_ADDRESSES
+    max_message_bytes: int = 512 * 1024
+    heartbeat_interval: float = 1.0
+
+
+@dataclass(**_DC)
+class LoggingConfig:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+    file: Optional[str] = None
+    file_max_bytes: int = 20 * 1024 * 1024
+    file_backups: int = 5
+    stats_interval: float = 10.0
+
+
+@dataclass(**_DC)
+class Config:
+    source: SourceConfig = field(default_factory=SourceConfig)
+    normalise: NormaliseConfig = field(default_factory=NormaliseConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    shutdown_timeout: float = 5.0
+
+
+# --------------------------------------------------------------------------------------------
+# Loading. Everything below is driven by the dataclasses' type hints, so a field added to a
+# section above is loaded, type-checked and listed in "unknown key" messages with no change
+# here; a range check for it is one line in _CHECKS.
+
+_Check = Callable[[Any], Optional[str]]
+"""A semantic check on an already typed value: returns why it is bad, or None if it is fine."""
+
+_CLI = "<command line>"
+
+
+def _positive(value: float) -> Optional[str]:
+    return None if value > 0 else f"must be > 0, got {value!r}"
+
+
+def _between(low: int, high: int) -> _Check:
+    def check(value: int) -> Optional[str]:
+        if low <= value <= high:
+            return None
+        return f"must be between {low} and {high}, got {value!r}"
+
+    return check
+
+
+def _at_least(low: int) -> _Check:
+    def check(value: int) -> Optional[str]:
+        return None if value >= low else f"must be >= {low}, got {value!r}"
+
+    return check
+
+
+def _iso_date(value: str) -> Optional[str]:
+    if re.fullmatch(r"\d{4}-\d{2}-\d{2}", value, re.ASCII):
+        try:
+            _dt.date.fromisoformat(value)
+        except ValueError:
+            pass
+        else:
+            return None
+    return f"expected a date YYYY-MM-DD, got {value!r}"
+
+
+_ADDRESS = re.compile(
+    r"ipc://(?P<path>.+)|tcp://(?P<host>\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(?P<port>\d{1,5})",
+    re.ASCII,
+)
+
+
+def _address(value: str) -> Optional[str]:
+    match = _ADDRESS.fullmatch(value)
+    if match is None:
+        return f"expected ipc://PATH or tcp://HOST:PORT, got {value!r}"
+    port = match.group("port")
+    if port is not None and not 1 <= int(port) <= 65535:
+        return f"port must be 1-65535, got {value!r}"
+    return None
+
+
+def _addresses(value: Tuple[str, ...]) -> Optional[str]:
+    if not value:
+        return "must list at least one address"
+    duplicates = sorted({address for address in value if value.count(address) > 1})
+    if duplicates:
+        return f"duplicate address {duplicates[0]!r}"
+    return None
+
+
+# Checks run after type checking, on non-null values, keyed by dotted path ("[]" = each item).
+_CHECKS: Mapping[str, _Check] = {
+    "shutdown_timeout": _positive,
+    "source.simulator.securities": _between(10, 20_000),
+    "source.simulator.speed": _positive,
+    "source.simulator.push_interval": _positive,
+    "source.simulator.date": _iso_date,
+    "source.replay.speed": _positive,
+    "normalise.book_levels": _between(1, 10),
+    "normalise.price_decimals": _between(0, 8),
+    "publish.addresses": _addresses,
+    "publish.addresses[]": _address,
+    "publish.max_message_bytes": _between(4096, 64 * 1024 * 1024),
+    "publish.heartbeat_interval": _positive,
+    "logging.stats_interval": _positive,
+    "logging.file_max_bytes": _at_least(1024),
+    "logging.file_backups": _at_least(0),
+}
+
+# apply_overrides() keyword -> (dotted config key, command-line option named in errors).
+_OVERRIDES: Mapping[str, Tuple[str, str]] = {
+    "source": ("source.kind", "--source"),
+    "publish": ("publish.addresses", "--publish"),
+    "replay_file": ("source.replay.file", "--replay-file"),
+    "replay_speed": ("source.replay.speed", "--replay-speed"),
+    "log_level": ("logging.level", "--log-level"),
+}
+
+_TYPE_NAMES: Mapping[Any, str] = {
+    type(None): "null",
+    bool: "boolean",
+    int: "integer",
+    float: "number",
+    str: "string",
+    list: "list",
+    tuple: "list",
+    dict: "mapping",
+    _dt.date: "date",
+    _dt.datetime: "timestamp",
+}
+
+
+def _kind(value: object) -> str:
+    """The YAML-ish name of a loaded value's type, for messages."""
+    return _TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+def _describe(hint: Any) -> str:  # noqa: PLR0911 - one return per kind of hint
+    """What a type hint expects, in words, for messages."""
+    if dataclasses.is_dataclass(hint):
+        return "mapping"
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Union:
+        return " or ".join(_describe(arg) for arg in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(arg) for arg in args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"list of {_describe(args[0])}"
+        return f"list of {len(args)} items"
+    if hint is bool:
+        return "boolean (true or false)"
+    return _TYPE_NAMES.get(hint, repr(hint))
+
+
+def _mismatch(hint: Any, value: object, path: str, key: str) -> ConfigError:
+    shown = repr(value)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return ConfigError(path, key, f"expected {_describe(hint)}, got {_kind(value)} {shown}")
+
+
+def _convert(hint: Any, value: Any, path: str, key: str, rule: str) -> Any:
+    """Type-check and convert one loaded value, then run its semantic check.
+
+    Args:
+        hint: the field's resolved type hint.
+        value: what YAML (or the command line) gave.
+        path: file named in errors.
+        key: dotted key (or option) named in errors.
+        rule: dotted key without list indices, to find the check in ``_CHECKS``.
+    """
+    result = _convert_type(hint, value, path, key, rule)
+    check = _CHECKS.get(rule)
+    if check is not None and result is not None:
+        reason = check(result)
+        if reason is not None:
+            raise ConfigError(path, key, reason)
+    return result
+
+
+def _convert_type(  # noqa: PLR0911, PLR0912 - one branch per kind of hint, flat on purpose
+    hint: Any, value: Any, path: str, key: str, rule: str
+) -> Any:
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return _build(hint, value, path, key, rule)
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Union:
+        arms = [arg for arg in args if arg is not type(None)]
+        if value is None and len(arms) < len(args):
+            return None
+        for arm in arms:
+            try:
+                return _convert(arm, value, path, key, rule)
+            except ConfigError:
+                if len(arms) == 1:
+                    raise
+        raise _mismatch(hint, value, path, key)
+    if origin is Literal:
+        # Compare types too: True == 1, but a boolean is not the choice 1.
+        if any(type(value) is type(arg) and value == arg for arg in args):
+            return value
+        choices = ", ".join(repr(arg) for arg in args)
+        raise ConfigError(path, key, f"expected one of {choices}; got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise _mismatch(hint, value, path, key)
+        if len(args) == 2 and args[1] is Ellipsis:
+            items = [args[0]] * len(value)
+        elif len(args) == len(value):
+            items = list(args)
+        else:
+            raise ConfigError(path, key, f"expected {len(args)} items, got {len(value)}")
+        return tuple(
+            # A command-line option ("--publish") is repeated, not indexed: name it as is.
+            _convert(item, element, path, key if path == _CLI else f"{key}[{index}]", f"{rule}[]")
+            for index, (item, element) in enumerate(zip(items, value))
+        )
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                number = float(value)
+            except OverflowError:
+                number = math.inf
+            if not math.isfinite(number):
+                raise ConfigError(path, key, f"expected a finite number, got {value!r}")
+            return number
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, _dt.date) and not isinstance(value, _dt.datetime):
+            return value.isoformat()  # YAML reads an unquoted 2024-01-02 as a date
+    else:
+        raise TypeError(f"relay.config cannot load a field annotated {hint!r} ({key})")
+    raise _mismatch(hint, value, path, key)
+
+
+def _build(cls: type, value: Any, path: str, key: str, rule: str) -> Any:
+    """Build dataclass ``cls`` from a mapping; absent keys keep their defaults."""
+    if value is None:
+        value = {}  # a section whose keys are all commented out
+    if not isinstance(value, abc.Mapping):
+        raise _mismatch(cls, value, path, key)
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    kwargs: Dict[str, Any] = {}
+    for name, item in value.items():
+        child_key = f"{key}.{name}" if key else str(name)
+        if name not in names:
+            valid = ", ".join(sorted(names))
+            raise ConfigError(path, child_key, f"unknown key {name!r}; valid: {valid}")
+        child_rule = f"{rule}.{name}" if rule else name
+        kwargs[name] = _convert(hints[name], item, path, child_key, child_rule)
+    return cls(**kwargs)
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that rejects a key given twice in one mapping.
+
+    Plain PyYAML keeps the last value silently, so a second ``publish:`` section would
+    quietly replace the first.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Dict[Any, Any]:
+        seen: List[str] = []
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key_node.value!r}", key_node.start_mark
+                    )
+                seen.append(key_node.value)
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_config(data: Any, *, path: str = "<mapping>") -> Config:
+    """Validate already parsed YAML data (a mapping of sections, or ``None``) into a Config.
+
+    Args:
+        data: what ``yaml.safe_load`` returned; ``None`` gives the defaults.
+        path: where the data came from, named in errors.
+
+    Returns:
+        The validated, frozen config.
+
+    Raises:
+        ConfigError: unknown key, wrong type or value out of range (names the dotted key).
+    """
+    config: Config = _build(Config, data, path, "", "")
+    return config
+
+
+def load_config(path: Optional[Union[str, os.PathLike[str]]]) -> Config:
+    """Load and validate a YAML config file.
+
+    Args:
+        path: the YAML file; ``None`` gives the built-in defaults, as does an empty file.
+
+    Returns:
+        The validated, frozen config.
+
+    Raises:
+        ConfigError: the file cannot be read or parsed, or a value is invalid; the error
+            names the file and the dotted key (``publish.addresses[1]``).
+    """
+    if path is None:
+        return Config()
+    name = os.fspath(path)
+    try:
+        # utf-8-sig: Windows Notepad may save UTF-8 with a byte-order mark.
+        with open(name, encoding="utf-8-sig") as file:
+            text = file.read()
+    except FileNotFoundError as exc:
+        raise ConfigError(name, "", "file not found") from exc
+    except OSError as exc:
+        raise ConfigError(name, "", f"cannot read file: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(name, "", f"not UTF-8 text (byte {exc.start})") from exc
+    try:
+        data = yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: safe
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = exc.problem or exc.context or "syntax error"
+        raise ConfigError(name, "", f"invalid YAML{where}: {problem}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(name, "", f"invalid YAML: {exc}") from exc
+    if data is not None and not isinstance(data, abc.Mapping):
+        raise ConfigError(name, "", f"expected a mapping of sections, got {_kind(data)}")
+    return parse_config(data, path=name)
+
+
+def apply_overrides(
+    config: Config,
+    *,
+    source: Optional[str] = None,
+    publish: Optional[Sequence[str]] = None,
+    replay_file: Optional[str] = None,
+    replay_speed: Optional[float] = None,
+    log_level: Optional[str] = None,
+) -> Config:
+    """Return ``config`` with command-line values replacing the file's; ``None`` keeps it.
+
+    Overridden values are checked exactly like the file's.
+
+    Args:
+        config: the loaded config.
+        source: ``source.kind``.
+        publish: ``publish.addresses`` (replaces the whole list).
+        replay_file: ``source.replay.file``.
+        replay_speed: ``source.replay.speed``.
+        log_level: ``logging.level``.
+
+    Returns:
+        A new config; ``config`` itself is unchanged.
+
+    Raises:
+        ConfigError: an overridden value is invalid; path ``"<command line>"`` and the option
+            as key (``--publish``).
+    """
+    given: Dict[str, Any] = {
+        "source": source,
+        # A bare string would be a Sequence of characters: keep it whole so it is rejected.
+        "publish": publish if publish is None or isinstance(publish, str) else list(publish),
+        "replay_file": replay_file,
+        "replay_speed": replay_speed,
+        "log_level": log_level,
+    }
+    for name, value in given.items():
+        if value is not None:
+            rule, option = _OVERRIDES[name]
+            config = _replace_at(config, rule, rule.split("."), value, option)
+    return config
+
+
+def _replace_at(section: Any, rule: str, names: List[str], value: Any, option: str) -> Any:
+    head, rest = names[0], names[1:]
+    if rest:
+        new = _replace_at(getattr(section, head), rule, rest, value, option)
+    else:
+        new = _convert(get_type_hints(type(section))[head], value, _CLI, option, rule)
+    return dataclasses.replace(section, **{head: new})
+
+
+def config_to_dict(config: Config) -> Dict[str, Any]:
+    """The config as plain dicts, lists and scalars (``yaml.safe_dump``-able), e.g. to log it.
+
+    Loading the dumped YAML gives back an equal config.
+    """
+    plain: Dict[str, Any] = _plain(config)
+    return plain
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple):
+        return [_plain(item) for item in value]
+    return value

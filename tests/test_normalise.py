@@ -1,0 +1,189 @@
+"""Tick dict -> SpotRecord: units, China time, rounding, and every bad-tick case."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from typing import Any, Callable, Dict
+
+import pytest
+
+from relay.errors import BadTick
+from relay.normalise import DROP_REASONS, Normaliser, china_datetime, normalise_tick
+
+# A real pushed tick for 600000.SH (2024-12-02 13:55:54 China time).
+RAW: Dict[str, Any] = {
+    "time": 1733118954000, "lastPrice": 11.39, "open": 11.39, "high": 11.4, "low": 11.31,
+    "lastClose": 11.38, "amount": 862127800.0, "volume": 758613, "pvolume": 75861284,
+    "stockStatus": 3, "openInt": 13, "transactionNum": 37062, "lastSettlementPrice": 11.38,
+    "settlementPrice": 0.0, "pe": 0.0,
+    "askPrice": [11.4, 11.41, 11.42, 11.43, 11.44],
+    "bidPrice": [11.39, 11.38, 11.370000000000001, 11.36, 11.35],
+    "askVol": [1932, 2410, 1810, 1130, 2006], "bidVol": [313, 5219, 2996, 2420, 1638],
+    "volRatio": 0.0, "speed1Min": 0.0, "speed5Min": 0.0,
+}
+
+
+def tick(**changes: Any) -> Dict[str, Any]:
+    t = copy.deepcopy(RAW)
+    for key, value in changes.items():
+        if value is _DELETE:
+            del t[key]
+        else:
+            t[key] = value
+    return t
+
+
+_DELETE = object()
+
+
+def test_real_tick_in_hikyuu_units() -> None:
+    """The real sample becomes the expected record, in hikyuu units and China time."""
+    rec = normalise_tick("600000.SH", tick(), name="浦发银行")
+    assert ("SH", "600000", "浦发银行") == (rec.market, rec.code, rec.name)
+    assert "2024-12-02 13:55:54" == rec.datetime
+    assert (11.38, 11.39, 11.4, 11.31, 11.39) == (
+        rec.yesterday_close, rec.open, rec.high, rec.low, rec.close)
+    assert 86212.78 == rec.amount           # yuan * 0.0001
+    assert 758612.84 == rec.volume          # shares * 0.01
+    assert (11.39, 11.38, 11.37, 11.36, 11.35) == rec.bid   # float noise rounded away
+    assert (313, 5219, 2996, 2420, 1638) == rec.bid_amount
+    assert (11.4, 11.41, 11.42, 11.43, 11.44) == rec.ask
+    assert (1733118954000, 3, 37062) == (rec.time_ms, rec.status, rec.trade_count)
+
+
+def test_raw_units() -> None:
+    """units=raw keeps yuan and shares."""
+    rec = normalise_tick("600000.SH", tick(), units="raw")
+    assert (862127800.0, 75861284.0) == (rec.amount, rec.volume)
+
+
+def test_volume_falls_back_to_lots_without_pvolume() -> None:
+    """Without pvolume, volume (already lots) is used as is."""
+    rec = normalise_tick("600000.SH", tick(pvolume=_DELETE))
+    assert 758613.0 == rec.volume
+
+
+def test_full_tick_timetag_and_int_prices() -> None:
+    """get_full_tick records: timetag instead of time, whole prices as ints."""
+    rec = normalise_tick("000001.SZ", tick(time=_DELETE, timetag="20241202 09:30:03",
+                                          lastPrice=12, open=12, high=12, low=12))
+    assert "2024-12-02 09:30:03" == rec.datetime
+    assert 1733103003000 == rec.time_ms
+    assert 12 == rec.close
+
+
+def test_china_time_whatever_the_host_zone() -> None:
+    """The datetime string is UTC+8 even when the process runs in another zone."""
+    code = textwrap.dedent("""
+        import time
+        time.tzset()
+        from relay.normalise import china_datetime
+        print(china_datetime(1733118954))
+    """)
+    for tz in ("UTC", "America/New_York", "Asia/Tokyo"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env={**os.environ, "TZ": tz}, check=True).stdout.strip()
+        assert "2024-12-02 13:55:54" == out, tz
+
+
+def test_china_datetime_midnight_boundary() -> None:
+    """16:00 UTC is already the next day in China."""
+    assert "2024-12-03 00:00:00" == china_datetime(1733155200)
+
+
+def test_empty_book_is_accepted() -> None:
+    """Indices carry no book: empty arrays pass."""
+    rec = normalise_tick("000300.SH", tick(askPrice=[], bidPrice=[], askVol=[], bidVol=[]))
+    assert () == rec.bid == rec.ask
+
+
+BAD_TICKS = [
+    ("not a dict", "600000.SH", lambda: [1, 2, 3], "not_a_dict"),
+    ("None tick", "600000.SH", lambda: None, "not_a_dict"),
+    ("bad suffix", "600000.SS", tick, "bad_code"),
+    ("short code", "60000.SH", tick, "bad_code"),
+    ("lowercase market", "600000.sh", tick, "bad_code"),
+    ("no market", "600000", tick, "bad_code"),
+    ("missing lastPrice", "600000.SH", lambda: tick(lastPrice=_DELETE), "missing_field"),
+    ("missing askVol", "600000.SH", lambda: tick(askVol=_DELETE), "missing_field"),
+    ("missing time and timetag", "600000.SH", lambda: tick(time=_DELETE), "missing_field"),
+    ("missing both volumes", "600000.SH", lambda: tick(volume=_DELETE, pvolume=_DELETE),
+     "missing_field"),
+    ("None price", "600000.SH", lambda: tick(lastPrice=None), "bad_type"),
+    ("string price", "600000.SH", lambda: tick(high="11.4"), "bad_type"),
+    ("list amount", "600000.SH", lambda: tick(amount=[1.0]), "bad_type"),
+    ("NaN price", "600000.SH", lambda: tick(lastPrice=math.nan), "not_finite"),
+    ("inf amount", "600000.SH", lambda: tick(amount=math.inf), "not_finite"),
+    ("-inf low", "600000.SH", lambda: tick(low=-math.inf), "not_finite"),
+    ("negative volume", "600000.SH", lambda: tick(pvolume=-5), "negative"),
+    ("negative price", "600000.SH", lambda: tick(open=-1.0), "negative"),
+    ("book too short", "600000.SH", lambda: tick(bidPrice=[11.39, 11.38]), "bad_book"),
+    ("book too long", "600000.SH", lambda: tick(askVol=[1] * 10), "bad_book"),
+    ("book lengths differ", "600000.SH",
+     lambda: tick(askPrice=[], askVol=[], bidPrice=[11.3] * 5), "bad_book"),
+    ("book not a list", "600000.SH", lambda: tick(bidPrice=None), "bad_book"),
+    ("book has None", "600000.SH", lambda: tick(bidVol=[1, None, 3, 4, 5]), "bad_book"),
+    ("book has NaN", "600000.SH", lambda: tick(askPrice=[math.nan] * 5), "bad_book"),
+    ("book negative", "600000.SH", lambda: tick(askVol=[1, -2, 3, 4, 5]), "bad_book"),
+    ("time zero seed", "600000.SH", lambda: tick(time=0), "seed_record"),
+    ("time as string", "600000.SH", lambda: tick(time="1733118954000"), "bad_time"),
+    ("time in seconds", "600000.SH", lambda: tick(time=1733118954), "bad_time"),
+    ("time NaN", "600000.SH", lambda: tick(time=math.nan), "bad_time"),
+    ("bad timetag", "600000.SH", lambda: tick(time=_DELETE, timetag="yesterday"), "bad_time"),
+]
+
+
+@pytest.mark.parametrize(("symbol", "make", "reason"),
+                         [case[1:] for case in BAD_TICKS], ids=[c[0] for c in BAD_TICKS])
+def test_bad_tick_is_rejected_with_reason(
+    symbol: str, make: Callable[[], Any], reason: str
+) -> None:
+    """Each malformed tick raises BadTick with its documented reason."""
+    with pytest.raises(BadTick) as info:
+        normalise_tick(symbol, make())
+    assert reason == info.value.reason
+    assert reason in DROP_REASONS
+
+
+def test_batch_drops_bad_ticks_and_keeps_the_rest() -> None:
+    """A batch with one of every bad tick still publishes its good ticks, drops counted."""
+    batch: Dict[str, Any] = {"600000.SH": tick(), "000001.SZ": tick(time=1733118957000)}
+    expected: Dict[str, int] = {}
+    for i, (_, symbol, make, reason) in enumerate(BAD_TICKS):
+        key = symbol if symbol != "600000.SH" else f"{600100 + i}.SH"
+        batch[key] = make()
+        expected[reason] = expected.get(reason, 0) + 1
+    result = Normaliser({"600000.SH": "浦发银行"}).normalise_batch(batch)
+    assert ["600000.SH", "000001.SZ"] == [r.symbol for r in result.records]
+    assert "浦发银行" == result.records[0].name
+    assert expected == result.dropped
+
+
+def test_decreasing_volume_is_dropped_within_a_day() -> None:
+    """Cumulative volume may not go backwards on the same day; a new day resets it."""
+    norm = Normaliser()
+    assert 1 == len(norm.normalise_batch({"600000.SH": tick()}).records)
+    back = norm.normalise_batch({"600000.SH": tick(pvolume=75000000, time=1733118957000)})
+    assert {"volume_decreased": 1} == back.dropped
+    next_day = norm.normalise_batch({"600000.SH": tick(pvolume=100, time=1733205354000)})
+    assert 1 == len(next_day.records)
+
+
+def test_auction_ticks_pass_unless_configured() -> None:
+    """Call-auction ticks (status 2) pass with their status, or are dropped when asked."""
+    auction = tick(stockStatus=2, open=0, high=0, low=0, pvolume=0, volume=0, amount=0)
+    passed = Normaliser().normalise_batch({"600000.SH": auction})
+    assert 2 == passed.records[0].status
+    dropped = Normaliser(drop_auction=True).normalise_batch({"600000.SH": auction})
+    assert ([], {"auction": 1}) == (dropped.records, dropped.dropped)
+
+
+def test_status_and_trade_count_absent_become_none() -> None:
+    """Missing optional QMT fields are reported as absent, not zero."""
+    rec = normalise_tick("600000.SH", tick(stockStatus=_DELETE, transactionNum=_DELETE))
+    assert (None, None) == (rec.status, rec.trade_count)
