@@ -151,6 +151,11 @@ class Relay:
                 loop.call_soon_threadsafe(wake.set)
 
     @property
+    def subscribers(self) -> int:
+        """Subscribers connected right now."""
+        return self._publisher.subscribers
+
+    @property
     def stop_requested(self) -> bool:
         return self._stop_requested
 

@@ -6,9 +6,10 @@ compiled or heavy.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from itertools import chain, repeat
+from typing import Any, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
-__all__ = ["FIELDS", "HIKYUU_FIELDS", "SpotRecord"]
+__all__ = ["FIELDS", "HIKYUU_FIELDS", "SpotColumns", "SpotRecord"]
 
 
 class SpotRecord(NamedTuple):
@@ -53,3 +54,73 @@ FIELDS: Tuple[str, ...] = SpotRecord._fields
 
 HIKYUU_FIELDS: Tuple[str, ...] = FIELDS[:15]
 """The fields a plain hikyuu producer sends."""
+
+
+_new_record = tuple.__new__
+
+
+class SpotColumns:
+    """A batch of records stored column by column (the relay's hot-path form).
+
+    Every attribute named like a :class:`SpotRecord` field is a list with one entry per
+    record, except the four book arrays, which are flat: ``levels`` entries per record, record
+    after record (``bid[i * levels + j]`` is level ``j`` of record ``i``). Every record of a
+    ``SpotColumns`` has the same book depth.
+    """
+
+    __slots__ = (*FIELDS, "_records", "levels", "n")
+
+    def __init__(self, n: int, levels: int, columns: Sequence[List[Any]]) -> None:
+        if len(columns) != len(FIELDS):
+            raise ValueError(f"expected {len(FIELDS)} columns, got {len(columns)}")
+        self.n = n
+        self.levels = levels
+        for name, col in zip(FIELDS, columns):
+            setattr(self, name, col)
+        self._records: Optional[List[SpotRecord]] = None
+
+    def __len__(self) -> int:
+        return self.n
+
+    def column(self, name: str) -> List[Any]:
+        """The column of field ``name`` (book arrays flat, see the class docstring)."""
+        if name not in FIELDS:
+            raise KeyError(name)
+        col: List[Any] = getattr(self, name)
+        return col
+
+    @property
+    def records(self) -> List[SpotRecord]:
+        """The records as :class:`SpotRecord` objects (built once, on first use)."""
+        if self._records is None:
+            levels = self.levels
+            books: List[Iterable[Tuple[Any, ...]]] = []
+            for name in ("bid", "bid_amount", "ask", "ask_amount"):
+                flat = getattr(self, name)
+                books.append(map(tuple, zip(*[iter(flat)] * levels)) if levels else
+                             repeat((), self.n))
+            self._records = list(map(_new_record, repeat(SpotRecord), zip(
+                self.market, self.code, self.name, self.datetime, self.yesterday_close,
+                self.open, self.high, self.low, self.close, self.amount, self.volume,
+                *books, self.time_ms, self.status, self.trade_count,
+            )))
+        return self._records
+
+    @classmethod
+    def from_records(cls, records: Sequence[SpotRecord]) -> Optional[SpotColumns]:
+        """Columns of ``records``, or ``None`` if their book depths differ."""
+        n = len(records)
+        if not n:
+            return cls(0, 0, [[] for _ in FIELDS])
+        cols: List[List[Any]] = [list(c) for c in zip(*records)]
+        depth = set(map(len, cols[11]))
+        for i in (12, 13, 14):
+            depth.update(map(len, cols[i]))
+        if len(depth) != 1:
+            return None
+        (levels,) = depth
+        for i in (11, 12, 13, 14):
+            cols[i] = list(chain.from_iterable(cols[i]))
+        out = cls(n, levels, cols)
+        out._records = list(records)
+        return out

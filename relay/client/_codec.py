@@ -14,8 +14,9 @@ the decoder allocate more than the buffer holds.
 from __future__ import annotations
 
 import struct
+from functools import lru_cache
 from operator import itemgetter
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from relay.errors import DecodeError
 from relay.records import SpotRecord
@@ -65,7 +66,7 @@ _MAX_VTABLES = 256  # cache bound: a hostile stream cannot grow it without limit
 class _Plan:
     """How to read one table whose vtable is a given byte string."""
 
-    __slots__ = ("getter", "refs", "struct", "table_size", "tail")
+    __slots__ = ("getter", "read", "refs", "struct", "table_size", "tail")
 
     def __init__(self, vtable: bytes, kinds: Tuple[int, ...], defaults: Tuple[object, ...]):
         n = (len(vtable) - 4) // 2
@@ -100,6 +101,178 @@ class _Plan:
         # Reference fields to resolve: (field id, offset of the field in the table, is string).
         self.refs = tuple((fid, off, kind == _STR) for off, fid, kind in present
                           if kind == _STR or kind == _VEC)
+        self.read = _SpotReader(present, defaults, self.struct).read \
+            if kinds is _SPOT_KINDS else None
+
+
+class _SpotReader:
+    """Reads Spot tables of one vtable layout; learns record shapes to read them in one go.
+
+    The slow path follows every offset field by field. Once a record has been read that way,
+    its *shape* -- where each string and vector sits relative to the table and how long it
+    is -- becomes one ``struct.Struct`` covering all of them, keyed by the table's offset
+    values. Records from the same producer mostly share a few shapes (ours always do), so the
+    next record with the same offsets costs two ``unpack_from`` calls and a length check.
+    Every generated function embeds only integers from an already validated vtable or shape.
+    """
+
+    __slots__ = ("_defaults", "_ref_slots", "_scalar_slots", "_shapes", "_slow", "_table", "read")
+
+    def __init__(self, present: List[Tuple[int, int, int]], defaults: Tuple[object, ...],
+                 table: struct.Struct) -> None:
+        self._table = table
+        self._shapes: Dict[Tuple[int, ...], Optional[Callable[..., Optional[SpotRecord]]]] = {}
+        self._ref_slots = [(off, fid, kind) for off, fid, kind in present
+                           if kind == _STR or kind == _VEC]
+        self._slow = self._compile_slow(present, defaults)
+        self.read = self._compile_fast(present, defaults)
+
+    def _compile_fast(self, present: List[Tuple[int, int, int]],
+                      defaults: Tuple[object, ...]) -> Callable[[bytes, int, int], SpotRecord]:
+        names = [f"f{fid}" for _, fid, _ in present]
+        key = ", ".join(f"f{fid}" for _, fid, _ in self._ref_slots)
+        scalars = ", ".join(f"f{fid}" for _, fid, kind in present if kind != _STR and
+                            kind != _VEC)
+        lines = ["def read(buf, tpos, n):"]
+        if names:
+            lines.append(f"    {', '.join(names)}, = unpack(buf, tpos)")
+        lines += [
+            f"    key = ({key},)",
+            "    shape = shapes_get(key)",
+            "    if shape is not None:",
+            f"        rec = shape(buf, tpos, {scalars})" if scalars else
+            "        rec = shape(buf, tpos)",
+            "        if rec is not None:",
+            "            return rec",
+            f"    return slow(buf, tpos, n, key, {', '.join(names)})" if names else
+            "    return slow(buf, tpos, n, key)",
+        ]
+        ns: Dict[str, Any] = {"unpack": self._table.unpack_from,
+                              "shapes_get": self._shapes.get, "slow": self._slow_and_learn}
+        exec("\n".join(lines), ns)  # noqa: S102 - see class docstring
+        return ns["read"]  # type: ignore[no-any-return]
+
+    def _compile_slow(self, present: List[Tuple[int, int, int]],
+                      defaults: Tuple[object, ...]) -> Callable[..., Tuple[SpotRecord, Any]]:
+        names = [f"f{fid}" for _, fid, _ in present]
+        lines = [f"def slow(buf, tpos, n, {', '.join(names)}):" if names else
+                 "def slow(buf, tpos, n):"]
+        value: Dict[int, str] = {}
+        learned = []
+        for off, fid, kind in present:
+            var = f"f{fid}"
+            if kind == _STR or kind == _VEC:
+                lines += [f"    a{fid} = tpos + {off} + {var}", f"    c{fid} = u32(buf, a{fid})[0]"]
+                learned.append(f"({off} + {var}, c{fid}, {int(kind == _STR)}, {fid})")
+            if kind == _STR:
+                lines += [
+                    f"    if a{fid} + 4 + c{fid} > n:",
+                    f"        raise DecodeError('string field {fid} runs past the end', a{fid})",
+                    f"    v{fid} = buf[a{fid} + 4:a{fid} + 4 + c{fid}].decode()",
+                ]
+                value[fid] = f"v{fid}"
+            elif kind == _VEC:
+                lines += [
+                    f"    if a{fid} + 4 + 8 * c{fid} > n:",
+                    f"        raise DecodeError('vector field {fid} runs past the end', a{fid})",
+                    f"    v{fid} = doubles(c{fid})(buf, a{fid} + 4)",
+                ]
+                value[fid] = f"v{fid}"
+            else:
+                value[fid] = var
+        args = ", ".join(value.get(fid, f"d{fid}") for fid in range(len(_SPOT_KINDS)))
+        lines.append(f"    return new(SpotRecord, ({args},)), ({', '.join(learned)},)")
+        ns: Dict[str, Any] = {"u32": _u32, "doubles": _doubles_struct,
+                              "DecodeError": DecodeError, "new": _new_record,
+                              "SpotRecord": SpotRecord}
+        ns.update({f"d{fid}": defaults[fid] for fid in range(len(_SPOT_KINDS))})
+        exec("\n".join(lines), ns)  # noqa: S102 - see class docstring
+        self._scalar_slots = [fid for _, fid, kind in present if kind != _STR and kind != _VEC]
+        self._defaults = defaults
+        return ns["slow"]  # type: ignore[no-any-return]
+
+    def _slow_and_learn(self, buf: bytes, tpos: int, n: int, key: Tuple[int, ...],
+                        *fields: Any) -> SpotRecord:
+        rec, pieces = self._slow(buf, tpos, n, *fields)
+        if key not in self._shapes:
+            if len(self._shapes) >= _MAX_SHAPES:
+                self._shapes.clear()
+            self._shapes[key] = self._compile_shape(pieces)
+        return rec  # type: ignore[no-any-return]
+
+    def _compile_shape(self, pieces: Sequence[Tuple[int, int, int, int]]
+                       ) -> Optional[Callable[..., Optional[SpotRecord]]]:
+        """One struct for every string and vector of a record, from the table's position."""
+        ordered = sorted(pieces)
+        if not ordered:
+            return None
+        fmt = ["<"]
+        pos = ordered[0][0]
+        start = pos
+        count_idx: List[int] = []
+        counts: List[int] = []
+        value: Dict[int, str] = {}
+        idx = 0
+        for rel, count, is_str, fid in ordered:
+            if rel < pos:
+                return None  # shared or overlapping payloads: keep the slow path
+            if rel > pos:
+                fmt.append(f"{rel - pos}x")
+            fmt.append("I")
+            count_idx.append(idx)
+            counts.append(count)
+            idx += 1
+            if is_str:
+                fmt.append(f"{count}s")
+                value[fid] = f"p[{idx}].decode()"
+                idx += 1
+                pos = rel + 4 + count
+            else:
+                fmt.append(f"{count}d")
+                value[fid] = f"p[{idx}:{idx + count}]"
+                idx += count
+                pos = rel + 4 + 8 * count
+        scalars = self._scalar_slots
+        args = []
+        for fid in range(len(_SPOT_KINDS)):
+            if fid in value:
+                args.append(value[fid])
+            elif fid in scalars:
+                args.append(f"f{fid}")
+            else:
+                args.append(f"d{fid}")
+        params = "".join(f", f{fid}" for fid in scalars)
+        lines = [
+            f"def shape(buf, tpos{params}):",
+            "    try:",
+            f"        p = unpack(buf, tpos + {start})",
+            "    except error:",  # a shorter record near the end: let the slow path judge
+            "        return None",
+            "    if counts_of(p) != counts:",
+            "        return None",
+            f"    return new(SpotRecord, ({', '.join(args)},))",
+        ]
+        ns: Dict[str, Any] = {
+            "unpack": struct.Struct("".join(fmt)).unpack_from,
+            "counts_of": itemgetter(*count_idx) if len(count_idx) > 1 else
+            (lambda p, i=count_idx[0]: (p[i],)),
+            "counts": tuple(counts) if len(counts) > 1 else (counts[0],),
+            "new": _new_record, "SpotRecord": SpotRecord, "error": struct.error,
+        }
+        if len(count_idx) > 1:
+            ns["counts"] = tuple(counts)
+        ns.update({f"d{fid}": self._defaults[fid] for fid in range(len(_SPOT_KINDS))})
+        exec("\n".join(lines), ns)  # noqa: S102 - see class docstring
+        return ns["shape"]  # type: ignore[no-any-return]
+
+
+_MAX_SHAPES = 1024  # per vtable; a hostile stream cannot grow the cache without limit
+_V5 = struct.Struct("<5d")
+
+
+@lru_cache(maxsize=64)
+def _doubles_struct(count: int) -> Callable[[bytes, int], Tuple[float, ...]]:
+    return struct.Struct(f"<{count}d").unpack_from
 
 
 class _Decoder:
@@ -166,6 +339,8 @@ class _Decoder:
             raise
         except struct.error as exc:
             raise DecodeError(f"truncated or malformed ({exc})") from None
+        except UnicodeDecodeError as exc:
+            raise DecodeError(f"a string is not UTF-8 ({exc.reason})") from None
 
     def _decode(self, buf: bytes) -> SpotList:
         n = len(buf)
@@ -202,7 +377,7 @@ class _Decoder:
                     last_key = vt
                 elif tpos + plan.table_size > n:
                     raise DecodeError("table runs past the end", tpos)
-                append(_new_record(SpotRecord, table(buf, tpos, plan, True)))
+                append(plan.read(buf, tpos, n))
         return SpotList(records, head[1], head[2], head[3], head[4])
 
 

@@ -1,0 +1,109 @@
+"""Shared test helpers: unique addresses, a scripted source, a collecting sink."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import os
+import socket
+import tempfile
+import threading
+import uuid
+from typing import Any, AsyncIterator, Dict, List, Mapping, Optional, Sequence
+
+from relay.app import PublishedBatch
+
+REAL_TICK: Dict[str, Any] = {
+    "time": 1733118954000, "lastPrice": 11.39, "open": 11.39, "high": 11.4, "low": 11.31,
+    "lastClose": 11.38, "amount": 862127800.0, "volume": 758613, "pvolume": 75861284,
+    "stockStatus": 3, "openInt": 13, "transactionNum": 37062, "lastSettlementPrice": 11.38,
+    "settlementPrice": 0.0, "pe": 0.0,
+    "askPrice": [11.4, 11.41, 11.42, 11.43, 11.44],
+    "bidPrice": [11.39, 11.38, 11.37, 11.36, 11.35],
+    "askVol": [1932, 2410, 1810, 1130, 2006], "bidVol": [313, 5219, 2996, 2420, 1638],
+    "volRatio": 0.0, "speed1Min": 0.0, "speed5Min": 0.0,
+}
+
+
+def real_tick(**changes: Any) -> Dict[str, Any]:
+    t = copy.deepcopy(REAL_TICK)
+    t.update(changes)
+    return t
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def tcp_address() -> str:
+    return f"tcp://127.0.0.1:{free_tcp_port()}"
+
+
+def ipc_address() -> str:
+    return f"ipc://{os.path.join(tempfile.gettempdir(), f'relay-test-{uuid.uuid4().hex[:12]}.ipc')}"
+
+
+class ScriptedSource:
+    """A source that yields the given batches, then waits until closed."""
+
+    kind = "simulator"
+
+    def __init__(self, batches: Sequence[Mapping[str, Any]], names: Optional[Dict[str, str]] = None,
+                 *, finish: bool = False, delay: float = 0.0,
+                 gate: Optional[threading.Event] = None) -> None:
+        self._batches = list(batches)
+        self._names = names or {}
+        self._finish = finish
+        self._delay = delay
+        self._gate = gate  # when given, nothing is yielded until it is set
+        self._closed = asyncio.Event()
+        self.started = False
+        self.close_calls = 0
+
+    @property
+    def names(self) -> Mapping[str, str]:
+        return self._names
+
+    @property
+    def connected(self) -> bool:
+        return self.started and not self._closed.is_set()
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def batches(self) -> AsyncIterator[Dict[str, Any]]:
+        while self._gate is not None and not self._gate.is_set():
+            if self._closed.is_set():
+                return
+            await asyncio.sleep(0.01)
+        for batch in self._batches:
+            if self._closed.is_set():
+                return
+            if self._delay:
+                await asyncio.sleep(self._delay)
+            yield dict(batch)
+        if not self._finish:
+            await self._closed.wait()
+
+    async def close(self) -> None:
+        self.close_calls += 1
+        self._closed.set()
+
+
+class CollectingSink:
+    """Keeps every published batch; records the lifecycle calls."""
+
+    def __init__(self) -> None:
+        self.batches: List[PublishedBatch] = []
+        self.calls: List[str] = []
+
+    def start(self) -> None:
+        self.calls.append("start")
+
+    def write(self, batch: PublishedBatch) -> None:
+        self.batches.append(batch)
+
+    def close(self) -> None:
+        self.calls.append("close")
