@@ -25,23 +25,21 @@ from typing import (
     Dict,
     Iterator,
     List,
-    NamedTuple,
     Optional,
-    Protocol,
     Sequence,
 )
 
 import structlog
 
 from relay.config import Config
-from relay.encode import SpotEncoder
+from relay.encode import Records, SpotEncoder
 from relay.normalise import Normaliser
 from relay.publish import Publisher
-from relay.records import SpotRecord
+from relay.sinks import PublishedBatch, Sink, sinks_from_config
 from relay.sources import Batch, Source, create_source
 from relay.wire import encode_heartbeat
 
-__all__ = ["PublishedBatch", "Relay", "Sink", "State"]
+__all__ = ["PublishedBatch", "Relay", "Sink", "State"]  # sinks re-exported for convenience
 
 log = structlog.get_logger("relay.app")
 
@@ -56,32 +54,6 @@ class State(enum.Enum):
     RUNNING = "running"
     STOPPING = "stopping"
     STOPPED = "stopped"
-
-
-class PublishedBatch(NamedTuple):
-    """What sinks receive for every published batch."""
-
-    records: List[SpotRecord]
-    messages: List[bytes]        # the ":spot:"-prefixed SpotList messages, in order
-    counts: List[int]            # records in each message
-    first_seq: int               # seq of messages[0]
-    publish_time_ms: int
-    run_id: str
-    source: str
-
-
-class Sink(Protocol):
-    """A consumer of published batches (the HDF5 recorder, test collectors).
-
-    ``write`` is called on the event loop and must not block: a slow sink owns a bounded
-    queue and a writer of its own.
-    """
-
-    def start(self) -> None: ...
-
-    def write(self, batch: PublishedBatch) -> None: ...
-
-    def close(self) -> None: ...
 
 
 class _Stats:
@@ -120,7 +92,7 @@ class Relay:
         self.state = State.NEW
         self._clock = clock
         self._source = source
-        self._sinks = list(sinks)
+        self._sinks = [*sinks_from_config(config), *sinks]
         self._publisher = Publisher(config.publish.addresses)
         norm = config.normalise
         self._normaliser = Normaliser(
@@ -262,7 +234,7 @@ class Relay:
         async for batch in self._source.batches():
             try:
                 self.process(batch)
-            except Exception as exc:  # noqa: BLE001 - one bad batch must not stop the relay
+            except Exception as exc:
                 self._stats.errors += 1
                 log.exception("batch_failed", error=repr(exc), size=len(batch))
             if self._stop_requested:
@@ -279,9 +251,10 @@ class Relay:
         stats = self._stats
         for reason, n in result.dropped.items():
             stats.dropped[reason] = stats.dropped.get(reason, 0) + n
-        records = result.records
-        if not records:
+        if not len(result):
             return None
+        columns = result.columns
+        payload: Records = columns if columns is not None else result.records
         publish_ms = int(self._clock() * 1000)
         first_seq = self._seq + 1
         counts: List[int] = []
@@ -289,7 +262,7 @@ class Relay:
         sent_before = publisher.bytes_sent
 
         def chunks() -> Iterator[bytes]:
-            for message, count in encoder.iter_chunks(records, first_seq=first_seq,
+            for message, count in encoder.iter_chunks(payload, first_seq=first_seq,
                                                       publish_time_ms=publish_ms):
                 counts.append(count)
                 yield message
@@ -297,20 +270,21 @@ class Relay:
         messages = publisher.send_batch(chunks())  # each message leaves as soon as encoded
         self._seq += len(messages)
         stats.batches += 1
-        stats.records += len(records)
+        stats.records += len(result)
         stats.messages += len(messages) + 2
         stats.bytes += publisher.bytes_sent - sent_before
-        newest = max(r.time_ms or 0 for r in records)
+        times = columns.time_ms if columns is not None else [r.time_ms for r in result.records]
+        newest = max(filter(None, times), default=0)
         if newest:
             lag = publish_ms - newest
             if stats.lag_ms_max is None or lag > stats.lag_ms_max:
                 stats.lag_ms_max = lag
-        published = PublishedBatch(records, messages, counts, first_seq, publish_ms, self.run_id,
-                                   source.kind)
+        published = PublishedBatch(result, messages, counts, first_seq, publish_ms,
+                                   self.run_id, source.kind)
         for sink in self._started_sinks:
             try:
                 sink.write(published)
-            except Exception as exc:  # noqa: BLE001 - a failing sink must not stop publishing
+            except Exception as exc:
                 stats.errors += 1
                 log.error("sink_failed", sink=type(sink).__name__, error=repr(exc))
         return published
@@ -320,7 +294,7 @@ class Relay:
             await asyncio.sleep(interval)
             try:
                 action()
-            except Exception as exc:  # noqa: BLE001 - heartbeats/stats must keep going
+            except Exception as exc:
                 log.error("periodic_task_failed", action=action.__name__, error=repr(exc))
 
     def _heartbeat(self) -> None:
@@ -368,12 +342,12 @@ class Relay:
         if source is not None:
             try:
                 await source.close()
-            except Exception as exc:  # noqa: BLE001 - keep releasing the rest
+            except Exception as exc:
                 log.error("source_close_failed", error=repr(exc))
         for sink in reversed(self._started_sinks):
             try:
                 sink.close()
-            except Exception as exc:  # noqa: BLE001 - keep releasing the rest
+            except Exception as exc:
                 log.error("sink_close_failed", sink=type(sink).__name__, error=repr(exc))
         self._started_sinks.clear()
         self._publisher.close()

@@ -20,7 +20,6 @@ import json
 import multiprocessing as mp
 import os
 import socket
-import statistics
 import sys
 import time
 from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple
@@ -33,11 +32,18 @@ Batch = Dict[str, Dict[str, Any]]
 
 
 def simulated_ticks(n: int, seed: int = 7) -> Tuple[Batch, Mapping[str, str]]:
-    """A full-market snapshot of ``n`` simulated securities in continuous trading."""
-    from relay.sources.simulator import SimulatedMarket  # noqa: PLC0415
+    """A full-market snapshot of ``n`` simulated securities at 10:30 on a trading day."""
+    import datetime as dt  # noqa: PLC0415
 
-    market = SimulatedMarket(seed=seed, securities=n)
-    return market.bench_snapshot(), market.names
+    from relay.sources.simulator import SimulatedMarket, china_ms  # noqa: PLC0415
+
+    day = dt.date(2024, 12, 2)
+    market = SimulatedMarket(seed=seed, securities=n, trading_date=day)
+    t = china_ms(day, 9, 30)
+    for _ in range(40):  # two minutes of trading: prices and volumes move off the close
+        market.step(t)
+        t = market.next_push_time(t)
+    return market.snapshot(t), market.names
 
 
 # -- the plain path: generated builder functions and accessors ----------------------------

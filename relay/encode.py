@@ -303,8 +303,7 @@ class SpotEncoder:
                 for pos, col in zip(layout.vec_pos, books):
                     u32[pos // 4::w4] = array("I", (levels,)) * count
                     for j in range(levels):
-                        f64[pos // 8 + j::w8] = array(
-                            "d", col[start * levels + j:end * levels:levels])
+                        f64[pos // 8 + j::w8] = col[start * levels + j:end * levels:levels]
                 for pos, width, length, joined in strings:
                     u32[pos // 4::w4] = (array("I", (length,)) * count
                                          if isinstance(length, int)

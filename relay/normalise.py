@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import re
 import time as _time
+from array import array
 from functools import lru_cache
-from math import isfinite
 from itertools import chain, repeat
+from math import isfinite
 from operator import floordiv, itemgetter, lt, methodcaller, truediv
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
@@ -284,6 +285,31 @@ _FIELDS_GET = tuple(itemgetter(key) for key in (
 _STATUS = methodcaller("get", "stockStatus")
 _TRADES = methodcaller("get", "transactionNum")
 _MAX_CACHE = 1 << 20
+_INF = float("inf")
+
+
+class _PriceMemo(dict):  # type: ignore[type-arg]
+    """Price -> price rounded to ``decimals``; a price is checked once, when first seen.
+
+    Only finite, non-negative numbers get in, so every value this returns is valid, and
+    ``map(memo.__getitem__, prices)`` validates and rounds a column at C speed.
+    """
+
+    __slots__ = ("_decimals",)
+
+    def __init__(self, decimals: int) -> None:
+        super().__init__()
+        self._decimals = decimals
+
+    def __missing__(self, key: Any) -> Any:
+        if key.__class__ is not float and key.__class__ is not int:
+            raise TypeError("price is not a number")
+        if not 0 <= key < _INF:  # also false for NaN
+            raise ValueError("price is negative or not finite")
+        if len(self) >= _MAX_CACHE:
+            self.clear()
+        value = self[key] = round(key, self._decimals)
+        return value
 
 
 class _Memo(dict):  # type: ignore[type-arg]
@@ -337,8 +363,7 @@ class Normaliser:
         # cumulative volume of the last accepted tick per symbol, on day _volume_day
         self._last_volume: Dict[str, float] = {}
         self._volume_day = -1
-        d = price_decimals
-        self._prices = _Memo(lambda x: round(x, d))
+        self._prices = _PriceMemo(price_decimals)
         self._seconds = _Memo(china_datetime)
         self._symbols = _Memo(split_symbol)
 
@@ -371,21 +396,26 @@ class Normaliser:
             return None
         if set(map(type, times)) != _INT or min(times) < _MIN_MS or max(times) >= _MAX_MS:
             return None
-        # sum() raises TypeError on None/str/lists, and is finite only if every term is.
-        scalars = (lc, op, hi, lo, last, amount, volume)
-        if not isfinite(sum(map(sum, scalars))) or min(map(min, scalars)) < 0:
+        # Prices are validated as they are rounded (see _PriceMemo); the rest here. sum()
+        # raises TypeError on None/str/lists, and is finite only if every term is.
+        price = self._prices.__getitem__
+        lc, op, hi, lo, last = (list(map(price, col)) for col in (lc, op, hi, lo, last))
+        if not isfinite(sum(amount) + sum(volume)) or min(min(amount), min(volume)) < 0:
             return None
         levels = len(bp[0]) if bp[0].__class__ is list else -1
         if levels != self._book_levels and levels != 0:
             return None
-        flat = []
         for col in (bp, bv, ap, av):
             if set(map(len, col)) != {levels}:
                 return None
-            values = list(chain.from_iterable(col))
-            if levels and (not isfinite(sum(values)) or min(values) < 0):
+        bid = array("d", map(price, chain.from_iterable(bp)))
+        ask = array("d", map(price, chain.from_iterable(ap)))
+        sizes = []
+        for col in (bv, av):
+            flat = list(chain.from_iterable(col))
+            if levels and (not isfinite(sum(flat)) or min(flat) < 0):
                 return None
-            flat.append(values)
+            sizes.append(array("d", flat))
         status = list(map(_STATUS, ticks))
         trades = list(map(_TRADES, ticks))
         if set(map(type, status)) != _INT or set(map(type, trades)) != _INT:
@@ -408,16 +438,12 @@ class Normaliser:
         elif any(map(lt, volumes, map(last_volume.get, symbols, repeat(-1.0)))):
             return None  # a volume went backwards: let the per-tick path name it
         last_volume.update(zip(symbols, volumes))
-        price = self._prices.__getitem__
         return SpotColumns(n, levels, [
             list(map(itemgetter(0), parts)),
             list(map(itemgetter(1), parts)),
             list(map(self._names.get, symbols, repeat(""))),
             list(map(self._seconds.__getitem__, map(floordiv, times, repeat(1000)))),
-            list(map(price, lc)), list(map(price, op)), list(map(price, hi)),
-            list(map(price, lo)), list(map(price, last)),
-            amounts, volumes,
-            list(map(price, flat[0])), flat[1], list(map(price, flat[2])), flat[3],
+            lc, op, hi, lo, last, amounts, volumes, bid, sizes[0], ask, sizes[1],
             times, status, trades,
         ])
 

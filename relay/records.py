@@ -6,6 +6,7 @@ compiled or heavy.
 
 from __future__ import annotations
 
+from array import array
 from itertools import chain, repeat
 from typing import Any, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -63,9 +64,9 @@ class SpotColumns:
     """A batch of records stored column by column (the relay's hot-path form).
 
     Every attribute named like a :class:`SpotRecord` field is a list with one entry per
-    record, except the four book arrays, which are flat: ``levels`` entries per record, record
-    after record (``bid[i * levels + j]`` is level ``j`` of record ``i``). Every record of a
-    ``SpotColumns`` has the same book depth.
+    record, except the four book arrays, which are flat ``array("d")``: ``levels`` entries per
+    record, record after record (``bid[i * levels + j]`` is level ``j`` of record ``i``).
+    Every record of a ``SpotColumns`` has the same book depth.
     """
 
     __slots__ = (*FIELDS, "_records", "levels", "n")
@@ -120,7 +121,7 @@ class SpotColumns:
             return None
         (levels,) = depth
         for i in (11, 12, 13, 14):
-            cols[i] = list(chain.from_iterable(cols[i]))
+            cols[i] = array("d", chain.from_iterable(cols[i]))
         out = cls(n, levels, cols)
         out._records = list(records)
         return out

@@ -149,7 +149,7 @@ class _SpotReader:
         ]
         ns: Dict[str, Any] = {"unpack": self._table.unpack_from,
                               "shapes_get": self._shapes.get, "slow": self._slow_and_learn}
-        exec("\n".join(lines), ns)  # noqa: S102 - see class docstring
+        exec("\n".join(lines), ns)
         return ns["read"]  # type: ignore[no-any-return]
 
     def _compile_slow(self, present: List[Tuple[int, int, int]],
@@ -186,7 +186,7 @@ class _SpotReader:
                               "DecodeError": DecodeError, "new": _new_record,
                               "SpotRecord": SpotRecord}
         ns.update({f"d{fid}": defaults[fid] for fid in range(len(_SPOT_KINDS))})
-        exec("\n".join(lines), ns)  # noqa: S102 - see class docstring
+        exec("\n".join(lines), ns)
         self._scalar_slots = [fid for _, fid, kind in present if kind != _STR and kind != _VEC]
         self._defaults = defaults
         return ns["slow"]  # type: ignore[no-any-return]
@@ -262,7 +262,7 @@ class _SpotReader:
         if len(count_idx) > 1:
             ns["counts"] = tuple(counts)
         ns.update({f"d{fid}": self._defaults[fid] for fid in range(len(_SPOT_KINDS))})
-        exec("\n".join(lines), ns)  # noqa: S102 - see class docstring
+        exec("\n".join(lines), ns)
         return ns["shape"]  # type: ignore[no-any-return]
 
 

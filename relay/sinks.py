@@ -1,0 +1,73 @@
+"""Sinks: consumers of every published batch (snapshot service, HDF5 recorder, tests).
+
+A sink is a small class with ``start()``, ``write(batch)`` and ``close()``. ``write`` runs on
+the relay's event loop right after a batch is published and must never block: a slow sink
+owns a bounded queue and a writer of its own, counts what it drops, and logs once per
+episode. :func:`sinks_from_config` builds the sinks the configuration asks for.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, List, Optional, Protocol
+
+from relay.records import SpotColumns, SpotRecord
+
+if TYPE_CHECKING:
+    from relay.config import Config
+    from relay.normalise import BatchResult
+
+__all__ = ["PublishedBatch", "Sink", "sinks_from_config"]
+
+
+class PublishedBatch:
+    """What sinks receive for every published batch.
+
+    Attributes:
+        columns: the published records as columns, or ``None`` if their book depths differ.
+        messages: the ``:spot:``-prefixed ``SpotList`` messages, in order.
+        counts: how many records each message holds.
+        first_seq: ``seq`` of ``messages[0]``; the others follow by one.
+        publish_time_ms, run_id, source: as sent in every message.
+    """
+
+    __slots__ = ("_result", "counts", "first_seq", "messages", "publish_time_ms", "run_id",
+                 "source")
+
+    def __init__(self, result: BatchResult, messages: List[bytes], counts: List[int],
+                 first_seq: int, publish_time_ms: int, run_id: str, source: str) -> None:
+        self._result = result
+        self.messages = messages
+        self.counts = counts
+        self.first_seq = first_seq
+        self.publish_time_ms = publish_time_ms
+        self.run_id = run_id
+        self.source = source
+
+    @property
+    def records(self) -> List[SpotRecord]:
+        """The published records, in order (built on first use)."""
+        return self._result.records
+
+    @property
+    def columns(self) -> Optional[SpotColumns]:
+        return self._result.columns
+
+
+class Sink(Protocol):
+    """A consumer of published batches (the HDF5 recorder, test collectors).
+
+    ``write`` is called on the event loop and must not block: a slow sink owns a bounded
+    queue and a writer of its own.
+    """
+
+    def start(self) -> None: ...
+
+    def write(self, batch: PublishedBatch) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def sinks_from_config(config: Config) -> List[Sink]:
+    """The sinks ``config`` enables, in start order (each feature adds one line here)."""
+    sinks: List[Sink] = []
+    return sinks
