@@ -129,7 +129,7 @@ def _book(code: str, values: Any, levels: int, decimals: Optional[int]) -> Tuple
     if values.__class__ is not list and values.__class__ is not tuple:
         raise BadTick(code, "bad_book")
     n = len(values)
-    if n != levels and n != 0:
+    if n not in (levels, 0):
         raise BadTick(code, "bad_book")
     try:
         total = sum(values)
@@ -188,7 +188,7 @@ def normalise_tick(
         ask_vol = tick["askVol"]
     except KeyError:
         raise BadTick(symbol, "missing_field") from None
-    volume = shares if shares is not None else lots
+    volume: Any = shares if shares is not None else lots
     try:
         # One sum tells finiteness and type for all scalars at once (None/str raise TypeError).
         total = last_close + open_ + high + low + last + amount + volume
@@ -400,10 +400,10 @@ class Normaliser:
         # raises TypeError on None/str/lists, and is finite only if every term is.
         price = self._prices.__getitem__
         lc, op, hi, lo, last = (list(map(price, col)) for col in (lc, op, hi, lo, last))
-        if not isfinite(sum(amount) + sum(volume)) or min(min(amount), min(volume)) < 0:
+        if not isfinite(sum(amount) + sum(volume)) or min(*amount, *volume) < 0:
             return None
         levels = len(bp[0]) if bp[0].__class__ is list else -1
-        if levels != self._book_levels and levels != 0:
+        if levels not in (self._book_levels, 0):
             return None
         for col in (bp, bv, ap, av):
             if set(map(len, col)) != {levels}:

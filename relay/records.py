@@ -71,7 +71,26 @@ class SpotColumns:
 
     __slots__ = (*FIELDS, "_records", "levels", "n")
 
-    def __init__(self, n: int, levels: int, columns: Sequence[List[Any]]) -> None:
+    market: List[str]
+    code: List[str]
+    name: List[str]
+    datetime: List[str]
+    yesterday_close: List[float]
+    open: List[float]
+    high: List[float]
+    low: List[float]
+    close: List[float]
+    amount: List[float]
+    volume: List[float]
+    bid: "array[float]"
+    bid_amount: "array[float]"
+    ask: "array[float]"
+    ask_amount: "array[float]"
+    time_ms: List[Optional[int]]
+    status: List[Optional[int]]
+    trade_count: List[Optional[int]]
+
+    def __init__(self, n: int, levels: int, columns: Sequence[Sequence[Any]]) -> None:
         if len(columns) != len(FIELDS):
             raise ValueError(f"expected {len(FIELDS)} columns, got {len(columns)}")
         self.n = n
@@ -83,11 +102,11 @@ class SpotColumns:
     def __len__(self) -> int:
         return self.n
 
-    def column(self, name: str) -> List[Any]:
+    def column(self, name: str) -> Sequence[Any]:
         """The column of field ``name`` (book arrays flat, see the class docstring)."""
         if name not in FIELDS:
             raise KeyError(name)
-        col: List[Any] = getattr(self, name)
+        col: Sequence[Any] = getattr(self, name)
         return col
 
     @property
@@ -113,7 +132,7 @@ class SpotColumns:
         n = len(records)
         if not n:
             return cls(0, 0, [[] for _ in FIELDS])
-        cols: List[List[Any]] = [list(c) for c in zip(*records)]
+        cols: List[Sequence[Any]] = [list(c) for c in zip(*records)]
         depth = set(map(len, cols[11]))
         for i in (12, 13, 14):
             depth.update(map(len, cols[i]))

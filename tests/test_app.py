@@ -92,7 +92,7 @@ def test_bad_ticks_are_dropped_and_the_rest_published() -> None:
     with capture_logs() as logs:
         asyncio.run(relay.serve())
     assert [["600000"]] == [[r.code for r in b.records] for b in sink.batches]
-    stopped = [e for e in logs if e["event"] == "relay_stopped"][0]
+    stopped = next(e for e in logs if e["event"] == "relay_stopped")
     assert {"bad_code": 1, "bad_type": 1, "seed_record": 1} == stopped["dropped"]
 
 

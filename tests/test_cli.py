@@ -130,7 +130,7 @@ def test_relay_subprocess_end_to_end(
     relay_proc: Tuple[subprocess.Popen[str], str, str]
 ) -> None:
     """A simulated market reaches a subscriber: framed, decoded, sane; SIGTERM exits 0."""
-    proc, tcp, ipc = relay_proc
+    proc, tcp, _ipc = relay_proc
     records = []
     frames: List[bytes] = []
     beats = []

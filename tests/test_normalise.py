@@ -8,9 +8,12 @@ import os
 import subprocess
 import sys
 import textwrap
-from typing import Any, Callable, Dict
+from datetime import date
+from typing import Any, Callable, Dict, List
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from relay.errors import BadTick
 from relay.normalise import DROP_REASONS, Normaliser, china_datetime, normalise_tick
@@ -187,3 +190,73 @@ def test_status_and_trade_count_absent_become_none() -> None:
     """Missing optional QMT fields are reported as absent, not zero."""
     rec = normalise_tick("600000.SH", tick(stockStatus=_DELETE, transactionNum=_DELETE))
     assert (None, None) == (rec.status, rec.trade_count)
+
+
+def _simulated_batches() -> List[Dict[str, Any]]:
+    from relay.sources.simulator import SimulatedMarket, china_ms
+
+    day = date(2024, 12, 2)
+    market = SimulatedMarket(seed=3, securities=400, trading_date=day)
+    t = china_ms(day, 9, 30)
+    batches = [market.snapshot(t)]
+    for _ in range(5):
+        t = market.next_push_time(t)
+        batches.append(market.step(t))
+    return batches
+
+
+def test_columnar_path_matches_per_tick_path_on_a_simulated_market() -> None:
+    """The fast columnar path gives exactly the per-tick path's records, push after push."""
+    batches = _simulated_batches()
+    fast, slow = Normaliser(), Normaliser()
+    for batch in batches:
+        got = fast.normalise_batch(batch)
+        assert got._columns is not None  # the fast path was taken
+        expected = slow._per_tick(batch)
+        assert expected.records == got.records
+        assert {} == got.dropped == expected.dropped
+
+
+scalars = st.one_of(
+    st.floats(min_value=0, max_value=1e6), st.integers(0, 10**9),
+    st.sampled_from([None, math.nan, math.inf, -1.0, True, "1.0"]),
+)
+books = st.one_of(
+    st.lists(st.floats(min_value=0, max_value=1e4), min_size=5, max_size=5),
+    st.lists(st.integers(0, 10**6), min_size=5, max_size=5),
+    st.just([]), st.lists(st.floats(allow_nan=True), max_size=6),
+)
+
+
+@st.composite
+def hostile_ticks(draw: Any) -> Dict[str, Any]:
+    t = tick(time=draw(st.integers(1733118954000, 1733118999999)),
+             pvolume=draw(st.integers(0, 10**9)), lastPrice=draw(st.floats(1, 100)))
+    rare = st.integers(0, 12).map(lambda x: x == 0)
+    for key in ("lastClose", "open", "high", "low", "lastPrice", "amount", "pvolume"):
+        if draw(rare):
+            t[key] = draw(scalars)
+    for key in ("bidPrice", "bidVol", "askPrice", "askVol"):
+        if draw(rare):
+            t[key] = draw(books)
+    if draw(rare):
+        t["time"] = draw(st.sampled_from([0, 1733118954000, 1733118955123, 1.5, None]))
+    if draw(rare):
+        t["stockStatus"] = draw(st.sampled_from([2, 3, None, 3.0]))
+    if draw(st.integers(0, 9)) == 0:
+        del t[draw(st.sampled_from(sorted(t)))]
+    return t
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(hostile_ticks(), min_size=1, max_size=8),
+       st.lists(st.sampled_from(["SH", "SZ", "BJ", "SH", "SZ", "bad"]), min_size=8, max_size=8))
+def test_batch_result_never_depends_on_the_path(ticks: List[Dict[str, Any]],
+                                               codes: List[str]) -> None:
+    """Whatever the ticks, normalise_batch equals the per-tick path: records and drops."""
+    batch = {f"{600100 + i}.{codes[i]}" if codes[i] != "bad" else f"{i}.XX": t
+             for i, t in enumerate(ticks)}
+    got = Normaliser().normalise_batch(batch)
+    expected = Normaliser()._per_tick(batch)
+    assert expected.records == got.records
+    assert expected.dropped == got.dropped

@@ -100,7 +100,7 @@ class _Plan:
         self.getter = itemgetter(*(slot_of[fid] for fid in range(len(kinds))))
         # Reference fields to resolve: (field id, offset of the field in the table, is string).
         self.refs = tuple((fid, off, kind == _STR) for off, fid, kind in present
-                          if kind == _STR or kind == _VEC)
+                          if kind in (_STR, _VEC))
         self.read = _SpotReader(present, defaults, self.struct).read \
             if kinds is _SPOT_KINDS else None
 
@@ -123,7 +123,7 @@ class _SpotReader:
         self._table = table
         self._shapes: Dict[Tuple[int, ...], Optional[Callable[..., Optional[SpotRecord]]]] = {}
         self._ref_slots = [(off, fid, kind) for off, fid, kind in present
-                           if kind == _STR or kind == _VEC]
+                           if kind in (_STR, _VEC)]
         self._slow = self._compile_slow(present, defaults)
         self.read = self._compile_fast(present, defaults)
 
@@ -131,8 +131,7 @@ class _SpotReader:
                       defaults: Tuple[object, ...]) -> Callable[[bytes, int, int], SpotRecord]:
         names = [f"f{fid}" for _, fid, _ in present]
         key = ", ".join(f"f{fid}" for _, fid, _ in self._ref_slots)
-        scalars = ", ".join(f"f{fid}" for _, fid, kind in present if kind != _STR and
-                            kind != _VEC)
+        scalars = ", ".join(f"f{fid}" for _, fid, kind in present if kind not in (_STR, _VEC))
         lines = ["def read(buf, tpos, n):"]
         if names:
             lines.append(f"    {', '.join(names)}, = unpack(buf, tpos)")
@@ -161,7 +160,7 @@ class _SpotReader:
         learned = []
         for off, fid, kind in present:
             var = f"f{fid}"
-            if kind == _STR or kind == _VEC:
+            if kind in (_STR, _VEC):
                 lines += [f"    a{fid} = tpos + {off} + {var}", f"    c{fid} = u32(buf, a{fid})[0]"]
                 learned.append(f"({off} + {var}, c{fid}, {int(kind == _STR)}, {fid})")
             if kind == _STR:
@@ -187,7 +186,7 @@ class _SpotReader:
                               "SpotRecord": SpotRecord}
         ns.update({f"d{fid}": defaults[fid] for fid in range(len(_SPOT_KINDS))})
         exec("\n".join(lines), ns)
-        self._scalar_slots = [fid for _, fid, kind in present if kind != _STR and kind != _VEC]
+        self._scalar_slots = [fid for _, fid, kind in present if kind not in (_STR, _VEC)]
         self._defaults = defaults
         return ns["slow"]  # type: ignore[no-any-return]
 
@@ -198,7 +197,7 @@ class _SpotReader:
             if len(self._shapes) >= _MAX_SHAPES:
                 self._shapes.clear()
             self._shapes[key] = self._compile_shape(pieces)
-        return rec  # type: ignore[no-any-return]
+        return rec
 
     def _compile_shape(self, pieces: Sequence[Tuple[int, int, int, int]]
                        ) -> Optional[Callable[..., Optional[SpotRecord]]]:
@@ -334,7 +333,7 @@ class _Decoder:
         if data.__class__ is not bytes:
             data = bytes(data)
         try:
-            return self._decode(data)  # type: ignore[arg-type]
+            return self._decode(data)
         except DecodeError:
             raise
         except struct.error as exc:
@@ -361,7 +360,6 @@ class _Decoder:
             slots = struct.unpack_from(f"<{count}I", buf, base) if count else ()
             cache = self._spot_plans
             plan_of = self._plan
-            table = self._table
             append = records.append
             last_key = None
             plan = None
@@ -377,7 +375,7 @@ class _Decoder:
                     last_key = vt
                 elif tpos + plan.table_size > n:
                     raise DecodeError("table runs past the end", tpos)
-                append(plan.read(buf, tpos, n))
+                append(plan.read(buf, tpos, n))  # type: ignore[misc]  # set for Spot plans
         return SpotList(records, head[1], head[2], head[3], head[4])
 
 
