@@ -58,7 +58,7 @@ class ScriptedSource:
         self._finish = finish
         self._delay = delay
         self._gate = gate  # when given, nothing is yielded until it is set
-        self._closed = asyncio.Event()
+        self._closed: Optional[asyncio.Event] = None  # made inside the loop (Python 3.9)
         self.started = False
         self.close_calls = 0
 
@@ -68,12 +68,14 @@ class ScriptedSource:
 
     @property
     def connected(self) -> bool:
-        return self.started and not self._closed.is_set()
+        return self.started and not (self._closed is not None and self._closed.is_set())
 
     async def start(self) -> None:
+        self._closed = asyncio.Event()
         self.started = True
 
     async def batches(self) -> AsyncIterator[Dict[str, Any]]:
+        assert self._closed is not None
         while self._gate is not None and not self._gate.is_set():
             if self._closed.is_set():
                 return
@@ -89,7 +91,8 @@ class ScriptedSource:
 
     async def close(self) -> None:
         self.close_calls += 1
-        self._closed.set()
+        if self._closed is not None:
+            self._closed.set()
 
 
 class CollectingSink:
