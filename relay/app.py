@@ -273,8 +273,12 @@ class Relay:
         stats.records += len(result)
         stats.messages += len(messages) + 2
         stats.bytes += publisher.bytes_sent - sent_before
-        times = columns.time_ms if columns is not None else [r.time_ms for r in result.records]
-        newest = max(filter(None, times), default=0)
+        # Lag means something only against the real clock: a simulated or replayed day runs
+        # on its own time.
+        newest = 0
+        if source.kind == "qmt":
+            times = columns.time_ms if columns is not None else [r.time_ms for r in result.records]
+            newest = max(filter(None, times), default=0)
         if newest:
             lag = publish_ms - newest
             if stats.lag_ms_max is None or lag > stats.lag_ms_max:
