@@ -18,6 +18,7 @@ from functools import lru_cache
 from operator import itemgetter
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
+from relay.client._uniform import uniform_columns
 from relay.errors import DecodeError
 from relay.records import SpotRecord
 
@@ -66,7 +67,7 @@ _MAX_VTABLES = 256  # cache bound: a hostile stream cannot grow it without limit
 class _Plan:
     """How to read one table whose vtable is a given byte string."""
 
-    __slots__ = ("getter", "read", "refs", "struct", "table_size", "tail")
+    __slots__ = ("getter", "present", "read", "refs", "struct", "table_size", "tail")
 
     def __init__(self, vtable: bytes, kinds: Tuple[int, ...], defaults: Tuple[object, ...]):
         n = (len(vtable) - 4) // 2
@@ -80,6 +81,7 @@ class _Plan:
                     raise DecodeError(f"field {fid} at offset {off} outside its table")
                 present.append((off, fid, kind))
         present.sort()
+        self.present = tuple(present)
         fmt = ["<"]
         pos = 0
         for off, fid, kind in present:
@@ -275,9 +277,10 @@ def _doubles_struct(count: int) -> Callable[[bytes, int], Tuple[float, ...]]:
 
 
 class _Decoder:
-    __slots__ = ("_list_plans", "_spot_plans", "_vec_structs")
+    __slots__ = ("_list_plans", "_spot_plans", "_uniform", "_vec_structs")
 
-    def __init__(self) -> None:
+    def __init__(self, *, uniform: bool = True) -> None:
+        self._uniform = uniform  # try the column-at-a-time path first (tests turn it off)
         self._spot_plans: Dict[bytes, _Plan] = {}
         self._list_plans: Dict[bytes, _Plan] = {}
         self._vec_structs: Dict[int, struct.Struct] = {}
@@ -357,6 +360,13 @@ class _Decoder:
             if vat + 4 + 4 * count > n:
                 raise DecodeError("spot vector runs past the end", vat)
             base = vat + 4
+            if count > 1 and self._uniform:
+                first = base + _u32(buf, base)[0]
+                if first + 4 <= n:
+                    plan = self._plan(buf, first, self._spot_plans, _SPOT_KINDS, _SPOT_DEFAULTS)
+                    columns = uniform_columns(buf, base, count, plan.table_size, plan.present)
+                    if columns is not None:
+                        return SpotList(columns.records, head[1], head[2], head[3], head[4])
             slots = struct.unpack_from(f"<{count}I", buf, base) if count else ()
             cache = self._spot_plans
             plan_of = self._plan
