@@ -32,6 +32,7 @@ from typing import (
 import structlog
 
 from relay.config import Config
+from relay.errors import RelayError, SourceError
 from relay.encode import Records, SpotEncoder
 from relay.normalise import Normaliser
 from relay.publish import Publisher
@@ -110,6 +111,7 @@ class Relay:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._wake: Optional[asyncio.Event] = None
         self._started_sinks: List[Sink] = []
+        self._failure: Optional[BaseException] = None  # why the source stopped, if it broke
 
     # -- stopping --------------------------------------------------------------------------
 
@@ -155,10 +157,17 @@ class Relay:
         """Run until stopped; the only ``asyncio.run`` in the relay.
 
         Raises:
-            RelayError: startup failed (bad address, source unavailable).
+            RelayError: startup failed (bad address, source unavailable), or the source
+                broke while running (after a graceful shutdown of everything else).
         """
         with self.capture_signals():
             asyncio.run(self.serve())
+        if self._failure is not None:
+            # The source broke (not a stop request): report it, so that a service manager
+            # restarts the relay.
+            if isinstance(self._failure, RelayError):
+                raise self._failure
+            raise SourceError(self.config.source.kind, repr(self._failure))
 
     async def serve(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -228,6 +237,7 @@ class Relay:
             exc = await asyncio.gather(pump, return_exceptions=True)
             if exc and isinstance(exc[0], Exception):
                 log.error("pump_failed", error=repr(exc[0]))
+                self._failure = exc[0]
 
     async def _pump(self) -> None:
         assert self._source is not None

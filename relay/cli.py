@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import List, Optional, Sequence, TextIO
 
@@ -53,6 +54,35 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument("--codes", metavar="CODES",
                       help="comma-separated codes to keep, e.g. 600000.SH,000001.SZ")
     tail.add_argument("--count", type=int, metavar="N", help="stop after N records")
+
+    record = sub.add_parser("record", help="record a running relay to HDF5 until SIGINT/SIGTERM")
+    record.add_argument("url", metavar="URL", help="relay address, e.g. tcp://127.0.0.1:9200")
+    record.add_argument("--dir", required=True, metavar="DIR",
+                        help="where the day files go (DIR/YYYY-MM-DD.h5)")
+    record.add_argument("--codes", metavar="CODES",
+                        help="comma-separated codes to keep, e.g. 600000.SH,000001.SZ")
+    record.add_argument("--config", "-c", metavar="FILE",
+                        help="YAML config: its recorder and logging sections are used")
+    record.add_argument("--units", choices=["hikyuu", "raw"],
+                        help="units the relay publishes in (default: the config's)")
+    record.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+    export = sub.add_parser("export", help="export a recorded day (DAY.h5) as CSV")
+    export.add_argument("file", metavar="DAY.h5")
+    export.add_argument("--csv", nargs="?", const="", default=None, metavar="OUT",
+                        help="CSV file to write (default DAY.csv beside DAY.h5; - = stdout)")
+    tail.add_argument("--snapshot", action="store_true",
+                      help="start with the relay's snapshot (latest record of every security)")
+    tail.add_argument("--snapshot-url", metavar="URL",
+                      help="snapshot address (default: the stream's TCP port + 1)")
+
+    service = sub.add_parser("service", help="manage the Windows service (Windows only)")
+    service.add_argument("action", choices=["install", "remove", "start", "stop", "status"])
+    service.add_argument("--config", "-c", metavar="FILE",
+                         help="YAML config the service runs with (install)")
+    service.add_argument("--username", metavar="USER",
+                         help=r"run as this Windows account, e.g. .\trader (install)")
+    service.add_argument("--password", metavar="PASSWORD", help="that account's password")
     return p
 
 
@@ -63,6 +93,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _run(args)
     if args.command == "check-config":
         return _check_config(args.file)
+    if args.command == "service":
+        from relay.service import service_command  # noqa: PLC0415
+
+        return service_command(args.action, args.config, username=args.username,
+                               password=args.password)
+    if args.command == "record":
+        return _record(args)
+    if args.command == "export":
+        return _export(args)
     return _tail(args)
 
 
@@ -142,6 +181,16 @@ def _table_row(rec: object, out: TextIO) -> None:
     )
 
 
+def _tail_event(event: object) -> None:
+    """Report the subscriber's events (gaps, restarts, silence, bad messages) on stderr."""
+    from relay.client import Connected, DecodeFailed  # noqa: PLC0415
+
+    if isinstance(event, DecodeFailed):
+        _error(f"skipped message: {event.error}")
+    elif not isinstance(event, Connected):
+        print(f"qmt-relay: {event}", file=sys.stderr)
+
+
 def _tail(args: argparse.Namespace) -> int:
     from relay.client import Subscriber  # noqa: PLC0415
 
@@ -154,8 +203,8 @@ def _tail(args: argparse.Namespace) -> int:
     out = sys.stdout
     seen = 0
     try:
-        with Subscriber(args.url, codes=codes,
-                        on_error=lambda exc: _error(f"skipped message: {exc}")) as sub:
+        with Subscriber(args.url, codes=codes, snapshot=args.snapshot,
+                        snapshot_url=args.snapshot_url, on_event=_tail_event) as sub:
             if not args.json:
                 out.write(_TABLE_HEAD + "\n")
             for batch in sub:
@@ -176,4 +225,84 @@ def _tail(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # `qmt-relay tail | head`
         return EXIT_OK
+    return EXIT_OK
+
+
+def _record(args: argparse.Namespace) -> int:
+    import dataclasses  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+
+    from relay.config import apply_overrides, load_config  # noqa: PLC0415
+
+    try:
+        config = apply_overrides(load_config(args.config), log_level=args.log_level)
+    except ConfigError as exc:
+        _error(str(exc))
+        return EXIT_CONFIG
+    from relay.client import Subscriber  # noqa: PLC0415
+    from relay.logs import configure_logging  # noqa: PLC0415
+    from relay.recorder import Recorder  # noqa: PLC0415
+
+    configure_logging(config.logging)
+    rc = dataclasses.replace(config.recorder, dir=args.dir)
+    recorder = Recorder(rc.dir, flush_interval=rc.flush_interval, queue_size=rc.queue_size,
+                        rollover=rc.rollover, index_interval=rc.index_interval,
+                        retry_interval=rc.retry_interval,
+                        units=args.units or config.normalise.units)
+    codes = [c.strip() for c in args.codes.split(",") if c.strip()] if args.codes else None
+    stopping: List[bool] = []
+    sub = Subscriber(args.url, codes=codes)
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        stopping.append(True)
+        sub.close()   # ends the iteration below, even through silence
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    recorder.start()
+    try:
+        for batch in sub:
+            messages = 1
+            if batch.first_seq is not None and batch.last_seq is not None:
+                messages = batch.last_seq - batch.first_seq + 1
+            recorder.write_records(
+                batch.records, first_seq=batch.first_seq, run_id=batch.run_id,
+                source=batch.source, publish_time_ms=batch.publish_time_ms,
+                counts=[len(batch.records)] if messages == 1 else None, messages=messages)
+            if stopping:
+                break
+    except Exception as exc:
+        if not stopping:
+            _error(f"recording stopped: {exc}")
+            return EXIT_FAILURE
+    finally:
+        sub.close()
+        recorder.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return EXIT_OK
+
+
+def _export(args: argparse.Namespace) -> int:
+    from relay.recording import export_csv, open_day  # noqa: PLC0415
+
+    if args.csv is None:
+        _error("say what to export: --csv [OUT]")
+        return EXIT_CONFIG
+    try:
+        day = open_day(args.file)
+    except (OSError, ValueError) as exc:
+        _error(f"cannot open {args.file}: {exc}")
+        return EXIT_FAILURE
+    out_path = args.csv or os.path.splitext(args.file)[0] + ".csv"
+    try:
+        with day:
+            if out_path == "-":
+                export_csv(day, sys.stdout)
+            else:
+                with open(out_path, "w", encoding="utf-8", newline="") as out:
+                    n = export_csv(day, out)
+                print(f"{out_path}: {n} records", file=sys.stderr)
+    except OSError as exc:
+        _error(f"cannot write {out_path}: {exc}")
+        return EXIT_FAILURE
     return EXIT_OK

@@ -42,6 +42,7 @@ __all__ = [
     "NormaliseConfig",
     "PublishConfig",
     "QmtConfig",
+    "RecorderConfig",
     "ReplayConfig",
     "SimulatorConfig",
     "SourceConfig",
@@ -77,19 +78,48 @@ class SimulatorConfig:
 
 @dataclass(**_DC)
 class QmtConfig:
-    """MiniQMT via xtquant (Windows only); fleshed out by the QMT source."""
+    """MiniQMT via xtquant (Windows only); see :mod:`relay.sources.qmt`."""
 
     ip: str = ""
     port: int = 0
-    markets: Tuple[str, ...] = ("SH", "SZ", "BJ")
+    markets: Tuple[str, ...] = ("SH", "SZ", "BJ")   # whole markets subscribed to the full push
+    sectors: Tuple[str, ...] = ()   # sector names whose members are subscribed ("沪深A股")
+    codes: Tuple[str, ...] = ()     # explicit securities ("600000.SH")
+    indices: Tuple[str, ...] = ()   # index codes, subscribed on their own ("000300.SH")
+    batch_size: int = 250           # codes per subscribe_whole_quote call
+    batch_pause: float = 0.5        # seconds between subscribe calls
+    subscribe_retries: int = 3      # retries of a subscribe that returned -1, then reconnect
+    seed_times: Tuple[str, ...] = ("09:30",)   # China times of get_full_tick on trading days
+    stall_timeout: float = 60.0     # silence in a watch window that counts as a stall
+    watch_windows: Tuple[str, ...] = ("09:15-09:25", "09:30-11:30", "13:00-15:00")
+    holidays: Tuple[str, ...] = ()  # YYYY-MM-DD, merged with xtdata's get_holidays()
+    reconnect_min: float = 1.0      # first reconnect delay (seconds), doubled up to ...
+    reconnect_max: float = 60.0     # ... this cap, with jitter
+    check_interval: float = 1.0     # seconds between connection / stall checks
+    queue_size: int = 256           # pushes buffered between xtquant's thread and the relay
+    connect_timeout: float = 30.0   # start() waits this long for the first connection
 
 
 @dataclass(**_DC)
 class ReplayConfig:
-    """Replay of a recorded day."""
+    """Replay of a recorded day (see :mod:`relay.sources.replay`)."""
 
     file: str = ""
-    speed: float = 1.0
+    speed: float = 1.0              # original pacing x speed; a huge value = as fast as possible
+    start_delay: float = 0.0        # seconds to wait before the first batch (subscribers join)
+
+
+@dataclass(**_DC)
+class RecorderConfig:
+    """The HDF5 recorder sink (see :mod:`relay.recorder`)."""
+
+    enabled: bool = False
+    dir: str = "recordings"         # one file per trading day: DIR/YYYY-MM-DD.h5
+    flush_interval: float = 1.0     # seconds between commits; a crash loses at most this much
+    queue_size: int = 1024          # batches waiting for the writer; beyond, dropped (counted)
+    rollover: str = "08:00"         # China time at which a trading day's file begins
+    index_interval: float = 300.0   # seconds between per-code index / market snapshot periods
+    retry_interval: float = 30.0    # seconds before retrying after a disk error
 
 
 @dataclass(**_DC)
@@ -113,6 +143,7 @@ class PublishConfig:
     addresses: Tuple[str, ...] = DEFAULT_ADDRESSES
     max_message_bytes: int = 512 * 1024
     heartbeat_interval: float = 1.0
+    snapshot_address: Optional[str] = "tcp://127.0.0.1:9201"  # REQ/REP late joiners; null = off
 
 
 @dataclass(**_DC)
@@ -131,6 +162,7 @@ class Config:
     normalise: NormaliseConfig = field(default_factory=NormaliseConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    recorder: RecorderConfig = field(default_factory=RecorderConfig)
     shutdown_timeout: float = 5.0
 
 
@@ -209,15 +241,46 @@ _CHECKS: Mapping[str, _Check] = {
     "source.simulator.push_interval": _positive,
     "source.simulator.date": _iso_date,
     "source.replay.speed": _positive,
+    "source.replay.start_delay": lambda v: None if v >= 0 else f"must be >= 0, got {v!r}",
+    "source.qmt.port": _between(0, 65535),
+    "source.qmt.markets[]": lambda v: None if re.fullmatch(r"[A-Z]{2,6}", v, re.ASCII)
+    else f"expected a market code such as SH, got {v!r}",
+    "source.qmt.codes[]": lambda v: None if re.fullmatch(r"[0-9A-Za-z]+\.[A-Z]{2,6}", v, re.ASCII)
+    else f"expected CODE.MARKET such as 600000.SH, got {v!r}",
+    "source.qmt.indices[]": lambda v: None if re.fullmatch(r"[0-9A-Za-z]+\.[A-Z]{2,6}", v, re.ASCII)
+    else f"expected CODE.MARKET such as 000300.SH, got {v!r}",
+    "source.qmt.batch_size": _between(1, 10_000),
+    "source.qmt.batch_pause": lambda v: None if v >= 0 else f"must be >= 0, got {v!r}",
+    "source.qmt.subscribe_retries": _between(0, 100),
+    "source.qmt.seed_times[]": lambda v: None if re.fullmatch(
+        r"([01]\d|2[0-3]):[0-5]\d", v, re.ASCII) else f"expected HH:MM (China time), got {v!r}",
+    "source.qmt.stall_timeout": _positive,
+    "source.qmt.watch_windows[]": lambda v: None if re.fullmatch(
+        r"([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d", v, re.ASCII) and v[:5] < v[6:]
+    else f"expected HH:MM-HH:MM with start before end, got {v!r}",
+    "source.qmt.holidays[]": _iso_date,
+    "source.qmt.reconnect_min": _positive,
+    "source.qmt.reconnect_max": _positive,
+    "source.qmt.check_interval": _positive,
+    "source.qmt.queue_size": _between(1, 100_000),
+    "source.qmt.connect_timeout": _positive,
     "normalise.book_levels": _between(1, 10),
     "normalise.price_decimals": _between(0, 8),
     "publish.addresses": _addresses,
     "publish.addresses[]": _address,
     "publish.max_message_bytes": _between(4096, 64 * 1024 * 1024),
     "publish.heartbeat_interval": _positive,
+    "publish.snapshot_address": lambda value: None if value == "" else _address(value),
     "logging.stats_interval": _positive,
     "logging.file_max_bytes": _at_least(1024),
     "logging.file_backups": _at_least(0),
+    "recorder.dir": lambda v: None if v else "must not be empty",
+    "recorder.flush_interval": _positive,
+    "recorder.queue_size": _between(1, 1_000_000),
+    "recorder.rollover": lambda v: None if re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", v, re.ASCII)
+    else f"expected HH:MM (China time), got {v!r}",
+    "recorder.index_interval": _positive,
+    "recorder.retry_interval": _positive,
 }
 
 # apply_overrides() keyword -> (dotted config key, command-line option named in errors).

@@ -70,4 +70,11 @@ class Sink(Protocol):
 def sinks_from_config(config: Config) -> List[Sink]:
     """The sinks ``config`` enables, in start order (each feature adds one line here)."""
     sinks: List[Sink] = []
+    if config.publish.snapshot_address:
+        from relay.snapshot import SnapshotService  # noqa: PLC0415 - imports sinks itself
+        sinks.append(SnapshotService(config.publish.snapshot_address,
+                                     max_message_bytes=config.publish.max_message_bytes))
+    if config.recorder.enabled:
+        from relay.recorder import Recorder  # noqa: PLC0415 - h5py only when recording
+        sinks.append(Recorder.from_config(config))
     return sinks

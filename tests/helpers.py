@@ -19,7 +19,7 @@ REAL_TICK: Dict[str, Any] = {
     "stockStatus": 3, "openInt": 13, "transactionNum": 37062, "lastSettlementPrice": 11.38,
     "settlementPrice": 0.0, "pe": 0.0,
     "askPrice": [11.4, 11.41, 11.42, 11.43, 11.44],
-    "bidPrice": [11.39, 11.38, 11.37, 11.36, 11.35],
+    "bidPrice": [11.39, 11.38, 11.370000000000001, 11.36, 11.35],
     "askVol": [1932, 2410, 1810, 1130, 2006], "bidVol": [313, 5219, 2996, 2420, 1638],
     "volRatio": 0.0, "speed1Min": 0.0, "speed5Min": 0.0,
 }

@@ -15,12 +15,13 @@ from structlog.testing import capture_logs
 from relay.app import Relay, State
 from relay.client import decode_spot_list
 from relay.config import Config, PublishConfig
-from relay.errors import PublishError
+from relay.errors import PublishError, SourceError
 from relay.publish import Publisher
 from relay.wire import END, HEARTBEAT_PREFIX, START, decode_heartbeat
 
 
 def config_for(*addresses: str, **publish: Any) -> Config:
+    publish.setdefault("snapshot_address", None)  # tests/test_snapshot.py covers it
     return Config(publish=PublishConfig(addresses=tuple(addresses), **publish))
 
 
@@ -176,3 +177,19 @@ def test_failing_sink_does_not_stop_publishing() -> None:
         asyncio.run(relay.serve())
     assert 2 == len(good.batches)
     assert 2 == sum(1 for e in logs if e["event"] == "sink_failed")
+
+
+def test_broken_source_stops_relay_with_an_error() -> None:
+    """A source that raises ends the run with SourceError after a clean shutdown."""
+
+    class Broken(ScriptedSource):
+        async def batches(self) -> Any:  # type: ignore[override]
+            yield {"600000.SH": real_tick()}
+            raise RuntimeError("push thread died")
+
+    sink = CollectingSink()
+    relay = Relay(config_for(tcp_address()), source=Broken([]), sinks=[sink])
+    with pytest.raises(SourceError, match="push thread died"):
+        relay.run()
+    assert ["start", "close"] == sink.calls
+    assert 1 == len(sink.batches)

@@ -29,6 +29,7 @@ source:
     securities: 5200
 publish:
   heartbeat_interval: 0.2
+  snapshot_address: null
 logging:
   format: json
   stats_interval: 0.5

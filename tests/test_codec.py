@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relay._flatgen import load
+from relay.bench import builder_decode
 from relay.client import DecodeError, decode_spot_list
 from relay.encode import SpotEncoder, encode_spot_list
 from relay.records import SpotRecord
@@ -56,18 +57,7 @@ SAMPLE = SpotRecord(
 def read_generated(buf: bytes) -> Tuple[List[SpotRecord], Tuple[Any, ...]]:
     """Read a SpotList with flatc's generated accessors into records."""
     root = SPOT_LIST.SpotList.GetRootAs(buf, 0)
-    out = []
-    for i in range(root.SpotLength()):
-        s = root.Spot(i)
-        out.append(SpotRecord(
-            s.Market().decode(), s.Code().decode(), s.Name().decode(), s.Datetime().decode(),
-            s.YesterdayClose(), s.Open(), s.High(), s.Low(), s.Close(), s.Amount(), s.Volume(),
-            tuple(s.Bid(j) for j in range(s.BidLength())),
-            tuple(s.BidAmount(j) for j in range(s.BidAmountLength())),
-            tuple(s.Ask(j) for j in range(s.AskLength())),
-            tuple(s.AskAmount(j) for j in range(s.AskAmountLength())),
-            s.TimeMs(), s.Status(), s.TradeCount(),
-        ))
+    out = [SpotRecord._make(fields) for fields in builder_decode(buf)]
     head = (root.Seq(), root.RunId(), root.Source(), root.PublishTimeMs(), root.SpotIsNone())
     return out, head
 

@@ -12,23 +12,15 @@ from datetime import date
 from typing import Any, Callable, Dict, List
 
 import pytest
+from helpers import REAL_TICK
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relay.errors import BadTick
 from relay.normalise import DROP_REASONS, Normaliser, china_datetime, normalise_tick
 
-# A real pushed tick for 600000.SH (2024-12-02 13:55:54 China time).
-RAW: Dict[str, Any] = {
-    "time": 1733118954000, "lastPrice": 11.39, "open": 11.39, "high": 11.4, "low": 11.31,
-    "lastClose": 11.38, "amount": 862127800.0, "volume": 758613, "pvolume": 75861284,
-    "stockStatus": 3, "openInt": 13, "transactionNum": 37062, "lastSettlementPrice": 11.38,
-    "settlementPrice": 0.0, "pe": 0.0,
-    "askPrice": [11.4, 11.41, 11.42, 11.43, 11.44],
-    "bidPrice": [11.39, 11.38, 11.370000000000001, 11.36, 11.35],
-    "askVol": [1932, 2410, 1810, 1130, 2006], "bidVol": [313, 5219, 2996, 2420, 1638],
-    "volRatio": 0.0, "speed1Min": 0.0, "speed5Min": 0.0,
-}
+# A real pushed tick for 600000.SH (2024-12-02 13:55:54 China time), float noise included.
+RAW: Dict[str, Any] = REAL_TICK
 
 
 def tick(**changes: Any) -> Dict[str, Any]:

@@ -363,8 +363,10 @@ class _Decoder:
             if count > 1 and self._uniform:
                 first = base + _u32(buf, base)[0]
                 if first + 4 <= n:
-                    plan = self._plan(buf, first, self._spot_plans, _SPOT_KINDS, _SPOT_DEFAULTS)
-                    columns = uniform_columns(buf, base, count, plan.table_size, plan.present)
+                    first_plan = self._plan(buf, first, self._spot_plans, _SPOT_KINDS,
+                                            _SPOT_DEFAULTS)
+                    columns = uniform_columns(buf, base, count, first_plan.table_size,
+                                              first_plan.present)
                     if columns is not None:
                         return SpotList(columns.records, head[1], head[2], head[3], head[4])
             slots = struct.unpack_from(f"<{count}I", buf, base) if count else ()
@@ -372,7 +374,7 @@ class _Decoder:
             plan_of = self._plan
             append = records.append
             last_key = None
-            plan = None
+            plan: Optional[_Plan] = None
             for i, rel in enumerate(slots):
                 tpos = base + 4 * i + rel
                 if tpos + 4 > n:

@@ -31,13 +31,14 @@ _BOOK_FIELDS = (11, 12, 13, 14)
 
 def _column(mem: memoryview, at: int, count: int, size: int, code: str, width: int) -> Any:
     """Values of one fixed-stride field: ``count`` items ``size`` bytes apart from ``at``."""
-    view = mem[at:at + (count - 1) * size + width].cast(code)
+    view = mem[at:at + (count - 1) * size + width].cast(code)  # type: ignore[call-overload]
     return view[0::size // width]
 
 
-def _array(mem: memoryview, at: int, count: int, size: int, code: str, width: int) -> array:
+def _array(mem: memoryview, at: int, count: int, size: int, code: str,
+           width: int) -> array[Any]:
     """Like :func:`_column`, as an ``array`` (copied in C: no per-item objects)."""
-    out = array(code)
+    out: array[Any] = array(code)
     out.frombytes(_column(mem, at, count, size, code, width).tobytes())
     return out
 
