@@ -32,8 +32,8 @@ from typing import (
 import structlog
 
 from relay.config import Config
-from relay.errors import RelayError, SourceError
 from relay.encode import Records, SpotEncoder
+from relay.errors import RelayError, SourceError
 from relay.normalise import Normaliser
 from relay.publish import Publisher
 from relay.sinks import PublishedBatch, Sink, sinks_from_config

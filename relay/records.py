@@ -82,10 +82,10 @@ class SpotColumns:
     close: List[float]
     amount: List[float]
     volume: List[float]
-    bid: "array[float]"
-    bid_amount: "array[float]"
-    ask: "array[float]"
-    ask_amount: "array[float]"
+    bid: array[float]
+    bid_amount: array[float]
+    ask: array[float]
+    ask_amount: array[float]
     time_ms: List[Optional[int]]
     status: List[Optional[int]]
     trade_count: List[Optional[int]]

@@ -1,6 +1,6 @@
 """Tests for relay.config: loading, validation, overrides, round trip."""
 
-# ruff: noqa: SIM300 - tests assert `expected == actual` (STYLE.md 18)
+
 
 from __future__ import annotations
 
