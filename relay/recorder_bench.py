@@ -11,36 +11,29 @@ nothing.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import tempfile
 import time
+from datetime import date
 from typing import List, Optional, Sequence
 
-from relay.config import SimulatorConfig
 from relay.normalise import BatchResult, Normaliser
 from relay.recorder import Recorder
 from relay.recording import open_day
-from relay.sources.simulator import SimulatorSource
+from relay.sources.simulator import SimulatedMarket, china_ms
 
 
 def _batches(securities: int, count: int) -> List[BatchResult]:
-    # a clock advancing one second per reading keeps the market within one trading day
-    readings = iter(range(10**9))
-    source = SimulatorSource(SimulatorConfig(securities=securities, date="2024-12-02"),
-                             clock=lambda: 1.7e9 + next(readings))
-    out: List[BatchResult] = []
-
-    async def main() -> None:
-        await source.start()
-        normaliser = Normaliser(source.names)
-        async for batch in source.batches():
+    market = SimulatedMarket(securities=securities, trading_date=date(2024, 12, 2))
+    normaliser = Normaliser(market.names)
+    t = china_ms(market.trading_date, 9, 30)
+    market.step(t)
+    out = [normaliser.normalise_batch(market.snapshot(t))]
+    while len(out) < count:
+        t = market.next_push_time(t)
+        batch = market.step(t)
+        if batch:
             out.append(normaliser.normalise_batch(batch))
-            if len(out) >= count:
-                break
-        await source.close()
-
-    asyncio.run(main())
     return out
 
 

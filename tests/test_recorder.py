@@ -18,8 +18,8 @@ from structlog.testing import capture_logs
 from relay.app import Relay
 from relay.config import Config, PublishConfig, RecorderConfig
 from relay.recorder import Recorder, day_of
-from relay.records import SpotRecord
 from relay.recording import open_day
+from relay.records import SpotRecord
 
 REPO = Path(__file__).resolve().parent.parent
 DAY_MS = 1733118954000  # 2024-12-02 13:55:54 China time
@@ -210,7 +210,7 @@ def test_full_queue_drops_counts_and_logs_once_per_episode(tmp_path: Path) -> No
     names = [e["event"] for e in logs if e["event"].startswith("recorder_d")
              or e["event"] == "recorder_recovered"]
     assert ["recorder_dropping", "recorder_recovered"] == names
-    assert 9 == [e for e in logs if e["event"] == "recorder_recovered"][0]["dropped"]
+    assert 9 == next(e for e in logs if e["event"] == "recorder_recovered")["dropped"]
     assert 9 == rec.dropped
     with open_day(tmp_path / "2024-12-02.h5") as day:
         assert 6 == len(day)

@@ -15,8 +15,8 @@ from relay import cli
 from relay.config import SimulatorConfig
 from relay.normalise import Normaliser
 from relay.recorder import Recorder
-from relay.records import SpotRecord
 from relay.recording import BOOKS, open_day, to_records
+from relay.records import SpotRecord
 from relay.sources.simulator import SimulatorSource
 
 

@@ -19,8 +19,8 @@ from relay.config import Config, ReplayConfig, SimulatorConfig, SourceConfig
 from relay.errors import SourceError
 from relay.normalise import Normaliser
 from relay.recorder import Recorder
-from relay.records import SpotRecord
 from relay.recording import open_day
+from relay.records import SpotRecord
 from relay.sources import create_source
 from relay.sources.replay import ReplaySource, _invert, tick_dicts
 from relay.sources.simulator import SimulatorSource
@@ -95,7 +95,7 @@ def test_replay_paces_by_publish_time_and_ends(tmp_path: Path) -> None:
         now[0] += seconds
         return False
 
-    source._wait = fake_wait  # type: ignore[method-assign]
+    source._wait = fake_wait  # type: ignore[method-assign,assignment]
 
     async def main() -> int:
         await source.start()
