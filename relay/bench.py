@@ -28,7 +28,8 @@ from relay.records import SpotColumns, SpotRecord
 
 Records = Union[List[SpotRecord], SpotColumns]
 
-__all__ = ["builder_decode", "builder_encode", "main", "simulated_ticks"]
+__all__ = ["best_time", "builder_decode", "builder_encode", "main", "measure_e2e", "percentile",
+           "simulated_ticks"]
 
 Batch = Dict[str, Dict[str, Any]]
 
@@ -140,13 +141,18 @@ def builder_decode(buf: bytes, offset: int = 0) -> List[Tuple[Any, ...]]:
 # -- measurement helpers -------------------------------------------------------------------
 
 
-def _best_rate(n: int, fn: Callable[[], object], repeat: int) -> float:
+def best_time(fn: Callable[[], object], repeat: int) -> float:
+    """Best wall time of ``repeat`` calls of ``fn``, in seconds."""
     best = float("inf")
     for _ in range(repeat):
         t0 = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - t0)
-    return n / best
+    return best
+
+
+def _best_rate(n: int, fn: Callable[[], object], repeat: int) -> float:
+    return n / best_time(fn, repeat)
 
 
 def _free_port() -> int:
@@ -178,8 +184,14 @@ def _subscriber_proc(url: str, bursts: int, ready: Any, results: Any) -> None:
                 count += len(decode_spot_list(msg, 6).records)
 
 
-def measure_e2e(records: Records, bursts: int) -> List[float]:
-    """Latency (ms) of each full-market burst, publisher to decoded at a subscriber process."""
+def measure_e2e(records: Records, bursts: int,
+                subscriber: Callable[[str, int, Any, Any], None] = _subscriber_proc,
+                ) -> List[float]:
+    """Latency (ms) of each full-market burst, publisher to decoded at a subscriber process.
+
+    ``subscriber(url, bursts, ready, results)`` runs in a spawned process: it sets ``ready``
+    once connected and puts ``(time.monotonic(), records decoded)`` on ``results`` per burst.
+    """
     from relay.encode import SpotEncoder  # noqa: PLC0415
     from relay.publish import Publisher  # noqa: PLC0415
 
@@ -188,7 +200,7 @@ def measure_e2e(records: Records, bursts: int) -> List[float]:
     pub.start()
     ctx = mp.get_context("spawn")
     ready, results = ctx.Event(), ctx.Queue()
-    proc = ctx.Process(target=_subscriber_proc, args=(url, bursts, ready, results), daemon=True)
+    proc = ctx.Process(target=subscriber, args=(url, bursts, ready, results), daemon=True)
     proc.start()
     try:
         if not ready.wait(30):
@@ -215,7 +227,7 @@ def measure_e2e(records: Records, bursts: int) -> List[float]:
         pub.close()
 
 
-def _pct(values: Sequence[float], q: float) -> float:
+def percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
     return ordered[k]
@@ -280,8 +292,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "baseline_decode_rps": round(base_dec),
         "decode_speedup": round(ours_dec / base_dec, 1),
         "e2e_bursts": len(latencies),
-        "e2e_p50_ms": round(_pct(latencies, 50), 2),
-        "e2e_p99_ms": round(_pct(latencies, 99), 2),
+        "e2e_p50_ms": round(percentile(latencies, 50), 2),
+        "e2e_p99_ms": round(percentile(latencies, 99), 2),
         "e2e_max_ms": round(max(latencies), 2),
         "bytes_per_record": round((len(msg) - 6) / n, 1),
         "python": sys.version.split()[0],

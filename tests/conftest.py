@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+import subprocess
+from typing import Iterator, List
 
 import pytest
 import structlog
@@ -18,3 +19,16 @@ def _reset_logging() -> Iterator[None]:
     finally:
         reset_logging()
         structlog.reset_defaults()
+
+
+@pytest.fixture
+def procs() -> Iterator[List[subprocess.Popen[str]]]:
+    """Subprocesses a test starts; any still running at the end are killed."""
+    started: List[subprocess.Popen[str]] = []
+    try:
+        yield started
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-import pytest
 from helpers import CollectingSink, ScriptedSource, real_tick, tcp_address
 from structlog.testing import capture_logs
 
@@ -94,18 +93,6 @@ def finish(proc: subprocess.Popen[str], sig: Optional[int] = signal.SIGTERM) -> 
         proc.communicate()
         raise AssertionError("process did not stop") from None
     return proc.returncode, out + err
-
-
-@pytest.fixture
-def procs() -> Iterator[List[subprocess.Popen[str]]]:
-    started: List[subprocess.Popen[str]] = []
-    try:
-        yield started
-    finally:
-        for proc in started:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
 
 
 def ticks(n: int, base_ms: int = DAY_MS) -> Dict[str, Dict[str, Any]]:

@@ -19,11 +19,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import multiprocessing as mp
-import socket
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from relay.client._batch import Batch
 from relay.client._codec import decode_spot_list
@@ -31,15 +29,6 @@ from relay.client._snapshot import encode_snapshot_reply, snapshot_batch
 from relay.records import SpotRecord
 
 __all__ = ["main"]
-
-
-def _best(fn: Callable[[], object], repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def _subscriber_proc(url: str, bursts: int, ready: Any, results: Any) -> None:
@@ -53,48 +42,6 @@ def _subscriber_proc(url: str, bursts: int, ready: Any, results: Any) -> None:
                 break
 
 
-def measure_e2e(records: Any, bursts: int) -> List[float]:
-    """Latency (ms) of each burst: publisher to a decoded Batch in a subscriber process."""
-    from relay.encode import SpotEncoder  # noqa: PLC0415
-    from relay.publish import Publisher  # noqa: PLC0415
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        url = f"tcp://127.0.0.1:{s.getsockname()[1]}"
-    pub = Publisher([url])
-    pub.start()
-    ctx = mp.get_context("spawn")
-    ready, results = ctx.Event(), ctx.Queue()
-    proc = ctx.Process(target=_subscriber_proc, args=(url, bursts, ready, results), daemon=True)
-    proc.start()
-    try:
-        if not ready.wait(30):
-            raise RuntimeError("subscriber did not connect")
-        time.sleep(0.5)  # let the publisher add the pipe
-        encoder = SpotEncoder("bench", "simulator")
-        latencies = []
-        for i in range(bursts):
-            t0 = time.monotonic()
-            pub.send_batch(encoder.iter_messages(records, first_seq=1 + 100 * i,
-                                                 publish_time_ms=int(time.time() * 1000)))
-            t_done, count = results.get(timeout=30)
-            if count != len(records):
-                raise RuntimeError(f"subscriber got {count} of {len(records)} records")
-            latencies.append((t_done - t0) * 1000)
-            time.sleep(0.02)
-        return latencies
-    finally:
-        proc.join(10)
-        if proc.is_alive():
-            proc.kill()
-        pub.close()
-
-
-def _pct(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m relay.client._bench",
                                  description=__doc__.split("\n")[0])
@@ -103,7 +50,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--bursts", type=int, default=60, help="end-to-end bursts (0 = skip)")
     args = ap.parse_args(argv)
 
-    from relay.bench import simulated_ticks  # noqa: PLC0415 - relay side, not the library
+    from relay.bench import (  # noqa: PLC0415 - relay side, not the library
+        best_time,
+        measure_e2e,
+        percentile,
+        simulated_ticks,
+    )
     from relay.encode import SpotEncoder  # noqa: PLC0415
     from relay.normalise import Normaliser  # noqa: PLC0415
 
@@ -125,9 +77,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return Batch(to_objects(), 1, len(messages), "bench", "simulator", 0)
 
     rep = args.repeat
-    t_single = _best(lambda: decode_spot_list(single, 6), rep)
-    t_objects = _best(to_objects, rep)
-    t_columns = _best(lambda: to_batch().columns, rep)
+    t_single = best_time(lambda: decode_spot_list(single, 6), rep)
+    t_objects = best_time(to_objects, rep)
+    t_columns = best_time(lambda: to_batch().columns, rep)
     batch = to_batch()
     figures: Dict[str, object] = {
         "records": n,
@@ -135,25 +87,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "decode_one_message_rps": round(n / t_single),
         "decode_objects_rps": round(n / t_objects),
         "decode_columns_rps": round(n / t_columns),
-        "columns_only_ms": round(_best(lambda: Batch(batch.records, 1, 1, "", "", 0).columns,
+        "columns_only_ms": round(best_time(lambda: Batch(batch.records, 1, 1, "", "", 0).columns,
                                        rep) * 1000, 2),
     }
     if importlib.util.find_spec("numpy") is not None:
-        figures["to_numpy_ms"] = round(_best(
+        figures["to_numpy_ms"] = round(best_time(
             lambda: Batch(batch.records, 1, 1, "", "", 0).to_numpy(), rep) * 1000, 2)
-        figures["decode_numpy_rps"] = round(n / _best(lambda: to_batch().to_numpy(), rep))
+        figures["decode_numpy_rps"] = round(n / best_time(lambda: to_batch().to_numpy(), rep))
     if importlib.util.find_spec("pandas") is not None:
-        figures["to_pandas_ms"] = round(_best(
+        figures["to_pandas_ms"] = round(best_time(
             lambda: Batch(batch.records, 1, 1, "", "", 0).to_pandas(), rep) * 1000, 2)
-        figures["decode_pandas_rps"] = round(n / _best(lambda: to_batch().to_pandas(), rep))
+        figures["decode_pandas_rps"] = round(n / best_time(lambda: to_batch().to_pandas(), rep))
     reply = encode_snapshot_reply({"run_id": "bench", "source": "simulator", "seq": 1,
                                    "records": n, "time_ms": 0}, messages)
-    figures["snapshot_decode_ms"] = round(_best(lambda: snapshot_batch(reply, None), rep) * 1000,
-                                          2)
+    t_reply = best_time(lambda: snapshot_batch(reply, None), rep)
+    figures["snapshot_decode_ms"] = round(t_reply * 1000, 2)
     if args.bursts > 0:
-        latencies = measure_e2e(result.columns or result.records, args.bursts)
-        figures["e2e_p50_ms"] = round(_pct(latencies, 50), 2)
-        figures["e2e_p99_ms"] = round(_pct(latencies, 99), 2)
+        latencies = measure_e2e(result.columns or result.records, args.bursts,
+                                subscriber=_subscriber_proc)
+        figures["e2e_p50_ms"] = round(percentile(latencies, 50), 2)
+        figures["e2e_p99_ms"] = round(percentile(latencies, 99), 2)
     figures["python"] = sys.version.split()[0]
 
     print(f"{n} records in {len(messages)} messages of <= 512 KiB")

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, List, Tuple
 
 import pytest
 from helpers import tcp_address
@@ -153,18 +153,6 @@ logging:
   format: json
   level: debug
 """
-
-
-@pytest.fixture
-def procs() -> Iterator[List[subprocess.Popen[str]]]:
-    started: List[subprocess.Popen[str]] = []
-    try:
-        yield started
-    finally:
-        for proc in started:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
 
 
 def wait_for(proc: subprocess.Popen[str], event: str, count: int) -> None:
