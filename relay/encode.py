@@ -192,7 +192,7 @@ class SpotEncoder:
             yield self._message(items[a:b], seq, publish_time_ms), b - a
 
     def _header(self, n: int, seq: int, publish_time_ms: int,
-                body: int = 0) -> Tuple[bytearray, int, int]:
+                body: int) -> Tuple[bytearray, int, int]:
         """A message buffer for ``n`` records with its header written.
 
         Writes the prefix, vtables, SpotList table, strings and the spot vector's count, in a
@@ -205,7 +205,7 @@ class SpotEncoder:
         if pos % 8 != 4:
             pos += 4
         p = _PREFIX_LEN
-        buf = bytearray(p + (pos + body if body else vec_pos))
+        buf = bytearray(p + pos + body)
         buf[:p] = SPOT_PREFIX
         struct.pack_into("<I", buf, p, _SPOTLIST_TABLE_POS)
         buf[p + _SPOTLIST_VT_POS:p + _SPOTLIST_VT_POS + 16] = _SPOTLIST_VTABLE
@@ -218,8 +218,7 @@ class SpotEncoder:
             _HEADER_END + self._source_rel - (_SPOTLIST_TABLE_POS + 28),
         )
         buf[p + _HEADER_END:p + vec_pos] = self._header_strings
-        if body:
-            struct.pack_into("<I", buf, p + vec_pos, n)
+        struct.pack_into("<I", buf, p + vec_pos, n)
         return buf, vec_pos, pos
 
     def _uniform_plan(self, cols: SpotColumns) -> Optional[_UniformPlan]:
@@ -352,29 +351,10 @@ class SpotEncoder:
         publish_time_ms: int,
     ) -> bytes:
         n = len(items)
-        strings_pos = _HEADER_END
-        vec_pos = strings_pos + self._strings_size
-        pos = vec_pos + 4 + 4 * n
-        if pos % 8 != 4:
-            pos += 4
-        size = pos + sum(item[1].size for item in items) + _SPOT_VTABLE_SIZE * 8
-        buf = bytearray(_PREFIX_LEN + size)
+        # room for every record plus the vtables of up to 7 other optional-field variants
+        body = sum(item[1].size for item in items) + _SPOT_VTABLE_SIZE * 8
+        buf, vec_pos, pos = self._header(n, seq, publish_time_ms, body)
         p = _PREFIX_LEN
-        buf[:p] = SPOT_PREFIX
-        struct.pack_into("<I", buf, p, _SPOTLIST_TABLE_POS)
-        buf[p + _SPOTLIST_VT_POS:p + _SPOTLIST_VT_POS + 16] = _SPOTLIST_VTABLE
-        buf[p + _SPOT_VT_POS:p + _SPOT_VT_POS + _SPOT_VTABLE_SIZE] = _FULL_VTABLE
-        run_pos = strings_pos
-        src_pos = run_pos + self._source_rel
-        _SPOTLIST_FMT.pack_into(
-            buf, p + _SPOTLIST_TABLE_POS,
-            _SPOTLIST_TABLE_POS - _SPOTLIST_VT_POS, seq, publish_time_ms,
-            vec_pos - (_SPOTLIST_TABLE_POS + 20),
-            run_pos - (_SPOTLIST_TABLE_POS + 24),
-            src_pos - (_SPOTLIST_TABLE_POS + 28),
-        )
-        buf[p + strings_pos:p + strings_pos + self._strings_size] = self._header_strings
-        struct.pack_into("<I", buf, p + vec_pos, n)
         vtables: Dict[Tuple[bool, bool, bool], int] = {(True, True, True): _SPOT_VT_POS}
         slot = vec_pos + 4
         pack_slot = struct.Struct("<I").pack_into
