@@ -27,7 +27,7 @@ from array import array
 from itertools import repeat
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-from relay.records import SpotColumns, SpotRecord
+from relay.records import Memo, SpotColumns, SpotRecord
 from relay.wire import SPOT_PREFIX
 
 __all__ = ["SpotEncoder", "encode_spot_list"]
@@ -129,7 +129,7 @@ class SpotEncoder:
             raise ValueError("max_message_bytes must be at least 4096")
         self._max = max_message_bytes
         self._layouts: Dict[Tuple[int, ...], _Layout] = {}
-        self._bytes = _BytesMemo()
+        self._bytes = Memo(str.encode)  # codes, names and timestamps repeat all day
         run_b, src_b = run_id.encode(), source.encode()
         run_obj = struct.pack(f"<I{_pad4(len(run_b) + 1)}s", len(run_b), run_b)
         src_obj = struct.pack(f"<I{_pad4(len(src_b) + 1)}s", len(src_b), src_b)
@@ -392,16 +392,6 @@ class _UniformPlan:
     def __init__(self, layout: _Layout, strings: List[Tuple[Any, List[bytes]]]) -> None:
         self.layout = layout
         self.strings = strings  # (length, or a column of lengths; bytes column) x 4
-
-
-class _BytesMemo(dict):  # type: ignore[type-arg]
-    """str -> UTF-8 bytes, remembered (codes, names and timestamps repeat all day)."""
-
-    def __missing__(self, key: str) -> bytes:
-        if len(self) >= 1 << 20:
-            self.clear()
-        value = self[key] = key.encode()
-        return value
 
 
 def encode_spot_list(

@@ -33,7 +33,7 @@ from operator import floordiv, itemgetter, lt, methodcaller, truediv
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from relay.errors import BadTick
-from relay.records import SpotColumns, SpotRecord
+from relay.records import Memo, SpotColumns, SpotRecord
 
 __all__ = [
     "DROP_REASONS",
@@ -284,48 +284,23 @@ _FIELDS_GET = tuple(itemgetter(key) for key in (
     "bidPrice", "bidVol", "askPrice", "askVol"))
 _STATUS = methodcaller("get", "stockStatus")
 _TRADES = methodcaller("get", "transactionNum")
-_MAX_CACHE = 1 << 20
 _INF = float("inf")
 
 
-class _PriceMemo(dict):  # type: ignore[type-arg]
-    """Price -> price rounded to ``decimals``; a price is checked once, when first seen.
+def _price_rounder(decimals: int) -> Callable[[Any], Any]:
+    """A price check-and-round for a :class:`~relay.records.Memo`: a price is checked once,
+    when first seen, and only finite, non-negative numbers get in, so every value the memo
+    returns is valid and ``map(memo.__getitem__, prices)`` validates and rounds a column at
+    C speed."""
 
-    Only finite, non-negative numbers get in, so every value this returns is valid, and
-    ``map(memo.__getitem__, prices)`` validates and rounds a column at C speed.
-    """
-
-    __slots__ = ("_decimals",)
-
-    def __init__(self, decimals: int) -> None:
-        super().__init__()
-        self._decimals = decimals
-
-    def __missing__(self, key: Any) -> Any:
-        if key.__class__ is not float and key.__class__ is not int:
+    def check_and_round(price: Any) -> Any:
+        if price.__class__ is not float and price.__class__ is not int:
             raise TypeError("price is not a number")
-        if not 0 <= key < _INF:  # also false for NaN
+        if not 0 <= price < _INF:  # also false for NaN
             raise ValueError("price is negative or not finite")
-        if len(self) >= _MAX_CACHE:
-            self.clear()
-        value = self[key] = round(key, self._decimals)
-        return value
+        return round(price, decimals)
 
-
-class _Memo(dict):  # type: ignore[type-arg]
-    """``memo[x]`` computes ``fn(x)`` once; ``map(memo.__getitem__, xs)`` runs at C speed."""
-
-    __slots__ = ("_fn",)
-
-    def __init__(self, fn: Callable[[Any], Any]) -> None:
-        super().__init__()
-        self._fn = fn
-
-    def __missing__(self, key: Any) -> Any:
-        if len(self) >= _MAX_CACHE:
-            self.clear()
-        value = self[key] = self._fn(key)
-        return value
+    return check_and_round
 
 
 class Normaliser:
@@ -363,9 +338,9 @@ class Normaliser:
         # cumulative volume of the last accepted tick per symbol, on day _volume_day
         self._last_volume: Dict[str, float] = {}
         self._volume_day = -1
-        self._prices = _PriceMemo(price_decimals)
-        self._seconds = _Memo(china_datetime)
-        self._symbols = _Memo(split_symbol)
+        self._prices = Memo(_price_rounder(price_decimals))
+        self._seconds = Memo(china_datetime)
+        self._symbols = Memo(split_symbol)
 
     def set_names(self, names: Mapping[str, str]) -> None:
         """Replace the name table (e.g. after the QMT source reloads instrument details)."""
@@ -396,7 +371,7 @@ class Normaliser:
             return None
         if set(map(type, times)) != _INT or min(times) < _MIN_MS or max(times) >= _MAX_MS:
             return None
-        # Prices are validated as they are rounded (see _PriceMemo); the rest here. sum()
+        # Prices are validated as they are rounded (see _price_rounder); the rest here. sum()
         # raises TypeError on None/str/lists, and is finite only if every term is.
         price = self._prices.__getitem__
         lc, op, hi, lo, last = (list(map(price, col)) for col in (lc, op, hi, lo, last))

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from array import array
 from itertools import chain, repeat
-from typing import Any, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
-__all__ = ["FIELDS", "HIKYUU_FIELDS", "SpotColumns", "SpotRecord"]
+__all__ = ["FIELDS", "HIKYUU_FIELDS", "Memo", "SpotColumns", "SpotRecord"]
 
 
 class SpotRecord(NamedTuple):
@@ -144,3 +144,27 @@ class SpotColumns:
         out = cls(n, levels, cols)
         out._records = list(records)
         return out
+
+
+class Memo(dict):  # type: ignore[type-arg]
+    """``memo[x]`` is ``fn(x)``, computed once per distinct ``x``.
+
+    Columns go through it with ``map(memo.__getitem__, column)``, at C speed for every value
+    seen before: prices, codes, names and timestamps repeat all day. Bounded: it starts over
+    when it holds ``limit`` entries, so a hostile stream cannot grow it without limit. An
+    exception from ``fn`` propagates and nothing is stored.
+    """
+
+    __slots__ = ("_fn", "_limit")
+
+    def __init__(self, fn: Callable[[Any], Any], limit: int = 1 << 20) -> None:
+        super().__init__()
+        self._fn = fn
+        self._limit = limit
+
+    def __missing__(self, key: Any) -> Any:
+        value = self._fn(key)
+        if len(self) >= self._limit:
+            self.clear()
+        self[key] = value
+        return value

@@ -17,7 +17,7 @@ from itertools import repeat
 from operator import getitem, itemgetter
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from relay.records import FIELDS, SpotColumns
+from relay.records import FIELDS, Memo, SpotColumns
 
 __all__ = ["uniform_columns"]
 
@@ -43,18 +43,8 @@ def _array(mem: memoryview, at: int, count: int, size: int, code: str,
     return out
 
 
-class _Strings(dict):  # type: ignore[type-arg]
-    """UTF-8 bytes -> str, remembered: codes, names and timestamps repeat message after
-    message. Bounded, so a hostile stream cannot grow it without limit."""
-
-    def __missing__(self, key: bytes) -> str:
-        if len(self) >= 1 << 16:
-            self.clear()
-        value = self[key] = key.decode()
-        return value
-
-
-_STRINGS = _Strings()
+# UTF-8 bytes -> str: codes, names and timestamps repeat message after message.
+_STRINGS = Memo(bytes.decode, limit=1 << 16)
 
 
 def uniform_columns(buf: bytes, base: int, count: int, table_size: int,
