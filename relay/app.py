@@ -244,7 +244,7 @@ class Relay:
         async for batch in self._source.batches():
             try:
                 self.process(batch)
-            except Exception as exc:
+            except Exception as exc:  # one bad batch must not stop the relay
                 self._stats.errors += 1
                 log.exception("batch_failed", error=repr(exc), size=len(batch))
             if self._stop_requested:
@@ -298,7 +298,7 @@ class Relay:
         for sink in self._started_sinks:
             try:
                 sink.write(published)
-            except Exception as exc:
+            except Exception as exc:  # a failing sink must not stop publishing
                 stats.errors += 1
                 log.error("sink_failed", sink=type(sink).__name__, error=repr(exc))
         return published
@@ -308,7 +308,7 @@ class Relay:
             await asyncio.sleep(interval)
             try:
                 action()
-            except Exception as exc:
+            except Exception as exc:  # heartbeats and stats must keep going
                 log.error("periodic_task_failed", action=action.__name__, error=repr(exc))
 
     def _heartbeat(self) -> None:
@@ -356,12 +356,12 @@ class Relay:
         if source is not None:
             try:
                 await source.close()
-            except Exception as exc:
+            except Exception as exc:  # keep releasing the rest
                 log.error("source_close_failed", error=repr(exc))
         for sink in reversed(self._started_sinks):
             try:
                 sink.close()
-            except Exception as exc:
+            except Exception as exc:  # keep releasing the rest
                 log.error("sink_close_failed", sink=type(sink).__name__, error=repr(exc))
         self._started_sinks.clear()
         self._publisher.close()

@@ -311,7 +311,7 @@ def _kind(value: object) -> str:
     return _TYPE_NAMES.get(type(value), type(value).__name__)
 
 
-def _describe(hint: Any) -> str:
+def _describe(hint: Any) -> str:  # one return per kind of hint
     """What a type hint expects, in words, for messages."""
     if dataclasses.is_dataclass(hint):
         return "mapping"
@@ -355,7 +355,7 @@ def _convert(hint: Any, value: Any, path: str, key: str, rule: str) -> Any:
     return result
 
 
-def _convert_type(
+def _convert_type(  # one branch per kind of hint, flat on purpose
     hint: Any, value: Any, path: str, key: str, rule: str
 ) -> Any:
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
