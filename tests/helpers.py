@@ -6,12 +6,17 @@ import asyncio
 import copy
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import uuid
+from pathlib import Path
 from typing import Any, AsyncIterator, Dict, List, Mapping, Optional, Sequence
 
 from relay.app import PublishedBatch
+
+REPO = Path(__file__).resolve().parent.parent
 
 REAL_TICK: Dict[str, Any] = {
     "time": 1733118954000, "lastPrice": 11.39, "open": 11.39, "high": 11.4, "low": 11.31,
@@ -110,3 +115,26 @@ class CollectingSink:
 
     def close(self) -> None:
         self.calls.append("close")
+
+
+def relay_env() -> Dict[str, str]:
+    """The environment for a relay subprocess: this checkout importable, output unbuffered."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def relay_command(tmp_path: Path, *args: str, quiet: bool = False) -> subprocess.Popen[str]:
+    """``python -m relay ARGS`` as a user runs it, in ``tmp_path``; output piped (or dropped)."""
+    out = subprocess.DEVNULL if quiet else subprocess.PIPE
+    return subprocess.Popen([sys.executable, "-m", "relay", *args], stdout=out, stderr=out,
+                            text=True, env=relay_env(), cwd=tmp_path)
+
+
+def run_relay_with(tmp_path: Path, config: str, *args: str, name: str = "relay",
+                   quiet: bool = False) -> subprocess.Popen[str]:
+    """``qmt-relay run`` with ``config`` written to ``tmp_path/NAME.yaml``, plus ``args``."""
+    cfg = tmp_path / f"{name}.yaml"
+    cfg.write_text(config)
+    return relay_command(tmp_path, "run", "--config", str(cfg), *args, quiet=quiet)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -14,14 +13,13 @@ from typing import Any, Dict, Iterator, List, Tuple
 
 import pynng
 import pytest
-from helpers import ipc_address, tcp_address
+from helpers import REPO, ipc_address, relay_env, run_relay_with, tcp_address
 
 from relay import cli
 from relay.app import Relay
 from relay.client import decode_spot_list
 from relay.wire import END, HEARTBEAT_PREFIX, START, decode_heartbeat
 
-REPO = Path(__file__).resolve().parent.parent
 FAST_SIM = """
 source:
   simulator:
@@ -36,20 +34,8 @@ logging:
 """
 
 
-def relay_env() -> Dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
 def start_relay(tmp_path: Path, *args: str, config: str = FAST_SIM) -> subprocess.Popen[str]:
-    cfg = tmp_path / "relay.yaml"
-    cfg.write_text(config)
-    return subprocess.Popen(
-        [sys.executable, "-m", "relay", "run", "--config", str(cfg), *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=relay_env(), cwd=tmp_path,
-    )
+    return run_relay_with(tmp_path, config, *args)
 
 
 def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> Tuple[int, str, str]:

@@ -6,12 +6,18 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from helpers import CollectingSink, ScriptedSource, real_tick, tcp_address
+from helpers import (
+    CollectingSink,
+    ScriptedSource,
+    real_tick,
+    relay_command,
+    run_relay_with,
+    tcp_address,
+)
 from structlog.testing import capture_logs
 
 from relay.app import Relay
@@ -20,15 +26,7 @@ from relay.recorder import Recorder, day_of
 from relay.recording import open_day
 from relay.records import SpotRecord
 
-REPO = Path(__file__).resolve().parent.parent
 DAY_MS = 1733118954000  # 2024-12-02 13:55:54 China time
-
-
-def env() -> Dict[str, str]:
-    out = dict(os.environ)
-    out["PYTHONPATH"] = str(REPO) + os.pathsep + out.get("PYTHONPATH", "")
-    out["PYTHONUNBUFFERED"] = "1"
-    return out
 
 
 def sim_config(directory: Path, *, flush: float = 0.2, securities: int = 300) -> str:
@@ -53,15 +51,9 @@ recorder:
 """
 
 
-def spawn(args: List[str], tmp_path: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "relay", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env(), cwd=tmp_path)
-
-
 def run_relay(tmp_path: Path, config: str, address: str) -> subprocess.Popen[str]:
-    cfg = tmp_path / f"relay-{time.monotonic_ns()}.yaml"
-    cfg.write_text(config)
-    return spawn(["run", "--config", str(cfg), "--publish", address], tmp_path)
+    return run_relay_with(tmp_path, config, "--publish", address,
+                          name=f"relay-{time.monotonic_ns()}")
 
 
 def events(proc: subprocess.Popen[str], name: str, count: int,
@@ -229,8 +221,8 @@ def test_record_command_records_a_running_relay(
         "enabled: true", "enabled: false"), address)
     procs.append(relay)
     out = tmp_path / "rec"
-    recorder = spawn(["record", address, "--dir", str(out), "--codes",
-                      "000001.SH,399001.SZ", "--log-level", "debug"], tmp_path)
+    recorder = relay_command(tmp_path, "record", address, "--dir", str(out), "--codes",
+                             "000001.SH,399001.SZ", "--log-level", "debug")
     procs.append(recorder)
     list(events(recorder, "recorder_flushed", 3))
     code, output = finish(recorder)

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Iterator, List, Tuple
 
 import pytest
-from helpers import tcp_address
+from helpers import REPO, relay_env, run_relay_with, tcp_address
 
 from relay.client import (
     Batch,
@@ -22,7 +21,6 @@ from relay.client import (
     fetch_snapshot,
 )
 
-REPO = Path(__file__).resolve().parents[2]
 CONFIG = """
 source:
   simulator:
@@ -36,23 +34,12 @@ logging:
 """
 
 
-def env() -> Dict[str, str]:
-    out = dict(os.environ)
-    out["PYTHONPATH"] = str(REPO) + os.pathsep + out.get("PYTHONPATH", "")
-    out["PYTHONUNBUFFERED"] = "1"
-    return out
+def start_relay(tmp_path: Path, stream: str, snapshot: str) -> subprocess.Popen[str]:
+    return run_relay_with(tmp_path, CONFIG.format(snapshot=snapshot), "--publish", stream,
+                          quiet=True)
 
 
-def start_relay(tmp_path: Path, stream: str, snapshot: str) -> subprocess.Popen[bytes]:
-    cfg = tmp_path / "relay.yaml"
-    cfg.write_text(CONFIG.format(snapshot=snapshot))
-    return subprocess.Popen(
-        [sys.executable, "-m", "relay", "run", "--config", str(cfg), "--publish", stream],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(), cwd=tmp_path,
-    )
-
-
-def reap(proc: subprocess.Popen[bytes]) -> None:
+def reap(proc: subprocess.Popen[str]) -> None:
     if proc.poll() is None:
         proc.kill()
     proc.wait(20)
@@ -139,7 +126,7 @@ def test_snapshot_then_stream_from_a_running_relay(relay_proc: Tuple[str, str]) 
 
 def run_example(name: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, str(REPO / "examples" / name), *args],
-                          capture_output=True, text=True, timeout=60, env=env())
+                          capture_output=True, text=True, timeout=60, env=relay_env())
 
 
 def test_latest_prices_example(relay_proc: Tuple[str, str]) -> None:

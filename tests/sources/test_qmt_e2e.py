@@ -12,12 +12,11 @@ from pathlib import Path
 from typing import Any, List
 
 import pynng
-from helpers import tcp_address
+from helpers import REPO, relay_env, tcp_address
 
 from relay.client import decode_spot_list
 from relay.wire import END, HEARTBEAT_PREFIX, START, decode_heartbeat
 
-REPO = Path(__file__).resolve().parent.parent.parent
 FAKES = REPO / "tests" / "fakes"
 CONFIG = """
 source:
@@ -43,9 +42,8 @@ def test_relay_with_qmt_source_survives_drop_and_restart_then_stops_cleanly(
     cfg = tmp_path / "relay.yaml"
     cfg.write_text(CONFIG)
     calls, control = tmp_path / "xtdata.jsonl", tmp_path / "control"
-    env = dict(os.environ)
-    env.update(PYTHONPATH=os.pathsep.join([str(FAKES), str(REPO), env.get("PYTHONPATH", "")]),
-               PYTHONUNBUFFERED="1", FAKE_XTDATA_LOG=str(calls),
+    env = relay_env()
+    env.update(PYTHONPATH=str(FAKES) + os.pathsep + env["PYTHONPATH"], FAKE_XTDATA_LOG=str(calls),
                FAKE_XTDATA_CONTROL=str(control), FAKE_XTDATA_SECURITIES="60",
                FAKE_XTDATA_PUSH_INTERVAL="0.05", FAKE_XTDATA_FAIL_SUBSCRIBES="1")
     url = tcp_address()

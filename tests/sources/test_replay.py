@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
-import sys
 import threading
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 import pytest
-from helpers import tcp_address
+from helpers import run_relay_with, tcp_address
 
 from relay.client import Subscriber
 from relay.config import Config, ReplayConfig, SimulatorConfig, SourceConfig
@@ -24,8 +22,6 @@ from relay.records import SpotRecord
 from relay.sources import create_source
 from relay.sources.replay import ReplaySource, _invert, tick_dicts
 from relay.sources.simulator import SimulatorSource
-
-REPO = Path(__file__).resolve().parent.parent.parent
 
 
 def record(directory: Path, units: str) -> Path:
@@ -108,19 +104,8 @@ def test_replay_paces_by_publish_time_and_ends(tmp_path: Path) -> None:
 # -- end to end: record a relay, replay the file through another -----------------------------
 
 
-def env() -> Dict[str, str]:
-    out = dict(os.environ)
-    out["PYTHONPATH"] = str(REPO) + os.pathsep + out.get("PYTHONPATH", "")
-    out["PYTHONUNBUFFERED"] = "1"
-    return out
-
-
 def relay(tmp_path: Path, name: str, config: str, *args: str) -> subprocess.Popen[str]:
-    cfg = tmp_path / f"{name}.yaml"
-    cfg.write_text(config)
-    return subprocess.Popen([sys.executable, "-m", "relay", "run", "--config", str(cfg), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env(), cwd=tmp_path)
+    return run_relay_with(tmp_path, config, *args, name=name)
 
 
 class Collector:
