@@ -23,9 +23,9 @@ prefix)::
 from __future__ import annotations
 
 import struct
-from array import array
-from itertools import repeat
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
 
 from relay.records import Memo, SpotColumns, SpotRecord
 from relay.wire import SPOT_PREFIX
@@ -44,6 +44,8 @@ _SPOT_OFFSETS = (
 _UOFFSET_FIELDS = (80, 84, 88, 92, 96, 100, 104, 108)
 _SPOT_VTABLE_SIZE = 4 + 2 * len(_SPOT_OFFSETS)  # 40
 _OPTIONAL_IDS = (15, 16, 17)
+_DOUBLES = ("yesterday_close", "open", "high", "low", "close", "amount", "volume")
+_BOOK_NAMES = ("bid", "bid_amount", "ask", "ask_amount")
 
 _SPOTLIST_VT_POS = 4
 _SPOT_VT_POS = 20
@@ -79,7 +81,7 @@ def _pad4(n: int) -> int:
 class _Layout:
     """Byte layout of one record for a given set of string and vector lengths."""
 
-    __slots__ = ("size", "str_pos", "str_widths", "struct", "uoffsets", "vec_pos")
+    __slots__ = ("_dtype", "size", "str_pos", "str_widths", "struct", "uoffsets", "vec_pos")
 
     def __init__(self, str_lens: Tuple[int, int, int, int], vec_lens: Tuple[int, ...]) -> None:
         # The table starts at a position = 4 (mod 8); ``pos`` tracks that invariant below.
@@ -110,6 +112,31 @@ class _Layout:
         self.struct = struct.Struct("<" + "".join(f.lstrip("<") for f in fmt))
         self.size = pos
         assert self.struct.size == pos, (self.struct.size, pos)
+        self._dtype: Optional[np.dtype[Any]] = None
+
+    def dtype(self, levels: int) -> np.dtype[Any]:
+        """This layout as a numpy structured dtype (every book ``levels`` deep): one item is
+        one record, table and vectors and strings, fields at their byte offsets."""
+        if self._dtype is None:
+            fields: Dict[str, Tuple[Any, int]] = {"vtable": ("<i4", 0)}
+            for name, offset in zip(_DOUBLES, range(4, 60, 8)):
+                fields[name] = ("<f8", offset)
+            fields["time_ms"] = ("<i8", 60)
+            fields["trade_count"] = ("<i8", 68)
+            fields["status"] = ("<i4", 76)
+            fields["uoffsets"] = (("<u4", 8), 80)
+            for k, pos in enumerate(self.vec_pos):
+                fields[f"n{k}"] = ("<u4", pos)
+                if levels:
+                    fields[f"v{k}"] = (("<f8", levels), pos + 4)
+            for k, (pos, width) in enumerate(zip(self.str_pos, self.str_widths)):
+                fields[f"len{k}"] = ("<u4", pos)
+                fields[f"s{k}"] = (f"S{width}", pos + 4)
+            self._dtype = np.dtype({"names": list(fields),
+                                    "formats": [f[0] for f in fields.values()],
+                                    "offsets": [f[1] for f in fields.values()],
+                                    "itemsize": self.size})
+        return self._dtype
 
 
 class SpotEncoder:
@@ -228,22 +255,27 @@ class SpotEncoder:
         code and datetime in every record (names may differ: they are padded to the
         longest). Book depth is uniform in a :class:`SpotColumns` by construction.
         """
-        if None in cols.time_ms or None in cols.status or None in cols.trade_count:
+        optional = (cols.time_ms, cols.status, cols.trade_count)
+        if any(col.dtype.kind != "i" if isinstance(col, np.ndarray) else None in col
+               for col in optional):
             return None
         memo = self._bytes.__getitem__
-        strings: List[Tuple[Any, List[bytes]]] = []
+        wire = cols.wire or {}
+        strings: List[Tuple[Any, Any]] = []
         key: List[int] = []
         for name in ("market", "code", "name", "datetime"):
-            data = list(map(memo, getattr(cols, name)))
-            lengths = list(map(len, data))
-            longest = max(lengths)
-            if name == "name":
-                strings.append((lengths, data))
-            elif min(lengths) != longest:
-                return None
+            if name in wire:
+                lengths, padded = wire[name]
             else:
-                strings.append((longest, data))
-            key.append(longest)
+                data = list(map(memo, getattr(cols, name)))
+                lengths = np.array(list(map(len, data)), dtype=np.uint32)
+                # numpy pads each value with NULs to the array's width
+                padded = np.array(data, dtype=f"S{int(lengths.max()) or 1}")
+            width = padded.dtype.itemsize  # names are padded to the longest
+            if name != "name" and (int(lengths.min()) != width or int(lengths.max()) != width):
+                return None
+            strings.append((lengths, padded))
+            key.append(width)
         levels = cols.levels
         layout = self._layout((*key, levels, levels, levels, levels))
         return _UniformPlan(layout, strings)
@@ -253,69 +285,45 @@ class SpotEncoder:
         """Fast path: every record has the same layout, so whole columns are written at once.
 
         Names are padded to the batch's widest name (a FlatBuffers string may be followed by
-        padding), which makes every record the same size ``S``. Each field then sits at a
-        fixed stride in the message, so a column is written with one strided slice
-        assignment into a ``memoryview`` of the right item type (``view[k::S // 8] =
-        array("d", column)``): no Python code runs per record, and the soffsets and the spot
-        vector's offsets are arithmetic progressions.
+        padding), which makes every record the same size. The records of a message are then
+        one numpy structured array laid over the message buffer (:meth:`_Layout.dtype`), and
+        each field is written for every record with one assignment: no Python code runs per
+        record, and the soffsets and the spot vector's offsets are arithmetic progressions.
         """
         layout = plan.layout
         size = layout.size
         levels = cols.levels
         n = cols.n
+        dtype = layout.dtype(levels)
         header = _PREFIX_LEN + _HEADER_END + self._strings_size + 4 + 4
         per_message = max(1, (self._max - header) // (size + 4))
-        w4, w8 = size // 4, size // 8
-        doubles: Tuple[Sequence[float], ...] = (
-            cols.yesterday_close, cols.open, cols.high, cols.low, cols.close, cols.amount,
-            cols.volume)
-        books = (cols.bid, cols.bid_amount, cols.ask, cols.ask_amount)
-        strings = [
-            (pos, width, length, b"".join(map(bytes.ljust, data, repeat(width), repeat(b"\0"))))
-            for pos, width, (length, data) in zip(layout.str_pos, layout.str_widths,
-                                                  plan.strings)
-        ]
+        doubles = [np.asarray(getattr(cols, name), dtype=np.float64) for name in _DOUBLES]
+        books = [np.asarray(getattr(cols, name), dtype=np.float64).reshape(n, levels)
+                 for name in _BOOK_NAMES]
+        ints = [np.asarray(getattr(cols, name)) for name in ("time_ms", "trade_count", "status")]
         for seq, start in enumerate(range(0, n, per_message), first_seq):
             end = min(n, start + per_message)
             count = end - start
             buf, vec_pos, first = self._header(count, seq, publish_time_ms, count * size)
             slot0 = first - (vec_pos + 4)
-            at = _PREFIX_LEN + vec_pos
-            base = _PREFIX_LEN + first  # the records, in the message
-            with memoryview(buf) as mem:
-                mem[at + 4:at + 4 + 4 * count].cast("I")[:] = array(
-                    "I", range(slot0, slot0 + count * (size - 4), size - 4))
-                i32 = mem[base:base + count * size].cast("i")
-                u32 = mem[base:base + count * size].cast("I")
-                # 8-byte fields sit at 4 (mod 8) from a record's start: view from there on
-                # (one item shorter, since the last record's final 4 bytes are not 8-byte).
-                f64 = mem[base + 4:base + count * size - 4].cast("d")
-                i64 = mem[base + 4:base + count * size - 4].cast("q")
-                i32[0::w4] = array("i", range(first - _SPOT_VT_POS,
-                                              first - _SPOT_VT_POS + count * size, size))
-                for k, col in enumerate(doubles):  # table offsets 4, 12, ..., 52
-                    f64[k::w8] = array("d", col[start:end])
-                # _uniform_plan checked that these three hold no None
-                i64[7::w8] = array("q", cols.time_ms[start:end])  # type: ignore[type-var]
-                i64[8::w8] = array("q", cols.trade_count[start:end])  # type: ignore[type-var]
-                i32[19::w4] = array("i", cols.status[start:end])  # type: ignore[type-var]
-                for k, u in enumerate(layout.uoffsets):                # table offsets 80..108
-                    u32[20 + k::w4] = array("I", (u,)) * count
-                for pos, col in zip(layout.vec_pos, books):
-                    u32[pos // 4::w4] = array("I", (levels,)) * count
-                    for j in range(levels):
-                        f64[pos // 8 + j::w8] = col[start * levels + j:end * levels:levels]
-                for pos, width, length, joined in strings:
-                    u32[pos // 4::w4] = (array("I", (length,)) * count
-                                         if isinstance(length, int)
-                                         else array("I", length[start:end]))
-                    words = array("I")
-                    words.frombytes(joined[start * width:end * width])
-                    step = width // 4
-                    for j in range(step):
-                        u32[(pos + 4) // 4 + j::w4] = words[j::step]
-                for view in (i32, u32, f64, i64):
-                    view.release()
+            at = _PREFIX_LEN + vec_pos + 4
+            np.frombuffer(buf, np.uint32, count, at)[:] = np.arange(
+                slot0, slot0 + count * (size - 4), size - 4, dtype=np.uint32)
+            rec = np.frombuffer(buf, dtype, count, _PREFIX_LEN + first)
+            rec["vtable"] = np.arange(first - _SPOT_VT_POS, first - _SPOT_VT_POS + count * size,
+                                      size, dtype=np.int32)
+            for name, col in zip(_DOUBLES, doubles):
+                rec[name] = col[start:end]
+            for name, col in zip(("time_ms", "trade_count", "status"), ints):
+                rec[name] = col[start:end]
+            rec["uoffsets"] = layout.uoffsets
+            for k, col in enumerate(books):
+                rec[f"n{k}"] = levels
+                if levels:
+                    rec[f"v{k}"] = col[start:end]
+            for k, (lengths, data) in enumerate(plan.strings):
+                rec[f"len{k}"] = lengths[start:end]
+                rec[f"s{k}"] = data[start:end]
             yield bytes(buf), count
 
     def _prepare(self, records: Sequence[SpotRecord]) -> Tuple[List[_Item], List[int]]:
@@ -389,9 +397,9 @@ class SpotEncoder:
 class _UniformPlan:
     __slots__ = ("layout", "strings")
 
-    def __init__(self, layout: _Layout, strings: List[Tuple[Any, List[bytes]]]) -> None:
+    def __init__(self, layout: _Layout, strings: List[Tuple[Any, Any]]) -> None:
         self.layout = layout
-        self.strings = strings  # (length, or a column of lengths; bytes column) x 4
+        self.strings = strings  # (lengths, NUL-padded bytes) per string field, numpy arrays
 
 
 def encode_spot_list(

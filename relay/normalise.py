@@ -24,13 +24,16 @@ a volume that goes backwards) and counts drops by reason.
 from __future__ import annotations
 
 import re
+import struct
 import time as _time
 from array import array
 from functools import lru_cache
 from itertools import chain, repeat
 from math import isfinite
-from operator import floordiv, itemgetter, lt, methodcaller, truediv
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from operator import itemgetter
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import numpy as np
 
 from relay.errors import BadTick
 from relay.records import Memo, SpotColumns, SpotRecord
@@ -125,21 +128,34 @@ def _tick_ms(code: str, tick: Mapping[str, Any]) -> int:
     return int(ms)
 
 
-def _book(code: str, values: Any, levels: int, decimals: Optional[int]) -> Tuple[float, ...]:
+def _round(value: Any, scale: float) -> float:
+    """Round half to even at ``log10(scale)`` decimals: ``value * scale`` to the nearest
+    integer, divided back, which gives the double nearest the decimal (11.390000000000001 ->
+    11.39). The fast path computes the same with numpy's ``rint``. ``OverflowError`` if the
+    scaled value is infinite."""
+    rounded: float = round(value * scale) / scale
+    return rounded
+
+
+def _book(code: str, values: Any, levels: int, scale: Optional[float]) -> Tuple[float, ...]:
     if values.__class__ is not list and values.__class__ is not tuple:
         raise BadTick(code, "bad_book")
     n = len(values)
     if n not in (levels, 0):
         raise BadTick(code, "bad_book")
     try:
-        total = sum(values)
-    except TypeError:
+        # array("d") reads each value as a double: None, strings and lists are refused
+        vals = array("d", values)
+    except (TypeError, OverflowError):
         raise BadTick(code, "bad_book") from None
-    if not isfinite(total) or (n and min(values) < 0):
+    if not all(map(isfinite, vals)) or (n and min(vals) < 0):
         raise BadTick(code, "bad_book")
-    if decimals is None:
-        return tuple(values)  # sizes pass through as QMT sends them
-    return tuple([round(v, decimals) for v in values])
+    if scale is None:
+        return tuple(vals)  # sizes pass through as QMT sends them (as doubles)
+    try:
+        return tuple([_round(v, scale) for v in vals])
+    except OverflowError:
+        raise BadTick(code, "bad_book") from None
 
 
 def normalise_tick(
@@ -190,20 +206,26 @@ def normalise_tick(
         raise BadTick(symbol, "missing_field") from None
     volume: Any = shares if shares is not None else lots
     try:
-        # One sum tells finiteness and type for all scalars at once (None/str raise TypeError).
-        total = last_close + open_ + high + low + last + amount + volume
+        # Read as doubles, the way array("d") does: None, strings and lists are refused
+        # (TypeError), a number too large for a double overflows.
+        nums = array("d", (last_close, open_, high, low, last, amount, volume))
     except TypeError:
         raise BadTick(symbol, "bad_type") from None
-    if total.__class__ is not float and total.__class__ is not int:
-        raise BadTick(symbol, "bad_type")  # e.g. a bool-only sum or a numpy scalar
-    if not isfinite(total):
+    except OverflowError:
+        raise BadTick(symbol, "not_finite") from None
+    if not all(map(isfinite, nums)):
         raise BadTick(symbol, "not_finite")
-    if min(last_close, open_, high, low, last, amount, volume) < 0:
+    if min(nums) < 0:
         raise BadTick(symbol, "negative")
-    d = price_decimals
-    bid_t = _book(symbol, bid, book_levels, d)
+    scale = 10.0 ** price_decimals
+    try:
+        prices = [_round(p, scale) for p in nums[:5]]
+    except OverflowError:
+        raise BadTick(symbol, "not_finite") from None
+    amount, volume = nums[5], nums[6]
+    bid_t = _book(symbol, bid, book_levels, scale)
     bid_amount_t = _book(symbol, bid_vol, book_levels, None)
-    ask_t = _book(symbol, ask, book_levels, d)
+    ask_t = _book(symbol, ask, book_levels, scale)
     ask_amount_t = _book(symbol, ask_vol, book_levels, None)
     if not (len(bid_t) == len(bid_amount_t) == len(ask_t) == len(ask_amount_t)):
         raise BadTick(symbol, "bad_book")
@@ -213,20 +235,19 @@ def normalise_tick(
     # 862127800.0 -> 86212.78 with no noise (multiplying by 0.0001 would add some).
     if units == "hikyuu":
         amount = amount / 10000
-        volume = volume / 100 if shares is not None else float(volume)
-    else:
-        amount = float(amount)
-        volume = float(volume) if shares is not None else volume * 100.0
+        volume = volume / 100 if shares is not None else volume
+    elif shares is None:
+        volume = volume * 100.0
     return SpotRecord(
         parts[0],
         parts[1],
         name,
         china_datetime(ms // 1000),
-        round(last_close, d),
-        round(open_, d),
-        round(high, d),
-        round(low, d),
-        round(last, d),
+        prices[0],
+        prices[1],
+        prices[2],
+        prices[3],
+        prices[4],
         amount,
         volume,
         bid_t,
@@ -278,39 +299,87 @@ _DAY_MS = 86_400_000
 _OFFSET_MS = _CHINA_OFFSET_S * 1000
 _INT = {int}
 _DICT = {dict}
-_LIST = {list}
-_FIELDS_GET = tuple(itemgetter(key) for key in (
-    "time", "lastClose", "open", "high", "low", "lastPrice", "amount", "pvolume",
-    "bidPrice", "bidVol", "askPrice", "askVol"))
-_STATUS = methodcaller("get", "stockStatus")
-_TRADES = methodcaller("get", "transactionNum")
-_INF = float("inf")
+_SEQUENCES = {list, tuple}
+# Every field the fast path reads: three ints, the five prices, amount and shares; then the
+# four book arrays.
+_FIELDS = tuple(itemgetter(key) for key in (
+    "time", "stockStatus", "transactionNum", "lastClose", "open", "high", "low", "lastPrice",
+    "amount", "pvolume"))
+_BOOKS = tuple(itemgetter(key) for key in ("bidPrice", "bidVol", "askPrice", "askVol"))
+# More distinct symbols than this (a hostile stream; the market has about 12,000) and the
+# normaliser forgets them all and starts over, so memory stays bounded.
+_UNIVERSE_LIMIT = 1 << 18
 
 
-def _price_rounder(decimals: int) -> Callable[[Any], Any]:
-    """A price check-and-round for a :class:`~relay.records.Memo`: a price is checked once,
-    when first seen, and only finite, non-negative numbers get in, so every value the memo
-    returns is valid and ``map(memo.__getitem__, prices)`` validates and rounds a column at
-    C speed."""
+@lru_cache(maxsize=64)
+def _doubles(count: int) -> struct.Struct:
+    return struct.Struct(f"={count}d")
 
-    def check_and_round(price: Any) -> Any:
-        if price.__class__ is not float and price.__class__ is not int:
-            raise TypeError("price is not a number")
-        if not 0 <= price < _INF:  # also false for NaN
-            raise ValueError("price is negative or not finite")
-        return round(price, decimals)
 
-    return check_and_round
+class _Universe(Dict[str, int]):
+    """Every symbol seen so far, numbered from 0 on first sight.
+
+    Per-symbol facts live in arrays indexed by that number, so a whole batch looks them up
+    with one numpy take: the market, code and name strings, and the last cumulative volume
+    (the one piece of state validation needs across ticks). A malformed symbol raises
+    ``KeyError`` and gets no number.
+    """
+
+    def __init__(self, names: Mapping[str, str]) -> None:
+        super().__init__()
+        self._names = names
+        self._markets: List[str] = []
+        self._codes: List[str] = []
+        self._symbols: List[str] = []
+        self._strings: Optional[Tuple[Any, ...]] = None  # numpy arrays, built lazily
+        self.volumes = np.full(1024, -1.0)  # last cumulative volume by number; -1 = none yet
+
+    def __missing__(self, symbol: str) -> int:
+        parts = split_symbol(symbol)
+        if parts is None:
+            raise KeyError(symbol)
+        number = len(self._symbols)
+        self._symbols.append(symbol)
+        self._markets.append(parts[0])
+        self._codes.append(parts[1])
+        self._strings = None
+        if number == len(self.volumes):
+            self.volumes = np.concatenate([self.volumes, np.full(number, -1.0)])
+        self[symbol] = number
+        return number
+
+    def set_names(self, names: Mapping[str, str]) -> None:
+        self._names = names
+        self._strings = None
+
+    def columns(self, numbers: Any) -> Tuple[List[List[str]], Dict[str, Tuple[Any, Any]]]:
+        """The market, code and name columns for an array of symbol numbers, as lists of str
+        and in wire form (see :attr:`SpotColumns.wire <relay.records.SpotColumns>`)."""
+        if self._strings is None:
+            names = list(map(self._names.get, self._symbols, repeat("")))
+            tables = []
+            for column in (self._markets, self._codes, names):
+                encoded = [value.encode() for value in column]
+                tables.append(np.array(column, dtype=object))
+                tables.append(np.array(list(map(len, encoded)), dtype=np.uint32))
+                tables.append(np.array(encoded, dtype=f"S{max(map(len, encoded), default=1) or 1}"))
+            self._strings = tuple(tables)
+        t = self._strings
+        text = [t[i][numbers].tolist() for i in (0, 3, 6)]
+        wire = {field: (t[i + 1][numbers], t[i + 2][numbers])
+                for field, i in (("market", 0), ("code", 3), ("name", 6))}
+        return text, wire
 
 
 class Normaliser:
     """Normalises whole batches; counts drops; remembers cumulative volume per security.
 
-    A batch first goes through a columnar fast path: every check of :func:`normalise_tick`
-    applied to whole columns with C-level builtins (``map``, ``zip``, ``min``, ``sum``), and
-    every conversion done the same way. Any doubt (a failed check, a ``get_full_tick``
-    record, a missing optional field) sends the batch down the per-tick path instead, which
-    names and counts each bad tick. Both paths give identical records (tested).
+    A batch first goes through a columnar fast path: each field of every tick is gathered
+    into a column with C-level builtins (``map``, ``chain``, ``sum``, ``set``) and numpy, and
+    every check and conversion of :func:`normalise_tick` is applied to whole columns at once.
+    Any doubt (a failed check, a ``get_full_tick`` record, a missing optional field) sends the
+    batch down the per-tick path instead, which names and counts each bad tick. Both paths
+    give identical records (tested), down to the Python types of their values.
 
     Args:
         names: security names by QMT symbol (missing names become ``""``).
@@ -318,8 +387,8 @@ class Normaliser:
         drop_auction: drop call-auction ticks (``stockStatus == 2``) instead of passing them.
     """
 
-    __slots__ = ("_book_levels", "_decimals", "_drop_auction", "_last_volume", "_names",
-                 "_prices", "_seconds", "_symbols", "_units", "_volume_day")
+    __slots__ = ("_book_levels", "_decimals", "_drop_auction", "_names", "_scale", "_seconds",
+                 "_units", "_universe", "_volume_day")
 
     def __init__(
         self,
@@ -334,99 +403,121 @@ class Normaliser:
         self._units = units
         self._book_levels = book_levels
         self._decimals = price_decimals
+        self._scale = 10.0 ** price_decimals
         self._drop_auction = drop_auction
-        # cumulative volume of the last accepted tick per symbol, on day _volume_day
-        self._last_volume: Dict[str, float] = {}
-        self._volume_day = -1
-        self._prices = Memo(_price_rounder(price_decimals))
+        self._universe = _Universe(self._names)
+        self._volume_day = -1  # the China-time day the remembered volumes belong to
         self._seconds = Memo(china_datetime)
-        self._symbols = Memo(split_symbol)
 
     def set_names(self, names: Mapping[str, str]) -> None:
         """Replace the name table (e.g. after the QMT source reloads instrument details)."""
         self._names = names
+        self._universe.set_names(names)
 
     def normalise_batch(self, batch: Mapping[str, Any]) -> BatchResult:
         """Normalise every tick of ``batch``; bad ticks are dropped and counted, never raised."""
+        if len(self._universe) > _UNIVERSE_LIMIT:
+            self._universe = _Universe(self._names)
+            self._volume_day = -1
         if batch:
             try:
                 columns = self._fast(batch)
-            except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
+            except (KeyError, TypeError, ValueError, AttributeError, OverflowError,
+                    struct.error):
                 columns = None  # something is off: the per-tick path will say what
             if columns is not None:
                 return BatchResult(None, {}, columns)
         return self._per_tick(batch)
 
     def _fast(self, batch: Mapping[str, Any]) -> Optional[SpotColumns]:
-        """The columnar path; ``None`` (or an exception) means "use the per-tick path"."""
+        """The columnar path; ``None`` (or an exception) means "use the per-tick path".
+
+        Every check here is one the per-tick path makes, applied to a whole column.
+        """
         symbols = list(batch)
         ticks = list(batch.values())
         n = len(ticks)
         if set(map(type, ticks)) != _DICT:
             return None
-        times, lc, op, hi, lo, last, amount, volume, bp, bv, ap, av = (
-            list(map(get, ticks)) for get in _FIELDS_GET)
-        parts = list(map(self._symbols.__getitem__, symbols))
-        if None in parts:
+        universe = self._universe
+        numbers = np.fromiter(map(universe.__getitem__, symbols), np.intp, n)
+        # A column per field, each with one C-level pass (no tuple per tick: a batch that
+        # allocates thousands of small containers pays for them again in garbage collection).
+        times_l, status_l, trades_l, *scalars_l = (list(map(get, ticks)) for get in _FIELDS)
+        if not set(map(type, times_l)) == set(map(type, status_l)) == set(
+                map(type, trades_l)) == _INT:
             return None
-        if set(map(type, times)) != _INT or min(times) < _MIN_MS or max(times) >= _MAX_MS:
+        times = np.array(times_l, np.int64)
+        if times.min() < _MIN_MS or times.max() >= _MAX_MS:
             return None
-        # Prices are validated as they are rounded (see _price_rounder); the rest here. sum()
-        # raises TypeError on None/str/lists, and is finite only if every term is.
-        price = self._prices.__getitem__
-        lc, op, hi, lo, last = (list(map(price, col)) for col in (lc, op, hi, lo, last))
-        if not isfinite(sum(amount) + sum(volume)) or min(*amount, *volume) < 0:
+        status = np.array(status_l, np.int64)
+        if self._drop_auction and (status == _AUCTION_STATUS).any():
             return None
-        levels = len(bp[0]) if bp[0].__class__ is list else -1
+        # Struct("d").pack reads a value as a double exactly as array("d") does in the
+        # per-tick path: None, strings and lists are refused (struct.error), ints and bools
+        # accepted; NaN, infinity and negatives are caught on the arrays after.
+        books_l = [list(map(get, ticks)) for get in _BOOKS]
+        values = np.frombuffer(_doubles(7 * n).pack(*chain.from_iterable(scalars_l)),
+                               np.float64).reshape(7, n)
+        lists = list(chain.from_iterable(books_l))
+        lengths = set(map(len, lists))
+        if not set(map(type, lists)) <= _SEQUENCES or len(lengths) != 1:
+            return None
+        levels = lengths.pop()
         if levels not in (self._book_levels, 0):
             return None
-        for col in (bp, bv, ap, av):
-            if set(map(len, col)) != {levels}:
-                return None
-        bid = array("d", map(price, chain.from_iterable(bp)))
-        ask = array("d", map(price, chain.from_iterable(ap)))
-        sizes = []
-        for col in (bv, av):
-            flat = list(chain.from_iterable(col))
-            if levels and (not isfinite(sum(flat)) or min(flat) < 0):
-                return None
-            sizes.append(array("d", flat))
-        status = list(map(_STATUS, ticks))
-        trades = list(map(_TRADES, ticks))
-        if set(map(type, status)) != _INT or set(map(type, trades)) != _INT:
+        flat = list(chain.from_iterable(lists))
+        book = np.frombuffer(_doubles(len(flat)).pack(*flat), np.float64)
+        if not (np.isfinite(values).all() and np.isfinite(book).all()):
             return None
-        if self._drop_auction and _AUCTION_STATUS in status:
+        if values.min() < 0 or (levels and book.min() < 0):
             return None
-        if set(map(type, volume)) == _INT:
-            volumes = list(map(truediv, volume, repeat(100 if self._units == "hikyuu" else 1)))
+        book = book.reshape(4, n * levels)
+        scale = self._scale
+        # Round half to even at the given decimals: x * 10**d to the nearest integer, divided
+        # back; the per-tick path computes exactly the same (round(x * scale) / scale).
+        prices = np.rint(values[:5] * scale) / scale
+        bid = np.rint(book[0] * scale) / scale
+        ask = np.rint(book[2] * scale) / scale
+        if not (np.isfinite(prices).all() and np.isfinite(bid).all()
+                and np.isfinite(ask).all()):
+            return None
+        if self._units == "hikyuu":
+            amounts, volumes = values[5] / 10000.0, values[6] / 100.0
         else:
-            return None  # fractional share counts: let the per-tick path round them
-        amounts = (list(map(truediv, amount, repeat(10000))) if self._units == "hikyuu"
-                   else list(map(float, amount)))
-        day = (min(times) + _OFFSET_MS) // _DAY_MS
-        if (max(times) + _OFFSET_MS) // _DAY_MS != day:
+            amounts, volumes = values[5], values[6]
+        day = (int(times.min()) + _OFFSET_MS) // _DAY_MS
+        if (int(times.max()) + _OFFSET_MS) // _DAY_MS != day:
             return None  # a batch across midnight: compare volumes tick by tick
-        last_volume = self._last_volume
-        if day != self._volume_day:
-            last_volume.clear()
+        if day < self._volume_day:
+            return None  # an earlier day's ticks are not compared: the per-tick path knows
+        if day > self._volume_day:
+            universe.volumes.fill(-1.0)
             self._volume_day = day
-        elif any(map(lt, volumes, map(last_volume.get, symbols, repeat(-1.0)))):
+        elif (volumes < universe.volumes[numbers]).any():
             return None  # a volume went backwards: let the per-tick path name it
-        last_volume.update(zip(symbols, volumes))
-        return SpotColumns(n, levels, [
-            list(map(itemgetter(0), parts)),
-            list(map(itemgetter(1), parts)),
-            list(map(self._names.get, symbols, repeat(""))),
-            list(map(self._seconds.__getitem__, map(floordiv, times, repeat(1000)))),
-            lc, op, hi, lo, last, amounts, volumes, bid, sizes[0], ask, sizes[1],
-            times, status, trades,
+        universe.volumes[numbers] = volumes
+        seconds, where = np.unique(times // 1000, return_inverse=True)
+        texts = list(map(self._seconds.__getitem__, seconds.tolist()))
+        where = where.reshape(-1)
+        datetimes = np.array(texts, dtype=object)[where].tolist()
+        stamps = np.array([text.encode() for text in texts], dtype="S19")[where]
+        (market, code, name), wire = universe.columns(numbers)
+        wire["datetime"] = (np.full(n, 19, dtype=np.uint32), stamps)
+        columns = SpotColumns(n, levels, [
+            market, code, name, datetimes,
+            prices[0], prices[1], prices[2], prices[3], prices[4], amounts, volumes,
+            bid, book[1], ask, book[3],
+            times, status, np.array(trades_l, np.int64),
         ])
+        columns.wire = wire
+        return columns
 
     def _per_tick(self, batch: Mapping[str, Any]) -> BatchResult:
         records: List[SpotRecord] = []
         dropped: Dict[str, int] = {}
         names = self._names
-        last_volume = self._last_volume
+        universe = self._universe
         units, levels, dec = self._units, self._book_levels, self._decimals
         drop_auction = self._drop_auction
         append = records.append
@@ -439,13 +530,14 @@ class Normaliser:
                 if drop_auction and rec.status == _AUCTION_STATUS:
                     raise BadTick(symbol, "auction")
                 day = ((rec.time_ms or 0) + _OFFSET_MS) // _DAY_MS
+                number = universe[symbol]
                 if day > self._volume_day:
-                    last_volume.clear()
+                    universe.volumes.fill(-1.0)
                     self._volume_day = day
                 if day == self._volume_day:  # a tick from an earlier day is not compared
-                    if rec.volume < last_volume.get(symbol, -1.0):
+                    if rec.volume < universe.volumes[number]:
                         raise BadTick(symbol, "volume_decreased")
-                    last_volume[symbol] = rec.volume
+                    universe.volumes[number] = rec.volume
             except BadTick as bad:
                 dropped[bad.reason] = dropped.get(bad.reason, 0) + 1
                 continue

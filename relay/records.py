@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from array import array
 from itertools import chain, repeat
-from typing import Any, Callable, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 __all__ = ["FIELDS", "HIKYUU_FIELDS", "Memo", "SpotColumns", "SpotRecord"]
 
@@ -63,34 +63,44 @@ _new_record = tuple.__new__
 class SpotColumns:
     """A batch of records stored column by column (the relay's hot-path form).
 
-    Every attribute named like a :class:`SpotRecord` field is a list with one entry per
-    record, except the four book arrays, which are flat ``array("d")``: ``levels`` entries per
-    record, record after record (``bid[i * levels + j]`` is level ``j`` of record ``i``).
-    Every record of a ``SpotColumns`` has the same book depth.
+    Every attribute named like a :class:`SpotRecord` field is a sequence with one entry per
+    record, except the four book arrays, which are flat: ``levels`` entries per record, record
+    after record (``bid[i * levels + j]`` is level ``j`` of record ``i``). Every record of a
+    ``SpotColumns`` has the same book depth.
+
+    The string columns are lists of ``str``. The numeric ones are lists, ``array`` objects or,
+    from the relay's normaliser, numpy arrays; anything with a ``tolist()`` method is read
+    through it, so :attr:`records` always holds plain Python ``float`` and ``int`` values.
+    This module itself stays stdlib-only.
+
+    ``wire`` optionally carries the string columns already in the encoder's form, by field
+    name: ``(lengths, padded)``, the UTF-8 byte length of each value and the values as a
+    numpy ``S`` array (UTF-8, NUL-padded to a common width). The normaliser fills it from
+    its per-symbol tables; the encoder uses it when present and computes it otherwise.
     """
 
-    __slots__ = (*FIELDS, "_records", "levels", "n")
+    __slots__ = (*FIELDS, "_records", "levels", "n", "wire")
 
     market: List[str]
     code: List[str]
     name: List[str]
     datetime: List[str]
-    yesterday_close: List[float]
-    open: List[float]
-    high: List[float]
-    low: List[float]
-    close: List[float]
-    amount: List[float]
-    volume: List[float]
-    bid: array[float]
-    bid_amount: array[float]
-    ask: array[float]
-    ask_amount: array[float]
-    time_ms: List[Optional[int]]
-    status: List[Optional[int]]
-    trade_count: List[Optional[int]]
+    yesterday_close: Sequence[float]
+    open: Sequence[float]
+    high: Sequence[float]
+    low: Sequence[float]
+    close: Sequence[float]
+    amount: Sequence[float]
+    volume: Sequence[float]
+    bid: Sequence[float]
+    bid_amount: Sequence[float]
+    ask: Sequence[float]
+    ask_amount: Sequence[float]
+    time_ms: Sequence[Optional[int]]
+    status: Sequence[Optional[int]]
+    trade_count: Sequence[Optional[int]]
 
-    def __init__(self, n: int, levels: int, columns: Sequence[Sequence[Any]]) -> None:
+    def __init__(self, n: int, levels: int, columns: Sequence[Any]) -> None:
         if len(columns) != len(FIELDS):
             raise ValueError(f"expected {len(FIELDS)} columns, got {len(columns)}")
         self.n = n
@@ -98,6 +108,7 @@ class SpotColumns:
         for name, col in zip(FIELDS, columns):
             setattr(self, name, col)
         self._records: Optional[List[SpotRecord]] = None
+        self.wire: Optional[Dict[str, Tuple[Any, Any]]] = None
 
     def __len__(self) -> int:
         return self.n
@@ -114,16 +125,12 @@ class SpotColumns:
         """The records as :class:`SpotRecord` objects (built once, on first use)."""
         if self._records is None:
             levels = self.levels
-            books: List[Iterable[Tuple[Any, ...]]] = []
-            for name in ("bid", "bid_amount", "ask", "ask_amount"):
-                flat = getattr(self, name)
-                books.append(map(tuple, zip(*[iter(flat)] * levels)) if levels else
-                             repeat((), self.n))
-            self._records = list(map(_new_record, repeat(SpotRecord), zip(
-                self.market, self.code, self.name, self.datetime, self.yesterday_close,
-                self.open, self.high, self.low, self.close, self.amount, self.volume,
-                *books, self.time_ms, self.status, self.trade_count,
-            )))
+            cols = [_plain(getattr(self, name)) for name in FIELDS]
+            for i in (11, 12, 13, 14):
+                flat = cols[i]
+                cols[i] = (list(map(tuple, zip(*[iter(flat)] * levels))) if levels else
+                           [()] * self.n)
+            self._records = list(map(_new_record, repeat(SpotRecord), zip(*cols)))
         return self._records
 
     @classmethod
@@ -144,6 +151,12 @@ class SpotColumns:
         out = cls(n, levels, cols)
         out._records = list(records)
         return out
+
+
+def _plain(column: Sequence[Any]) -> Sequence[Any]:
+    """``column`` with plain Python values: numpy arrays and ``array`` objects via tolist()."""
+    tolist = getattr(column, "tolist", None)
+    return tolist() if tolist is not None else column
 
 
 class Memo(dict):  # type: ignore[type-arg]
