@@ -288,7 +288,7 @@ class Relay:
         newest = 0
         if source.kind == "qmt":
             times = columns.time_ms if columns is not None else [r.time_ms for r in result.records]
-            newest = max(filter(None, times), default=0)
+            newest = int(max(filter(None, times), default=0))  # numpy column: plain int
         if newest:
             lag = publish_ms - newest
             if stats.lag_ms_max is None or lag > stats.lag_ms_max:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from typing import Any, List
@@ -95,6 +96,25 @@ def test_bad_ticks_are_dropped_and_the_rest_published() -> None:
     assert [["600000"]] == [[r.code for r in b.records] for b in sink.batches]
     stopped = next(e for e in logs if e["event"] == "relay_stopped")
     assert {"bad_code": 1, "bad_type": 1, "seed_record": 1} == stopped["dropped"]
+
+
+def test_live_source_lag_is_logged_as_a_plain_number() -> None:
+    """For a live source the stats line reports lag; from the numpy fast path it must still
+    be a plain int, or the JSON log line could not be written."""
+
+    class LiveSource(ScriptedSource):
+        kind = "qmt"
+
+    now_ms = int(time.time() * 1000)
+    batch = {f"60000{i}.SH": real_tick(time=now_ms - 1500 + i) for i in range(4)}
+    relay = Relay(config_for(tcp_address()), source=LiveSource([batch], finish=True))
+    with capture_logs() as logs:
+        asyncio.run(relay.serve())
+    stats = [e for e in logs if e["event"] == "stats" and e["records"]]
+    assert 1 == len(stats)
+    lag = stats[0]["lag_ms_max"]
+    assert type(lag) is int and 1400 < lag < 60_000
+    json.dumps(stats[0])
 
 
 def test_heartbeats_use_their_own_prefix() -> None:

@@ -259,3 +259,44 @@ def test_batch_result_never_depends_on_the_path(ticks: List[Dict[str, Any]],
     expected = Normaliser()._per_tick(batch)
     assert _typed(expected.records) == _typed(got.records)
     assert expected.dropped == got.dropped
+
+
+def test_set_names_reaches_the_fast_path() -> None:
+    """Names come from the current table, also for symbols already seen."""
+    norm = Normaliser({"600000.SH": "浦发银行"})
+    first = norm.normalise_batch({"600000.SH": tick(), "000001.SZ": tick()})
+    assert first._columns is not None
+    assert ["浦发银行", ""] == [r.name for r in first.records]
+    norm.set_names({"600000.SH": "浦发", "000001.SZ": "平安银行"})
+    second = norm.normalise_batch({"600000.SH": tick(), "000001.SZ": tick()})
+    assert ["浦发", "平安银行"] == [r.name for r in second.records]
+
+
+def test_symbol_memory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream of ever-new symbols cannot grow the per-symbol table without limit."""
+    from relay import normalise
+
+    monkeypatch.setattr(normalise, "_UNIVERSE_LIMIT", 8)
+    norm = Normaliser()
+    for start in range(0, 40, 4):
+        batch = {f"{600000 + i}.SH": tick() for i in range(start, start + 4)}
+        assert 4 == len(norm.normalise_batch(batch).records)
+        assert len(norm._universe) <= 8 + 4
+    # after a reset the volume check starts afresh and still works
+    assert 1 == len(norm.normalise_batch({"600036.SH": tick()}).records)
+    back = norm.normalise_batch({"600036.SH": tick(pvolume=100, time=1733118957000)})
+    assert {"volume_decreased": 1} == back.dropped
+
+
+@pytest.mark.parametrize("units", ["hikyuu", "raw"])
+@pytest.mark.parametrize("empty_books", [False, True])
+def test_fast_path_units_and_empty_books(units: str, empty_books: bool) -> None:
+    """Both unit systems, and batches whose books are all empty (as for indices)."""
+    keys = ("bidPrice", "bidVol", "askPrice", "askVol")
+    books: Dict[str, Any] = {key: [] for key in keys} if empty_books else {}
+    batch = {f"{600000 + i}.SH": tick(time=1733118954000 + i, **books) for i in range(5)}
+    got = Normaliser(units=units).normalise_batch(batch)
+    assert got._columns is not None
+    expected = Normaliser(units=units)._per_tick(batch)
+    assert _typed(expected.records) == _typed(got.records)
+    assert (0 if empty_books else 5) == len(got.records[0].bid) == got.columns.levels
