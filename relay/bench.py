@@ -28,7 +28,8 @@ from relay.records import SpotColumns, SpotRecord
 
 Records = Union[List[SpotRecord], SpotColumns]
 
-__all__ = ["best_time", "builder_decode", "builder_encode", "main", "measure_e2e", "percentile",
+__all__ = ["best_time", "best_times", "builder_decode", "builder_encode", "main", "measure_e2e",
+           "percentile",
            "simulated_ticks"]
 
 Batch = Dict[str, Dict[str, Any]]
@@ -151,8 +152,19 @@ def best_time(fn: Callable[[], object], repeat: int) -> float:
     return best
 
 
-def _best_rate(n: int, fn: Callable[[], object], repeat: int) -> float:
-    return n / best_time(fn, repeat)
+def best_times(fns: Mapping[str, Callable[[], object]], rounds: int) -> Dict[str, float]:
+    """Best wall time of each function, in seconds, over ``rounds`` interleaved rounds.
+
+    Each round calls every function once, so ours and the baseline sample the same moments
+    of a noisy machine and their ratio stays steady even when absolute figures drift.
+    """
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
 
 
 def _free_port() -> int:
@@ -237,7 +249,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m relay.bench", description=__doc__.split("\n")[0])
     ap.add_argument("--records", type=int, default=8000, help="securities per snapshot")
     ap.add_argument("--bursts", type=int, default=60, help="end-to-end bursts (>= 50)")
-    ap.add_argument("--repeat", type=int, default=5, help="timing repeats (best is kept)")
+    ap.add_argument("--repeat", type=int, default=7,
+                    help="timing rounds; each times every contender once, the best is kept")
     args = ap.parse_args(argv)
 
     from relay.client import decode_spot_list  # noqa: PLC0415
@@ -265,19 +278,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return [normalise_tick(sym, tick, name=names.get(sym, "")) for sym, tick in batch.items()]
 
     rep = args.repeat
-    ours_enc = _best_rate(n, ours_encode, rep)
-    ours_norm = _best_rate(n, lambda: norm.normalise_batch(batch), rep)
     cols = norm.normalise_batch(batch).columns
-    ours_enc_only = _best_rate(n, lambda: encoder.encode(cols or [], first_seq=1,
-                                                         publish_time_ms=0), rep)
-    base_map = _best_rate(n, plain_mapping, max(2, rep // 2))
-    base_build = _best_rate(n, lambda: builder_encode(batch, names), max(2, rep // 2))
+    enc_t = best_times({
+        "ours": ours_encode,
+        "normalise": lambda: norm.normalise_batch(batch),
+        "encode": lambda: encoder.encode(cols or [], first_seq=1, publish_time_ms=0),
+        "mapping": plain_mapping,
+        "builder": lambda: builder_encode(batch, names),
+    }, rep)
+    ours_enc, ours_norm, ours_enc_only, base_map, base_build = (
+        n / enc_t[k] for k in ("ours", "normalise", "encode", "mapping", "builder"))
     base_enc = 1.0 / (1.0 / base_map + 1.0 / base_build)
     (msg,) = whole.encode(records, first_seq=1, publish_time_ms=0)
     plain = builder_encode(batch, names)
-    ours_dec = _best_rate(n, lambda: decode_spot_list(msg, 6), rep)
-    ours_dec_plain = _best_rate(n, lambda: decode_spot_list(plain), rep)
-    base_dec = _best_rate(n, lambda: builder_decode(msg, 6), max(2, rep // 2))
+    dec_t = best_times({
+        "ours": lambda: decode_spot_list(msg, 6),
+        "builder_buffer": lambda: decode_spot_list(plain),
+        "accessors": lambda: builder_decode(msg, 6),
+    }, rep)
+    ours_dec, ours_dec_plain, base_dec = (
+        n / dec_t[k] for k in ("ours", "builder_buffer", "accessors"))
     latencies = measure_e2e(cols or records, args.bursts)
 
     result = {

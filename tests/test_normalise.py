@@ -10,12 +10,14 @@ import sys
 import textwrap
 from datetime import date
 from typing import Any, Callable, Dict, List, Tuple
+from unittest import mock
 
 import pytest
 from helpers import REAL_TICK
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from relay import normalise
 from relay.errors import BadTick
 from relay.normalise import DROP_REASONS, Normaliser, china_datetime, normalise_tick
 from relay.records import SpotRecord
@@ -204,8 +206,12 @@ def _typed(records: List[SpotRecord]) -> List[Tuple[Any, ...]]:
             for r in records]
 
 
-def test_columnar_path_matches_per_tick_path_on_a_simulated_market() -> None:
-    """The fast columnar path gives exactly the per-tick path's records, push after push."""
+@pytest.mark.parametrize("chunk", [1000, 64])
+def test_columnar_path_matches_per_tick_path_on_a_simulated_market(
+        chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast columnar path gives exactly the per-tick path's records, push after push,
+    whether a batch is read in one chunk or in several."""
+    monkeypatch.setattr(normalise, "_CHUNK", chunk)
     batches = _simulated_batches()
     fast, slow = Normaliser(), Normaliser()
     for batch in batches:
@@ -249,13 +255,16 @@ def hostile_ticks(draw: Any) -> Dict[str, Any]:
 
 @settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(hostile_ticks(), min_size=1, max_size=8),
-       st.lists(st.sampled_from(["SH", "SZ", "BJ", "SH", "SZ", "bad"]), min_size=8, max_size=8))
+       st.lists(st.sampled_from(["SH", "SZ", "BJ", "SH", "SZ", "bad"]), min_size=8, max_size=8),
+       st.sampled_from([1000, 3, 1]))
 def test_batch_result_never_depends_on_the_path(ticks: List[Dict[str, Any]],
-                                               codes: List[str]) -> None:
-    """Whatever the ticks, normalise_batch equals the per-tick path: records and drops."""
+                                               codes: List[str], chunk: int) -> None:
+    """Whatever the ticks and however the fast path chunks them, normalise_batch equals the
+    per-tick path: records and drops."""
     batch = {f"{600100 + i}.{codes[i]}" if codes[i] != "bad" else f"{i}.XX": t
              for i, t in enumerate(ticks)}
-    got = Normaliser().normalise_batch(batch)
+    with mock.patch.object(normalise, "_CHUNK", chunk):
+        got = Normaliser().normalise_batch(batch)
     expected = Normaliser()._per_tick(batch)
     assert _typed(expected.records) == _typed(got.records)
     assert expected.dropped == got.dropped
@@ -274,8 +283,6 @@ def test_set_names_reaches_the_fast_path() -> None:
 
 def test_symbol_memory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     """A stream of ever-new symbols cannot grow the per-symbol table without limit."""
-    from relay import normalise
-
     monkeypatch.setattr(normalise, "_UNIVERSE_LIMIT", 8)
     norm = Normaliser()
     for start in range(0, 40, 4):
