@@ -1,8 +1,11 @@
 """SpotRecords -> ``SpotList`` FlatBuffers messages, chunked under a size limit.
 
-The encoder writes the FlatBuffers binary format directly, front to back, with ``struct``
-rather than through ``flatbuffers.Builder``: every record of a message shares one vtable and
-one fixed table layout, so a record costs one ``Struct.pack_into`` call. The output is an
+The encoder writes the FlatBuffers binary format directly, front to back, rather than through
+``flatbuffers.Builder``: every record of a message shares one vtable and one fixed table
+layout. When every record of a batch has the same byte size (the normal case: names padded to
+the longest), the message's records are a numpy structured array laid over the buffer and
+each field is written for all records at once; otherwise a record costs one
+``Struct.pack_into`` call. The output is an
 ordinary FlatBuffer for ``schemas/spot.fbs`` -- the generated accessors, hikyuu's C++ agent
 and any verifier read it -- with every scalar naturally aligned relative to the buffer start.
 

@@ -16,9 +16,15 @@ A pushed tick, as xtquant's ``subscribe_whole_quote`` callback delivers it (real
 ``time`` and whole-number prices as ints; both are accepted.
 
 :func:`normalise_tick` is pure: a bad tick raises :class:`~relay.errors.BadTick` with a short
-reason from :data:`DROP_REASONS`. :class:`Normaliser` applies it to a whole batch, keeps the
-one piece of cross-tick state validation needs (last cumulative volume per security, to catch
-a volume that goes backwards) and counts drops by reason.
+reason from :data:`DROP_REASONS`. :class:`Normaliser` gives the same results for a whole
+batch at once (its fast path works on numpy columns), keeps the one piece of cross-tick state
+validation needs (last cumulative volume per security, to catch a volume that goes backwards)
+and counts drops by reason.
+
+Numbers are read the way ``array("d")`` reads them (ints and floats, not strings or None),
+prices rounded half to even at ``price_decimals`` as ``round(x * 10**d) / 10**d``, which gives
+the double nearest the decimal value; every value in a record is a plain ``float`` (``int``
+for the time, status and trade count).
 """
 
 from __future__ import annotations
@@ -388,11 +394,12 @@ class _Universe(Dict[str, int]):
 class Normaliser:
     """Normalises whole batches; counts drops; remembers cumulative volume per security.
 
-    A batch first goes through a columnar fast path: each field of every tick is gathered
-    into a column with C-level builtins (``map``, ``chain``, ``sum``, ``set``) and numpy, and
-    every check and conversion of :func:`normalise_tick` is applied to whole columns at once.
-    Any doubt (a failed check, a ``get_full_tick`` record, a missing optional field) sends the
-    batch down the per-tick path instead, which names and counts each bad tick. Both paths
+    A batch first goes through a columnar fast path: the fields of every tick are gathered
+    into columns with C-level builtins (``map``, ``list.extend``, ``set``, ``Struct.pack``),
+    a chunk of ticks at a time so that the chunk stays in the CPU cache, and every check and
+    conversion of :func:`normalise_tick` is applied to whole numpy columns at once. Any doubt
+    (a failed check, a ``get_full_tick`` record, a missing optional field) sends the batch
+    down the per-tick path instead, which names and counts each bad tick. Both paths
     give identical records (tested), down to the Python types of their values.
 
     Args:
