@@ -262,6 +262,9 @@ class SpotEncoder:
         if any(col.dtype.kind != "i" if isinstance(col, np.ndarray) else None in col
                for col in optional):
             return None
+        status = np.asarray(cols.status)
+        if status.dtype.kind != "i" or status.min() < -(1 << 31) or status.max() >= 1 << 31:
+            return None  # not an int32: the record path refuses it (numpy would wrap it)
         memo = self._bytes.__getitem__
         wire = cols.wire or {}
         strings: List[Tuple[Any, Any]] = []

@@ -74,6 +74,8 @@ _SYMBOL_RE = re.compile(r"^(\d{6})\.(SH|SZ|BJ)$")
 _MIN_MS = 946_684_800_000
 _MAX_MS = 4_102_444_800_000
 _AUCTION_STATUS = 2
+_INT32_MIN, _INT32_MAX = -(1 << 31), (1 << 31) - 1
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 _new_record = tuple.__new__
 
 
@@ -262,8 +264,9 @@ def normalise_tick(
         ask_t,
         ask_amount_t,
         ms,
-        status if status.__class__ is int else None,
-        trades if trades.__class__ is int else None,
+        # optional fields: absent unless a plain int that fits the schema's int / long
+        status if status.__class__ is int and _INT32_MIN <= status <= _INT32_MAX else None,
+        trades if trades.__class__ is int and _INT64_MIN <= trades <= _INT64_MAX else None,
     )
 
 
@@ -472,7 +475,10 @@ class Normaliser:
         times = np.array(times_l, np.int64)
         if times.min() < _MIN_MS or times.max() >= _MAX_MS:
             return None
-        status = np.array(status_l, np.int64)
+        status = np.array(status_l, np.int64)  # OverflowError past the int64 range
+        trades = np.array(trades_l, np.int64)
+        if status.min() < _INT32_MIN or status.max() > _INT32_MAX:
+            return None  # the per-tick path reports such a status as absent
         if self._drop_auction and (status == _AUCTION_STATUS).any():
             return None
         values = np.concatenate([chunk.values for chunk in read], axis=1)
@@ -516,7 +522,7 @@ class Normaliser:
             market, code, name, datetimes,
             prices[0], prices[1], prices[2], prices[3], prices[4], amounts, volumes,
             bid, book[1], ask, book[3],
-            times, status, np.array(trades_l, np.int64),
+            times, status, trades,
         ])
         columns.wire = wire
         return columns

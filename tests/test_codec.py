@@ -12,6 +12,7 @@ import tempfile
 from typing import Any, Iterator, List, Optional, Tuple
 
 import flatbuffers
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -393,3 +394,17 @@ def test_column_path_decodes_like_the_record_path(recs: List[SpotRecord], data: 
         except DecodeError:
             outcomes.append("DecodeError")
     assert repr(outcomes[1]) == repr(outcomes[0])  # repr: a flipped byte may make a NaN
+
+
+def test_status_outside_int32_is_refused_not_wrapped() -> None:
+    """The schema's status is an int32: a value outside it is an error on every path, never
+    written modulo 2**32 (numpy's casting would do that silently)."""
+    from relay.records import SpotColumns
+
+    recs = [SAMPLE._replace(status=2**31), SAMPLE._replace(code="600001")]
+    cols = SpotColumns.from_records(recs)
+    assert cols is not None
+    cols.status = np.array(cols.status, dtype=np.int64)
+    for records in (recs, cols):
+        with pytest.raises(struct.error):
+            SpotEncoder("r", "s").encode(records, first_seq=1, publish_time_ms=0)

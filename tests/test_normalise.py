@@ -187,6 +187,36 @@ def test_status_and_trade_count_absent_become_none() -> None:
     assert (None, None) == (rec.status, rec.trade_count)
 
 
+@pytest.mark.parametrize(("status", "trades", "expected"), [
+    (2**31 - 1, 2**63 - 1, (2**31 - 1, 2**63 - 1)),
+    (-(2**31), -(2**63), (-(2**31), -(2**63))),
+    (2**31, 2**63, (None, None)),
+    (-(2**31) - 1, 2**70, (None, None)),
+    (True, 1.0, (None, None)),
+])
+def test_status_and_trade_count_outside_the_schema_become_none(
+        status: Any, trades: Any, expected: Any) -> None:
+    """A status that is no int32 or a trade count that is no int64 cannot go on the wire:
+    reported absent, and the tick itself still passes and encodes, on both paths."""
+    from relay.encode import SpotEncoder
+
+    batch = {"600000.SH": tick(stockStatus=status, transactionNum=trades),
+             "000001.SZ": tick()}
+    result = Normaliser().normalise_batch(batch)
+    assert expected == (result.records[0].status, result.records[0].trade_count)
+    assert expected == _per_tick_status(batch)
+    messages = SpotEncoder("r", "s").encode(result.columns or result.records, first_seq=1,
+                                            publish_time_ms=0)
+    from relay.client import decode_spot_list
+
+    assert result.records == decode_spot_list(messages[0], 6).records
+
+
+def _per_tick_status(batch: Dict[str, Any]) -> Any:
+    rec = Normaliser()._per_tick(batch).records[0]
+    return (rec.status, rec.trade_count)
+
+
 def _simulated_batches() -> List[Dict[str, Any]]:
     from relay.sources.simulator import SimulatedMarket, china_ms
 
@@ -247,7 +277,9 @@ def hostile_ticks(draw: Any) -> Dict[str, Any]:
     if draw(rare):
         t["time"] = draw(st.sampled_from([0, 1733118954000, 1733118955123, 1.5, None]))
     if draw(rare):
-        t["stockStatus"] = draw(st.sampled_from([2, 3, None, 3.0]))
+        t["stockStatus"] = draw(st.sampled_from([2, 3, None, 3.0, 2**31, -(2**31) - 1]))
+    if draw(rare):
+        t["transactionNum"] = draw(st.sampled_from([0, None, 2**63 - 1, 2**63, -(2**70)]))
     if draw(st.integers(0, 9)) == 0:
         del t[draw(st.sampled_from(sorted(t)))]
     return t
