@@ -531,9 +531,7 @@ class Normaliser:
         """One chunk of ticks, read into columns; ``None`` if a check fails.
 
         The chunk is small enough that its dicts, lists and numbers stay in the CPU cache
-        across the fourteen passes over it. Returns the time, status and trade-count lists,
-        the seven scalars as a ``(7, m)`` array, the book depth and the books as a
-        ``(4, m * depth)`` array (bid, bid sizes, ask, ask sizes).
+        across the passes over it.
         """
         m = len(ticks)
         # One pass over the dicts takes all fourteen fields of each tick; the fields of the
