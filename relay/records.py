@@ -6,7 +6,9 @@ compiled or heavy.
 
 from __future__ import annotations
 
+import struct
 from array import array
+from functools import lru_cache
 from itertools import chain, repeat
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -124,12 +126,11 @@ class SpotColumns:
     def records(self) -> List[SpotRecord]:
         """The records as :class:`SpotRecord` objects (built once, on first use)."""
         if self._records is None:
-            levels = self.levels
-            cols = [_plain(getattr(self, name)) for name in FIELDS]
-            for i in (11, 12, 13, 14):
-                flat = cols[i]
-                cols[i] = (list(map(tuple, zip(*[iter(flat)] * levels))) if levels else
-                           [()] * self.n)
+            levels, n = self.levels, self.n
+            cols: List[Any] = [None] * len(FIELDS)
+            for i, name in enumerate(FIELDS):
+                col = getattr(self, name)
+                cols[i] = _rows(col, levels, n) if i in _BOOKS else _plain(col)
             self._records = list(map(_new_record, repeat(SpotRecord), zip(*cols)))
         return self._records
 
@@ -151,6 +152,29 @@ class SpotColumns:
         out = cls(n, levels, cols)
         out._records = list(records)
         return out
+
+
+_BOOKS = frozenset((11, 12, 13, 14))
+
+
+def _rows(flat: Sequence[float], levels: int, n: int) -> List[Tuple[float, ...]]:
+    """A flat book column cut into one tuple per record."""
+    if not levels:
+        return [()] * n
+    try:
+        view = memoryview(flat)  # type: ignore[arg-type]
+    except TypeError:  # a list
+        return list(zip(*[iter(flat)] * levels))
+    with view:
+        if view.format != "d" or not view.c_contiguous:
+            return list(zip(*[iter(view.tolist())] * levels))
+        # one C call per record makes its tuple straight from the buffer
+        return list(_book_struct(levels).iter_unpack(view))
+
+
+@lru_cache(maxsize=16)
+def _book_struct(levels: int) -> struct.Struct:
+    return struct.Struct(f"={levels}d")
 
 
 def _plain(column: Sequence[Any]) -> Sequence[Any]:

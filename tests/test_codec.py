@@ -408,3 +408,35 @@ def test_status_outside_int32_is_refused_not_wrapped() -> None:
     for records in (recs, cols):
         with pytest.raises(struct.error):
             SpotEncoder("r", "s").encode(records, first_seq=1, publish_time_ms=0)
+
+
+@pytest.mark.parametrize("form", ["list", "array", "numpy", "numpy_strided"])
+@pytest.mark.parametrize("levels", [5, 1, 0])
+def test_spot_columns_records_whatever_the_book_storage(form: str, levels: int) -> None:
+    """SpotColumns.records gives the same plain-Python records whether the flat book columns
+    are lists, array("d"), numpy arrays or non-contiguous numpy views."""
+    from array import array
+
+    from relay.records import FIELDS, SpotColumns
+
+    recs = [SAMPLE._replace(code=f"{600000 + i}",
+                            bid=tuple(1.0 + i + j / 100 for j in range(levels)),
+                            bid_amount=(7.0,) * levels, ask=(2.5,) * levels,
+                            ask_amount=tuple(float(j) for j in range(levels)))
+            for i in range(3)]
+    built = SpotColumns.from_records(recs)
+    assert built is not None
+    cols = [list(built.column(name)) for name in FIELDS]
+    for i in (11, 12, 13, 14):
+        flat = [float(x) for x in cols[i]]
+        if form == "array":
+            cols[i] = array("d", flat)
+        elif form == "numpy":
+            cols[i] = np.array(flat)
+        elif form == "numpy_strided":
+            cols[i] = np.array([flat, flat]).T[:, 0]  # a view with a stride of 16 bytes
+        else:
+            cols[i] = flat
+    got = SpotColumns(3, levels, cols).records
+    assert recs == got
+    assert all(type(x) is float for r in got for book in r[11:15] for x in book)
