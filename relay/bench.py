@@ -278,7 +278,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return [normalise_tick(sym, tick, name=names.get(sym, "")) for sym, tick in batch.items()]
 
     rep = args.repeat
-    cols = norm.normalise_batch(batch).columns
+    cols = result_.columns
     enc_t = best_times({
         "ours": ours_encode,
         "normalise": lambda: norm.normalise_batch(batch),

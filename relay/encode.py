@@ -49,6 +49,7 @@ _SPOT_VTABLE_SIZE = 4 + 2 * len(_SPOT_OFFSETS)  # 40
 _OPTIONAL_IDS = (15, 16, 17)
 _DOUBLES = ("yesterday_close", "open", "high", "low", "close", "amount", "volume")
 _BOOK_NAMES = ("bid", "bid_amount", "ask", "ask_amount")
+_INT_NAMES = ("time_ms", "trade_count", "status")
 
 _SPOTLIST_VT_POS = 4
 _SPOT_VT_POS = 20
@@ -258,12 +259,12 @@ class SpotEncoder:
         code and datetime in every record (names may differ: they are padded to the
         longest). Book depth is uniform in a :class:`SpotColumns` by construction.
         """
-        optional = (cols.time_ms, cols.status, cols.trade_count)
-        if any(col.dtype.kind != "i" if isinstance(col, np.ndarray) else None in col
-               for col in optional):
+        # A None, or an int too large for int64, makes an object array: not uniform.
+        ints = [np.asarray(getattr(cols, name)) for name in _INT_NAMES]
+        if any(col.dtype.kind != "i" for col in ints):
             return None
-        status = np.asarray(cols.status)
-        if status.dtype.kind != "i" or status.min() < -(1 << 31) or status.max() >= 1 << 31:
+        status = ints[2]
+        if status.min() < -(1 << 31) or status.max() >= 1 << 31:
             return None  # not an int32: the record path refuses it (numpy would wrap it)
         memo = self._bytes.__getitem__
         wire = cols.wire or {}
@@ -284,7 +285,7 @@ class SpotEncoder:
             key.append(width)
         levels = cols.levels
         layout = self._layout((*key, levels, levels, levels, levels))
-        return _UniformPlan(layout, strings)
+        return _UniformPlan(layout, strings, ints)
 
     def _iter_uniform(self, cols: SpotColumns, plan: _UniformPlan, first_seq: int,
                       publish_time_ms: int) -> Iterator[Tuple[bytes, int]]:
@@ -306,7 +307,6 @@ class SpotEncoder:
         doubles = [np.asarray(getattr(cols, name), dtype=np.float64) for name in _DOUBLES]
         books = [np.asarray(getattr(cols, name), dtype=np.float64).reshape(n, levels)
                  for name in _BOOK_NAMES]
-        ints = [np.asarray(getattr(cols, name)) for name in ("time_ms", "trade_count", "status")]
         for seq, start in enumerate(range(0, n, per_message), first_seq):
             end = min(n, start + per_message)
             count = end - start
@@ -320,7 +320,7 @@ class SpotEncoder:
                                       size, dtype=np.int32)
             for name, col in zip(_DOUBLES, doubles):
                 rec[name] = col[start:end]
-            for name, col in zip(("time_ms", "trade_count", "status"), ints):
+            for name, col in zip(_INT_NAMES, plan.ints):
                 rec[name] = col[start:end]
             rec["uoffsets"] = layout.uoffsets
             for k, col in enumerate(books):
@@ -401,11 +401,12 @@ class SpotEncoder:
 
 
 class _UniformPlan:
-    __slots__ = ("layout", "strings")
+    __slots__ = ("ints", "layout", "strings")
 
-    def __init__(self, layout: _Layout, strings: List[Tuple[Any, Any]]) -> None:
+    def __init__(self, layout: _Layout, strings: List[Tuple[Any, Any]], ints: List[Any]) -> None:
         self.layout = layout
         self.strings = strings  # (lengths, NUL-padded bytes) per string field, numpy arrays
+        self.ints = ints  # time_ms, trade_count, status as numpy int arrays
 
 
 def encode_spot_list(

@@ -473,7 +473,8 @@ class Normaliser:
         times_l, status_l, trades_l = (list(chain.from_iterable(column)) for column in zip(
             *((chunk.times, chunk.status, chunk.trades) for chunk in read)))
         times = np.array(times_l, np.int64)
-        if times.min() < _MIN_MS or times.max() >= _MAX_MS:
+        first_ms, last_ms = int(times.min()), int(times.max())
+        if first_ms < _MIN_MS or last_ms >= _MAX_MS:
             return None
         status = np.array(status_l, np.int64)  # OverflowError past the int64 range
         trades = np.array(trades_l, np.int64)
@@ -500,8 +501,8 @@ class Normaliser:
             amounts, volumes = values[5] / 10000.0, values[6] / 100.0
         else:
             amounts, volumes = values[5], values[6]
-        day = (int(times.min()) + _OFFSET_MS) // _DAY_MS
-        if (int(times.max()) + _OFFSET_MS) // _DAY_MS != day:
+        day = (first_ms + _OFFSET_MS) // _DAY_MS
+        if (last_ms + _OFFSET_MS) // _DAY_MS != day:
             return None  # a batch across midnight: compare volumes tick by tick
         if day < self._volume_day:
             return None  # an earlier day's ticks are not compared: the per-tick path knows
