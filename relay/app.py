@@ -32,10 +32,10 @@ from typing import (
 import structlog
 
 from relay.config import Config
-from relay.ops.monitor import Operations, ReportsCounters, metrics_address
 from relay.encode import Records, SpotEncoder
 from relay.errors import RelayError, SourceError
 from relay.normalise import Normaliser
+from relay.ops.monitor import Operations, ReportsCounters, metrics_address
 from relay.publish import Publisher
 from relay.sinks import PublishedBatch, Sink, sinks_from_config
 from relay.sources import Batch, Source, create_source

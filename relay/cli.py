@@ -14,13 +14,15 @@ from typing import List, Optional, Sequence, TextIO
 from relay import __version__
 from relay.errors import ConfigError, PublishError, RelayError
 
-__all__ = ["EXIT_CONFIG", "EXIT_FAILURE", "EXIT_OK", "EXIT_STARTUP", "main"]
+__all__ = ["EXIT_CONFIG", "EXIT_FAILURE", "EXIT_OK", "EXIT_STARTUP", "EXIT_UNREACHABLE", "main"]
 
 EXIT_OK = 0
 EXIT_FAILURE = 1          # the relay failed while running
 EXIT_CONFIG = 2           # bad configuration or command line
 EXIT_STARTUP = 3          # could not start: address in use, source unavailable
 EXIT_INTERRUPTED = 130    # tail stopped by Ctrl-C
+# qmt-relay status: 0 healthy, 1 unhealthy (EXIT_FAILURE), 2 no relay reachable
+EXIT_UNREACHABLE = 2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -76,6 +78,18 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument("--snapshot-url", metavar="URL",
                       help="snapshot address (default: the stream's TCP port + 1)")
 
+    status = sub.add_parser(
+        "status", help="report a running relay's health (exit 0 healthy, 1 unhealthy, "
+                       "2 unreachable)")
+    status.add_argument("url", metavar="URL", nargs="?", default="tcp://127.0.0.1:9200",
+                        help="stream address (heartbeats) or the metrics endpoint "
+                             "http://HOST:PORT (default tcp://127.0.0.1:9200)")
+    status.add_argument("--metrics-url", metavar="URL",
+                        help="metrics endpoint (default: the stream's TCP port + 3)")
+    status.add_argument("--timeout", type=float, default=3.0, metavar="S",
+                        help="seconds to wait for a heartbeat and per request (default 3)")
+    status.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+
     service = sub.add_parser("service", help="manage the Windows service (Windows only)")
     service.add_argument("action", choices=["install", "remove", "start", "stop", "status"])
     service.add_argument("--config", "-c", metavar="FILE",
@@ -102,6 +116,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _record(args)
     if args.command == "export":
         return _export(args)
+    if args.command == "status":
+        return _status(args)
     return _tail(args)
 
 
@@ -142,6 +158,22 @@ def _run(args: argparse.Namespace) -> int:
         _error(str(exc))
         return EXIT_STARTUP if relay.state.value == "starting" else EXIT_FAILURE
     return EXIT_OK
+
+
+def _status(args: argparse.Namespace) -> int:
+    from relay.ops.status import format_report, gather  # noqa: PLC0415
+
+    if not args.timeout > 0:
+        _error("--timeout must be > 0")
+        return EXIT_CONFIG
+    report = gather(args.url, metrics_url=args.metrics_url, timeout=args.timeout)
+    if args.json:
+        print(json.dumps(report.as_dict(), ensure_ascii=False, indent=2))
+    else:
+        print(format_report(report), end="")
+    if not report.reachable:
+        return EXIT_UNREACHABLE
+    return EXIT_OK if report.healthy else EXIT_FAILURE
 
 
 def _check_config(path: str) -> int:

@@ -377,7 +377,7 @@ _CHECKS: Mapping[str, _Check] = {
     "metrics.quiet_after": _positive,
     "alerts.webhooks[]": lambda v: _webhook_url(v) if isinstance(v, str) else None,
     "alerts.webhooks[].url": _webhook_url,
-    "alerts.webhooks[].template": lambda v: _template(v),
+    "alerts.webhooks[].template": _template,
     "alerts.timeout": _positive,
     "alerts.retries": _between(0, 20),
     "alerts.backoff": _positive,

@@ -1,11 +1,11 @@
 """Webhook alerts: JSON POSTs when the feed is lost, stalls or recovers, the recorder fails,
 or the relay starts and stops.
 
-:meth:`AlertSender.notify` only appends to a bounded queue (it never blocks, whatever the
-webhooks do); one thread of its own delivers each alert to every webhook, retrying with
-exponential backoff. Each event kind is rate-limited (at most ``rate_limit`` alerts per
-``rate_window`` seconds), so a flapping feed sends a bounded number of alerts; the next alert
-of that kind says how many were suppressed.
+:meth:`AlertSender.notify` only appends to bounded queues (it never blocks, whatever the
+webhooks do); each webhook has a thread of its own that delivers its alerts, retrying with
+exponential backoff, so a slow or dead robot delays nobody else. Each event kind is
+rate-limited (at most ``rate_limit`` alerts per ``rate_window`` seconds), so a flapping feed
+sends a bounded number of alerts; the next alert of that kind says how many were suppressed.
 
 A webhook is a URL (it receives the generic body below) or a URL with a body ``template``: any
 JSON value whose strings may use ``$event``, ``$text``, ``$run_id``, ``$source``, ``$time``,
@@ -123,19 +123,28 @@ def _post(url: str, body: bytes, timeout: float) -> int:
         headers={"Content-Type": "application/json; charset=utf-8",
                  "User-Agent": "qmt-relay-alerts"})
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             response.read(65536)
             return int(response.status)
     except urllib.error.HTTPError as exc:
         return int(exc.code)
 
 
+class _Channel:
+    """One webhook's queue and sender thread (a slow robot never delays another)."""
+
+    def __init__(self, hook: Webhook, queue_size: int) -> None:
+        self.hook = hook
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
+        self.thread: Optional[threading.Thread] = None
+
+
 class AlertSender:
-    """Delivers alerts to webhooks from a thread of its own.
+    """Delivers alerts to webhooks, each from a thread of its own.
 
     Args:
         webhooks: where every alert goes.
-        queue_size: alerts waiting for delivery; beyond it, new alerts are dropped (counted).
+        queue_size: alerts waiting per webhook; beyond it, new alerts are dropped (counted).
         timeout: seconds per HTTP request; also how long :meth:`close` waits to deliver
             what is queued (the ``relay_stopped`` alert).
         retries: further attempts after a failed delivery.
@@ -145,6 +154,7 @@ class AlertSender:
         rate_window: seconds.
         clock: monotonic seconds (rate limiting).
         post: the HTTP POST (tests may substitute one).
+        host: the host name put in alerts (default: this machine's).
     """
 
     def __init__(self, webhooks: Sequence[Webhook], *, queue_size: int = 100,
@@ -153,7 +163,8 @@ class AlertSender:
                  clock: Callable[[], float] = time.monotonic,
                  post: Poster = _post, host: Optional[str] = None) -> None:
         self.webhooks = tuple(webhooks)
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
+        self._channels = [_Channel(hook, queue_size) for hook in self.webhooks]
+        self._queue_size = queue_size
         self._timeout = timeout
         self._retries = retries
         self._backoff = backoff
@@ -165,9 +176,10 @@ class AlertSender:
         self._host = host if host is not None else socket.gethostname()
         self._recent: Dict[str, Deque[float]] = {}
         self._suppressed_by_kind: Dict[str, int] = {}
-        self._thread: Optional[threading.Thread] = None
+        self._started = False
         self._deadline: Optional[float] = None   # set by close(): stop retrying after it
         self._wake = threading.Event()
+        self._lock = threading.Lock()            # counters are bumped by several threads
         # Counters (read by the metrics snapshot).
         self.sent = 0
         self.failed = 0
@@ -176,8 +188,8 @@ class AlertSender:
 
     @property
     def depth(self) -> int:
-        """Alerts waiting for delivery."""
-        return self._queue.qsize()
+        """Alerts waiting for delivery, over all webhooks."""
+        return sum(channel.queue.qsize() for channel in self._channels)
 
     def counters(self) -> Dict[str, int]:
         return {"alerts_sent": self.sent, "alerts_failed": self.failed,
@@ -185,18 +197,22 @@ class AlertSender:
                 "alerts_queue": self.depth}
 
     def start(self) -> None:
-        if self._thread is not None or not self.webhooks:
+        """Start one sender thread per webhook."""
+        if self._started:
             return
-        self._thread = threading.Thread(target=self._run, name="relay-alerts", daemon=True)
-        self._thread.start()
+        self._started = True
+        for number, channel in enumerate(self._channels):
+            channel.thread = threading.Thread(target=self._run, args=(channel,),
+                                              name=f"relay-alerts-{number}", daemon=True)
+            channel.thread.start()
 
     def notify(self, alert: Alert) -> bool:
-        """Queue ``alert`` for delivery unless rate-limited; never blocks.
+        """Queue ``alert`` for every webhook unless rate-limited; never blocks.
 
         Returns:
-            Whether the alert was queued.
+            Whether the alert was queued (for at least one webhook).
         """
-        if not self.webhooks:
+        if not self._channels:
             return False
         now = self._clock()
         recent = self._recent.setdefault(alert.event, deque())
@@ -208,44 +224,54 @@ class AlertSender:
                                                                                  0) + 1
             log.info("alert_suppressed", alert=alert.event, window_s=self._rate_window)
             return False
+        recent.append(now)
         skipped = self._suppressed_by_kind.pop(alert.event, 0)
         if skipped:
             alert = Alert(alert.event, f"{alert.text} ({skipped} similar alerts suppressed)",
                           alert.run_id, alert.source, alert.time,
                           {**alert.details, "suppressed": skipped})
-        try:
-            self._queue.put_nowait(alert)
-        except queue.Full:
-            self.dropped += 1
-            log.warning("alert_dropped", alert=alert.event, queue_size=self._queue.maxsize)
-            return False
-        recent.append(now)
-        return True
+        queued = False
+        for channel in self._channels:
+            try:
+                channel.queue.put_nowait(alert)
+            except queue.Full:
+                with self._lock:
+                    self.dropped += 1
+                log.warning("alert_dropped", alert=alert.event, webhook=channel.hook.shown,
+                            queue_size=self._queue_size)
+            else:
+                queued = True
+        return queued
 
     def close(self) -> None:
         """Deliver what is queued within ``timeout`` seconds, then stop. Idempotent."""
-        thread, self._thread = self._thread, None
-        if thread is None:
+        if not self._started:
             return
+        self._started = False
         self._deadline = time.monotonic() + self._timeout
-        self._wake.set()   # cut a retry wait short: from now on, retries respect the deadline
-        with contextlib.suppress(queue.Full):
-            self._queue.put(_STOP, timeout=self._timeout)
-        thread.join(self._timeout + 1.0)
-        if thread.is_alive():
-            log.warning("alerts_abandoned", queued=self.depth)
+        self._wake.set()   # cut retry waits short: from now on, retries respect the deadline
+        for channel in self._channels:
+            with contextlib.suppress(queue.Full):
+                channel.queue.put(_STOP, timeout=max(0.0, self._deadline - time.monotonic()))
+        for channel in self._channels:
+            thread, channel.thread = channel.thread, None
+            if thread is None:
+                continue
+            thread.join(max(0.0, self._deadline - time.monotonic()) + 1.0)
+            if thread.is_alive():
+                log.warning("alerts_abandoned", webhook=channel.hook.shown,
+                            queued=channel.queue.qsize())
 
-    # -- the sender thread ------------------------------------------------------------------
+    # -- the sender threads -----------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _run(self, channel: _Channel) -> None:
         while True:
-            item = self._queue.get()
+            item = channel.queue.get()
             if item is _STOP:
                 return
-            for hook in self.webhooks:
-                if self._past_deadline():
-                    break
-                self._deliver(hook, item)
+            if self._past_deadline():
+                continue   # closing and out of time: drain without sending
+            self._deliver(channel.hook, item)
 
     def _past_deadline(self) -> bool:
         return self._deadline is not None and time.monotonic() >= self._deadline
@@ -265,7 +291,8 @@ class AlertSender:
                 error = repr(exc)
             else:
                 if 200 <= status < 300:
-                    self.sent += 1
+                    with self._lock:
+                        self.sent += 1
                     log.info("alert_sent", alert=alert.event, webhook=hook.shown,
                              attempt=attempt)
                     return
@@ -276,7 +303,8 @@ class AlertSender:
                         error=error, delay_s=delay)
             self._wake.wait(delay)
             delay = min(self._backoff_max, delay * 2)
-        self.failed += 1
+        with self._lock:
+            self.failed += 1
         log.error("alert_failed", alert=alert.event, webhook=hook.shown, error=error)
 
 

@@ -76,10 +76,11 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def setup(self) -> None:
-        self.timeout = self.server.ops.request_timeout
+        # StreamRequestHandler applies ``timeout`` to the connection: drop silent clients.
+        self.connection.settimeout(self.server.ops.request_timeout)
         super().setup()
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib's name
+    def log_message(self, format: str, *args: Any) -> None:
         """Silence the stdlib's per-request stderr lines (a scrape every few seconds)."""
 
     def do_HEAD(self) -> None:
@@ -89,10 +90,11 @@ class _Handler(BaseHTTPRequestHandler):
         self._respond(head=False)
 
     def _not_allowed(self) -> None:
+        self.close_connection = True   # its body (if any) is never read
         self._send(405, b"method not allowed\n", "text/plain; charset=utf-8", False,
-                   {"Allow": "GET, HEAD"})
+                   {"Allow": "GET, HEAD", "Connection": "close"})
 
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed  # noqa: N815 - stdlib's
 
     def _respond(self, *, head: bool) -> None:
         ops = self.server.ops
@@ -153,7 +155,8 @@ class OpsServer:
         if self._server is None:
             return self.address
         host, port = self._server.server_address[:2]
-        shown = f"[{host}]" if ":" in str(host) else str(host)
+        text = host.decode() if isinstance(host, bytes) else str(host)
+        shown = f"[{text}]" if ":" in text else text
         return f"http://{shown}:{port}"
 
     def start(self) -> None:

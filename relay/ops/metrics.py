@@ -192,7 +192,7 @@ _COUNTERS: Mapping[str, Tuple[str, str]] = {
     "reconnects": ("source_reconnects", "Reconnects of the source (feed lost, stall, restart)."),
     "stalls": ("source_stalls", "Silent stalls the source detected and cured by resubscribing."),
     "callback_errors": ("source_callback_errors", "Errors inside the source's push callback."),
-    "dropped_pushes": ("source_dropped_pushes", "Pushes dropped because the source queue was full."),
+    "dropped_pushes": ("source_dropped_pushes", "Pushes dropped (source queue full)."),
     "recorder_rows": ("recorder_rows", "Records the recorder committed to HDF5."),
     "recorder_dropped": ("recorder_dropped", "Records the recorder dropped (queue full)."),
     "recorder_lost": ("recorder_lost", "Records the recorder lost to disk errors."),
