@@ -66,7 +66,7 @@ class _Server(ThreadingHTTPServer):
         super().__init__(address, _Handler)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        log.warning("ops_http_error", client=str(client_address))
+        log.warning("ops_http_error", client=str(client_address), exc_info=True)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -77,7 +77,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         # StreamRequestHandler applies ``timeout`` to the connection: drop silent clients.
-        self.connection.settimeout(self.server.ops.request_timeout)
+        self.request.settimeout(self.server.ops.request_timeout)
         super().setup()
 
     def log_message(self, format: str, *args: Any) -> None:

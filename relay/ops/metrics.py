@@ -197,6 +197,10 @@ _COUNTERS: Mapping[str, Tuple[str, str]] = {
     "recorder_dropped": ("recorder_dropped", "Records the recorder dropped (queue full)."),
     "recorder_lost": ("recorder_lost", "Records the recorder lost to disk errors."),
     "recorder_failures": ("recorder_failures", "Disk errors of the recorder."),
+    "alerts_sent": ("alerts_sent", "Alerts delivered to a webhook."),
+    "alerts_failed": ("alerts_failed", "Alert deliveries that failed after every retry."),
+    "alerts_dropped": ("alerts_dropped", "Alerts dropped because a webhook's queue was full."),
+    "alerts_suppressed": ("alerts_suppressed", "Alerts suppressed by the per-kind rate limit."),
 }
 _REQUESTS_SUFFIX = "_requests"   # "snapshot_requests" -> requests_total{service="snapshot"}
 _QUEUE_SUFFIX = "_queue"         # "recorder_queue" -> queue_depth{queue="recorder"}
