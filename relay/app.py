@@ -31,11 +31,11 @@ from typing import (
 
 import structlog
 
-from relay.config import Config
+from relay.config import Config, service_addresses
 from relay.encode import Records, SpotEncoder
 from relay.errors import RelayError, SourceError
 from relay.normalise import Normaliser
-from relay.ops.monitor import Operations, ReportsCounters, metrics_address
+from relay.ops.monitor import Operations, ReportsCounters
 from relay.publish import Publisher
 from relay.sinks import PublishedBatch, Sink, sinks_from_config
 from relay.sources import Batch, Source, create_source
@@ -114,7 +114,7 @@ class Relay:
         self._started_sinks: List[Sink] = []
         self._failure: Optional[BaseException] = None  # why the source stopped, if it broke
         # Operations (metrics endpoint, health, alerts): decided once, built at startup.
-        self._ops_wanted = bool(metrics_address(config) or config.alerts.webhooks)
+        self._ops_wanted = bool(service_addresses(config).metrics or config.alerts.webhooks)
         self._ops: Optional[Operations] = None
         self._last_batch_at: Optional[float] = None
         self._last_lag_ms: Optional[int] = None

@@ -1,11 +1,9 @@
-"""Operations: metrics and health over HTTP, the live status page, webhook alerts.
+"""Operations: how the relay is run and watched.
 
-Nothing here runs on the relay's hot path except :class:`relay.ops.metrics.FeedTracker`
-(called once per batch). The HTTP endpoint and the alert sender run on threads of their own
-and only read immutable :class:`relay.ops.metrics.OpsStatus` snapshots that the relay's
-event loop takes every ``metrics.sample_interval`` seconds.
+``service.py`` is the Windows service shell (pywin32, imported only on Windows); beside it,
+``monitor.py`` (the relay's operations side: snapshots, health, alerts), ``metrics.py``
+(Prometheus registry per relay), ``http.py`` (/metrics, /healthz, /status and the page on a
+thread of its own), ``alerts.py`` (webhooks) and ``status.py`` (``qmt-relay status``).
+Nothing here is on the hot path except one call per batch into
+:class:`relay.ops.metrics.FeedTracker`; the pipeline stages never import this package.
 """
-
-from __future__ import annotations
-
-__all__: list[str] = []

@@ -9,22 +9,19 @@ for the HTTP thread and turns health changes into alerts.
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Sequence, runtime_checkable
 
 import structlog
 
 from relay import __version__
-from relay.config import Config
+from relay.config import Config, service_addresses
 from relay.ops.alerts import Alert, AlertSender, webhooks_from_config
 from relay.ops.metrics import FeedTracker, History, OpsStatus, assess_health, build_registry
 
-__all__ = ["Operations", "ReportsCounters", "metrics_address"]
+__all__ = ["Operations", "ReportsCounters"]
 
 log = structlog.get_logger("relay.ops")
-
-_TCP = re.compile(r"tcp://(?P<host>\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(?P<port>\d{1,5})", re.ASCII)
 
 
 _TROUBLE = frozenset({"feed_lost", "feed_stalled", "recorder_failed"})
@@ -35,23 +32,6 @@ class ReportsCounters(Protocol):
     """A source or sink that reports counters for metrics (``reconnects``, ``*_queue``...)."""
 
     def counters(self) -> Mapping[str, int]: ...
-
-
-def metrics_address(config: Config) -> Optional[str]:
-    """Where the metrics endpoint listens: ``metrics.address``, "auto" = publish port + 3.
-
-    With no TCP publish address, "auto" is ``http://127.0.0.1:9203``.
-    """
-    address = config.metrics.address
-    if address != "auto":
-        return address
-    for publish in config.publish.addresses:
-        match = _TCP.fullmatch(publish)
-        if match is not None:
-            port = int(match.group("port")) + 3
-            if port <= 65535:
-                return f"http://{match.group('host')}:{port}"
-    return "http://127.0.0.1:9203"
 
 
 class Operations:
@@ -77,7 +57,7 @@ class Operations:
         self.registry, self.batch_seconds = build_registry(
             lambda: self.latest, run_id=run_id, version=__version__, source=source)
         self.server: Any = None
-        address = metrics_address(config)
+        address = service_addresses(config).metrics
         if address is not None:
             from relay.ops.http import OpsServer  # noqa: PLC0415 - only with an endpoint
 

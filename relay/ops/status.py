@@ -9,16 +9,15 @@ last data age, drops and quiet securities. Either one is enough for a verdict.
 from __future__ import annotations
 
 import json
-import re
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-__all__ = ["StatusReport", "derive_metrics_url", "format_report", "gather"]
+from relay.config import planned_address
 
-_TCP = re.compile(r"tcp://(?P<host>\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(?P<port>\d{1,5})", re.ASCII)
+__all__ = ["StatusReport", "format_report", "gather"]
 
 
 @dataclass
@@ -60,14 +59,6 @@ class StatusReport:
                 "heartbeat": self.heartbeat, "status": self.status, "problems": self.problems}
 
 
-def derive_metrics_url(stream_url: str) -> Optional[str]:
-    """``tcp://HOST:P`` -> ``http://HOST:P+3`` (the port plan); None for other addresses."""
-    match = _TCP.fullmatch(stream_url)
-    if match is None or int(match.group("port")) + 3 > 65535:
-        return None
-    return f"http://{match.group('host')}:{int(match.group('port')) + 3}"
-
-
 def _heartbeat(url: str, timeout: float) -> Dict[str, Any]:
     import pynng  # noqa: PLC0415 - status over http:// alone needs no pynng
 
@@ -103,13 +94,14 @@ def gather(url: str, *, metrics_url: Optional[str] = None, timeout: float = 3.0)
 
     Args:
         url: the stream (``tcp://``, ``ipc://``) or the metrics endpoint (``http://``).
-        metrics_url: the metrics endpoint; by default derived from a ``tcp://`` url.
+        metrics_url: the metrics endpoint; by default the port plan's (``tcp://HOST:P`` ->
+            ``http://HOST:P+3``; ``http://127.0.0.1:9203`` for an ``ipc://`` url).
         timeout: seconds to wait for a heartbeat, and per HTTP request.
     """
     if url.startswith(("http://", "https://")):
         report = StatusReport(None, url)
     else:
-        report = StatusReport(url, metrics_url or derive_metrics_url(url))
+        report = StatusReport(url, metrics_url or planned_address([url], "metrics"))
         try:
             report.heartbeat = _heartbeat(url, timeout)
         except Exception as exc:  # any failure is reported, not raised

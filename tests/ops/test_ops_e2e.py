@@ -65,7 +65,7 @@ metrics:
   address: "{metrics}"
   sample_interval: 0.1
 alerts:
-  timeout: 2.0
+  timeout: 20.0
   retries: 1
   backoff: 0.05
   webhooks:
@@ -77,7 +77,7 @@ logging: {{format: json, stats_interval: 0.3}}
 
 def test_metrics_health_status_page_and_webhooks_that_do_not_delay_publishing(
         tmp_path: Path) -> None:
-    """Counters move as batches flow; /healthz, status, page answer; stuck webhooks delay nothing."""
+    """Counters move as batches flow; health, status, page answer; hung webhooks delay nothing."""
     publish = tcp_address()
     base = f"http://127.0.0.1:{free_tcp_port()}"
     gate = threading.Event()
