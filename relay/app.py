@@ -35,6 +35,7 @@ from relay.config import Config, service_addresses
 from relay.encode import Records, SpotEncoder
 from relay.errors import RelayError, SourceError
 from relay.normalise import Normaliser
+from relay.ops.metrics import OpsStatus
 from relay.ops.monitor import Operations, ReportsCounters
 from relay.publish import Publisher
 from relay.sinks import PublishedBatch, Sink, sinks_from_config
@@ -116,6 +117,7 @@ class Relay:
         # Operations (metrics endpoint, health, alerts): decided once, built at startup.
         self._ops_wanted = bool(service_addresses(config).metrics or config.alerts.webhooks)
         self._ops: Optional[Operations] = None
+        self._ops_status: Optional[OpsStatus] = None
         self._last_batch_at: Optional[float] = None
         self._last_lag_ms: Optional[int] = None
 
@@ -123,6 +125,11 @@ class Relay:
     def ops(self) -> Optional[Operations]:
         """The operations side (metrics, health, alerts), once started; None when off."""
         return self._ops
+
+    @property
+    def ops_status(self) -> Optional[OpsStatus]:
+        """The latest operations snapshot (kept after stop); None when operations are off."""
+        return self._ops_status
 
     # -- stopping --------------------------------------------------------------------------
 
@@ -376,7 +383,7 @@ class Relay:
         dropped = dict(t.dropped)
         for reason, n in s.dropped.items():
             dropped[reason] = dropped.get(reason, 0) + n
-        ops.sample(
+        self._ops_status = ops.sample(
             state=self.state.value,
             connected=bool(source is not None and source.connected),
             last_batch_at=self._last_batch_at, lag_ms=self._last_lag_ms, seq=self._seq,

@@ -302,31 +302,38 @@ def build_registry(latest: Callable[[], Optional[OpsStatus]], *, run_id: str, ve
 
 
 class History:
-    """Cumulative records per market sampled over the last minutes (the page's chart).
+    """Records per second per market over the last minutes (the page's chart).
+
+    Each :meth:`add` turns the cumulative counts into rates against the previous sample, so
+    :meth:`rates` only copies what is kept.
 
     Args:
-        seconds: how far back samples are kept.
+        seconds: how far back rates are kept.
     """
 
-    __slots__ = ("_samples", "_seconds")
+    __slots__ = ("_last", "_rates", "_seconds", "_times")
 
     def __init__(self, seconds: float) -> None:
         self._seconds = seconds
-        self._samples: Deque[Tuple[float, Dict[str, int]]] = deque()
+        self._last: Optional[Tuple[float, Dict[str, int]]] = None
+        self._rates: Deque[Mapping[str, object]] = deque()
+        self._times: Deque[float] = deque()
 
     def add(self, now: float, records_by_market: Mapping[str, int]) -> None:
-        self._samples.append((now, dict(records_by_market)))
-        while self._samples and self._samples[0][0] < now - self._seconds:
-            self._samples.popleft()
+        counts = dict(records_by_market)
+        last, self._last = self._last, (now, counts)
+        if last is None or now <= last[0]:
+            return
+        span = now - last[0]
+        previous = last[1]
+        self._rates.append({"t": round(now, 3), "rates": {
+            market: round((n - previous.get(market, 0)) / span, 2)
+            for market, n in sorted(counts.items())}})
+        self._times.append(now)
+        while self._times and self._times[0] < now - self._seconds:
+            self._times.popleft()
+            self._rates.popleft()
 
-    def rates(self) -> List[Dict[str, object]]:
-        """Records per second per market between consecutive samples, oldest first."""
-        out: List[Dict[str, object]] = []
-        samples = list(self._samples)
-        for (t0, c0), (t1, c1) in zip(samples, samples[1:]):
-            span = t1 - t0
-            if span <= 0:
-                continue
-            out.append({"t": round(t1, 3), "rates": {m: round((n - c0.get(m, 0)) / span, 2)
-                                                     for m, n in sorted(c1.items())}})
-        return out
+    def rates(self) -> Tuple[Mapping[str, object], ...]:
+        """``{"t": epoch seconds, "rates": {market: records/s}}`` per sample, oldest first."""
+        return tuple(self._rates)

@@ -138,7 +138,7 @@ class Operations:
             records_by_market=dict(tracker.records_by_market),
             securities_today=tracker.securities_today(),
             quiet=tuple(tracker.quiet(now, mc.quiet_after)), counters=all_counters,
-            health=health, rates=tuple(self._history.rates()))
+            health=health, rates=self._history.rates())
         self.latest = status
         if state == "running":
             self._alert_on_change(status)
