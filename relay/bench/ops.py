@@ -113,13 +113,20 @@ async def _run(args: argparse.Namespace) -> Dict[str, Any]:
             rates: Dict[str, List[float]] = {"off": [], "on": []}
             _rate(off, batch, 2)
             _rate(on, batch, 2)
-            for _ in range(args.rounds):   # interleaved: both see the same machine state
-                rates["off"].append(_rate(off, batch, n))
-                rates["on"].append(_rate(on, batch, n))
+            for round_ in range(args.rounds):  # interleaved, order alternating: both see
+                pair = [("off", off), ("on", on)]  # the same machine state
+                for name, relay in pair if round_ % 2 else reversed(pair):
+                    rates[name].append(_rate(relay, batch, n))
             r_off, r_on = _median(rates["off"]), _median(rates["on"])
             results[label] = {"records": len(batch), "off_batches_s": round(r_off, 1),
                               "on_batches_s": round(r_on, 1),
                               "overhead_pct": round((r_off / r_on - 1.0) * 100.0, 2)}
+        cols = on._normaliser.normalise_batch(full).columns  # noqa: SLF001
+        assert cols is not None and on.ops is not None
+        start = time.perf_counter()
+        for _ in range(20):
+            on.ops.observe_batch(cols.code, cols.market, time.time(), 0.01)
+        results["observe_full_ms"] = round((time.perf_counter() - start) / 20 * 1000.0, 3)
         samples = []
         for _ in range(args.rounds * 5):
             start = time.perf_counter()
@@ -145,7 +152,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "\n\n")[0])
     p.add_argument("--records", type=int, default=5000, help="securities in a full batch")
     p.add_argument("--push", type=int, default=300, help="ticks in a small push")
-    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds (median kept)")
+    p.add_argument("--rounds", type=int, default=9, help="interleaved rounds (median kept)")
     p.add_argument("--full-batches", type=int, default=5, help="full batches per round")
     p.add_argument("--push-batches", type=int, default=40, help="small pushes per round")
     p.add_argument("--http-seconds", type=float, default=2.0, help="seconds per HTTP path")
@@ -159,6 +166,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         r = results[label]
         print(f"{label:>5} batch ({r['records']} records): metrics off {r['off_batches_s']:>8} "
               f"batches/s, on {r['on_batches_s']:>8} batches/s, overhead {r['overhead_pct']}%")
+    print(f"metrics bookkeeping of one full batch: {results['observe_full_ms']} ms")
     print(f"status snapshot on the loop: {results['sample_ms']} ms (every sample_interval)")
     print(f"/metrics: {results['metrics_requests_s']} requests/s, "
           f"/status: {results['status_requests_s']} requests/s (one keep-alive client)")

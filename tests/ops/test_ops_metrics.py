@@ -209,3 +209,38 @@ def test_grafana_dashboard_is_importable_json_over_our_metrics() -> None:
     assert exprs and all("qmt_relay_" in e for e in exprs)
     assert all(p["datasource"]["uid"] == "${DS_PROMETHEUS}" for p in dashboard["panels"])
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+
+
+def test_operations_turn_health_changes_into_one_alert_each() -> None:
+    """Lost, recovered, stalled (inside a watch window), recovered, recorder failure: once each."""
+    from ops_helpers import WebhookServer, wait_for
+
+    from relay.ops.monitor import Operations
+
+    now = [1764640800.0]   # Tuesday 2025-12-02 10:00 China time: inside a watch window
+    with WebhookServer() as server:
+        config = parse_config({"metrics": {"address": None},
+                               "source": {"qmt": {"stall_timeout": 30.0}},
+                               "alerts": {"webhooks": [server.url]}})
+        ops = Operations(config, run_id="r1", source="qmt", clock=lambda: now[0])
+        ops.start()
+
+        def sample(connected: bool = True, last: Optional[float] = None,
+                   failures: int = 0) -> str:
+            status = ops.sample(state="running", connected=connected,
+                                last_batch_at=now[0] - 1 if last is None else last,
+                                lag_ms=None, seq=1, subscribers=0,
+                                totals=dict.fromkeys(("batches", "records", "messages", "bytes",
+                                                      "errors"), 0),
+                                dropped={}, counters={"recorder_failures": failures})
+            return status.health.status
+
+        ops.started(10)
+        steps = [sample(), sample(connected=False), sample(connected=False), sample(),
+                 sample(last=now[0] - 31), sample(last=now[0] - 40), sample(),
+                 sample(failures=1), sample(failures=1)]
+        ops.close(stopped={})
+        wait_for(lambda: len(server.bodies) == 7, "alerts missing")
+    assert ["up", "down", "down", "up", "stalled", "stalled", "up", "up", "up"] == steps
+    assert ["relay_started", "feed_lost", "feed_recovered", "feed_stalled", "feed_recovered",
+            "recorder_failed", "relay_stopped"] == server.events()
