@@ -23,6 +23,7 @@ from typing import (
     Any,
     Callable,
     Dict,
+    Iterable,
     Iterator,
     List,
     Optional,
@@ -339,7 +340,10 @@ class Relay:
             else:
                 codes = [r.code for r in result.records]
                 markets = [r.market for r in result.records]
-            ops.observe_batch(codes, markets, publish_ms / 1000.0,
+            # Every tick published: the batch's own keys are the symbols (hashes cached).
+            symbols: Iterable[str] = batch.keys() if len(codes) == len(batch) else [
+                f"{code}.{market}" for code, market in zip(codes, markets)]
+            ops.observe_batch(symbols, markets, publish_ms / 1000.0,
                               time.perf_counter() - started)
         return published
 

@@ -121,7 +121,7 @@ async def _run(args: argparse.Namespace) -> Dict[str, Any]:
             results[label] = {"records": len(batch), "off_batches_s": round(r_off, 1),
                               "on_batches_s": round(r_on, 1),
                               "overhead_pct": round((r_off / r_on - 1.0) * 100.0, 2)}
-        cols = on._normaliser.normalise_batch(full).columns  # noqa: SLF001
+        cols = on._normaliser.normalise_batch(full).columns
         assert cols is not None and on.ops is not None
         start = time.perf_counter()
         for _ in range(20):

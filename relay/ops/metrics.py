@@ -27,7 +27,6 @@ from typing import (
     List,
     Mapping,
     Optional,
-    Sequence,
     Tuple,
 )
 
@@ -61,33 +60,54 @@ def _china_day(epoch: float) -> int:
 class FeedTracker:
     """Per-security last-record times and per-market record counts, fed once per batch.
 
-    Keys are ``(code, market)``. The table is cleared when the China date changes, so
-    :meth:`securities_today` counts the securities with a record today.
+    Keys are QMT symbols (``600000.SH``): the source batch's own keys, whose string hashes
+    Python has already computed, so noting a batch is one C-level dict update. The table is
+    cleared when the China date changes, so :meth:`securities_today` counts the securities
+    with a record today.
 
     Args:
         clock: epoch seconds.
     """
 
-    __slots__ = ("_clock", "_day", "last_seen", "records_by_market")
+    __slots__ = ("_clock", "_day", "_markets", "last_seen", "records_by_market")
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         self._day = _china_day(clock())
-        self.last_seen: Dict[Tuple[str, str], float] = {}
-        self.records_by_market: Counter[str] = Counter()
+        self._markets: Tuple[str, ...] = ()
+        self.last_seen: Dict[str, float] = {}
+        self.records_by_market: Dict[str, int] = {}
 
-    def observe(self, codes: Sequence[str], markets: Sequence[str], now: float) -> None:
-        """Note one published batch (its ``code`` and ``market`` columns) at ``now``."""
+    def observe(self, symbols: Iterable[str], markets: List[str], now: float) -> None:
+        """Note one published batch at ``now``.
+
+        Args:
+            symbols: the published records' symbols (``CODE.MARKET``).
+            markets: their ``market`` column.
+            now: publish time, epoch seconds.
+        """
         day = _china_day(now)
         if day != self._day:
             self._day = day
             self.last_seen.clear()
-        self.last_seen.update(zip(zip(codes, markets), repeat(now)))
-        self.records_by_market.update(markets)  # Counter counts an iterable in C
+        self.last_seen.update(zip(symbols, repeat(now)))
+        # list.count per known market (a C loop comparing interned strings) is several times
+        # cheaper than a Counter over the column; a market seen for the first time is added.
+        by_market = self.records_by_market
+        counted = 0
+        for market in self._markets:
+            n = markets.count(market)
+            if n:
+                by_market[market] += n
+                counted += n
+        if counted != len(markets):
+            for market, n in Counter(m for m in markets if m not in by_market).items():
+                by_market[market] = n
+            self._markets = tuple(by_market)
 
     def securities_today(self) -> Dict[str, int]:
         """Securities with a record today, by market."""
-        return dict(Counter(market for _, market in self.last_seen))
+        return dict(Counter(symbol.rpartition(".")[2] for symbol in self.last_seen))
 
     def quiet(self, now: float, quiet_after: float, limit: int = 200) -> List[str]:
         """Securities silent for ``quiet_after`` seconds while their market is still active.
@@ -98,10 +118,11 @@ class FeedTracker:
         silent first.
         """
         cutoff = now - quiet_after
-        active = {market for (_, market), seen in self.last_seen.items() if seen >= cutoff}
-        silent = sorted((seen, code, market) for (code, market), seen in self.last_seen.items()
-                        if seen < cutoff and market in active)
-        return [f"{code}.{market}" for _, code, market in silent[:limit]]
+        active = {symbol.rpartition(".")[2] for symbol, seen in self.last_seen.items()
+                  if seen >= cutoff}
+        silent = sorted((seen, symbol) for symbol, seen in self.last_seen.items()
+                        if seen < cutoff and symbol.rpartition(".")[2] in active)
+        return [symbol for _, symbol in silent[:limit]]
 
 
 @dataclass(frozen=True)

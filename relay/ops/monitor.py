@@ -10,7 +10,17 @@ for the HTTP thread and turns health changes into alerts.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Sequence, runtime_checkable
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    List,
+    Mapping,
+    Optional,
+    Protocol,
+    runtime_checkable,
+)
 
 import structlog
 
@@ -104,10 +114,10 @@ class Operations:
         self.alert("relay_started", f"relay started (source {self._source}, "
                                     f"{securities} securities)", {"securities": securities})
 
-    def observe_batch(self, codes: Sequence[str], markets: Sequence[str], now: float,
+    def observe_batch(self, symbols: Iterable[str], markets: List[str], now: float,
                       seconds: float) -> None:
-        """One published batch (hot path): its codes and markets, processing time."""
-        self.tracker.observe(codes, markets, now)
+        """One published batch (hot path): its symbols and markets, processing time."""
+        self.tracker.observe(symbols, markets, now)
         self.batch_seconds.observe(seconds)
 
     def in_window(self, now: float) -> bool:

@@ -26,19 +26,20 @@ DAY = 1764633600.0 + 3600   # 2025-12-02 09:00 China time (01:00 UTC)
 def test_feed_tracker_counts_today_per_market_and_resets_at_china_midnight() -> None:
     """Securities with a record today, by market; a new China day starts from zero."""
     tracker = FeedTracker(clock=lambda: DAY)
-    tracker.observe(["600000", "600001", "000001"], ["SH", "SH", "SZ"], DAY)
-    tracker.observe(["600000"], ["SH"], DAY + 3)
-    assert {"SH": 2, "SZ": 1} == tracker.securities_today()
-    assert {"SH": 3, "SZ": 1} == dict(tracker.records_by_market)
-    tracker.observe(["000002"], ["SZ"], DAY + 15 * 3600)   # the next China day (00:00 + 1 h)
+    tracker.observe(["600000.SH", "600001.SH", "000001.SZ"], ["SH", "SH", "SZ"], DAY)
+    tracker.observe(["600000.SH", "430047.BJ"], ["SH", "BJ"], DAY + 3)   # BJ: new market
+    assert {"SH": 2, "SZ": 1, "BJ": 1} == tracker.securities_today()
+    assert {"SH": 3, "SZ": 1, "BJ": 1} == dict(tracker.records_by_market)
+    tracker.observe(["000002.SZ"], ["SZ"], DAY + 15 * 3600)   # the next China day (00:00 + 1 h)
     assert {"SZ": 1} == tracker.securities_today()
+    assert {"SH": 3, "SZ": 2, "BJ": 1} == dict(tracker.records_by_market)
 
 
 def test_quiet_lists_silent_securities_only_while_their_market_is_active() -> None:
     """SH still trades, so a silent SH code is quiet; SZ went silent as a whole: not listed."""
     tracker = FeedTracker(clock=lambda: DAY)
-    tracker.observe(["600000", "600001", "000001"], ["SH", "SH", "SZ"], DAY)
-    tracker.observe(["600000"], ["SH"], DAY + 200)
+    tracker.observe(["600000.SH", "600001.SH", "000001.SZ"], ["SH", "SH", "SZ"], DAY)
+    tracker.observe(["600000.SH"], ["SH"], DAY + 200)
     assert ["600001.SH"] == tracker.quiet(DAY + 201, quiet_after=120)
     assert [] == tracker.quiet(DAY + 201, quiet_after=500)
 
