@@ -11,6 +11,9 @@ __all__ = [
     "BadTick",
     "ConfigError",
     "DecodeError",
+    "HistoryError",
+    "HistoryLockedError",
+    "HistoryUnavailableError",
     "PublishError",
     "RelayError",
     "SourceError",
@@ -73,3 +76,28 @@ class BadTick(RelayError, ValueError):
         self.code = code
         self.reason = reason
         super().__init__(f"bad tick {code}: {reason}")
+
+
+class HistoryError(RelayError):
+    """A K-line history file cannot be opened, read or written as asked."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+class HistoryLockedError(HistoryError):
+    """Another process is writing the history directory (its lock file is held)."""
+
+    def __init__(self, directory: str) -> None:
+        super().__init__(directory, "locked by another running import (one writer at a time)")
+        self.directory = directory
+
+
+class HistoryUnavailableError(HistoryError):
+    """A history source cannot start (xtquant missing, MiniQMT unreachable)."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(f"source {source}", reason)
+        self.source = source
