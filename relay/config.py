@@ -170,6 +170,22 @@ class HistoryConfig:
 
     dir: str = "history"            # hikyuu data directory (sh_day.h5, sz_1min.h5, ...)
     address: Optional[str] = AUTO   # history service (NNG REQ/REP); auto = P+2; null = off
+    # -- import (qmt-relay history import; see relay.history.importer) --
+    source: Optional[Literal["simulator", "qmt"]] = None   # None = follow source.kind
+    periods: Tuple[str, ...] = ("day", "1min", "5min")
+    markets: Tuple[str, ...] = ("SH", "SZ", "BJ")
+    codes: Tuple[str, ...] = ()     # only these securities ("600000.SH"); empty = the universe
+    start: Optional[str] = None     # YYYYMMDD; None = day bars from listing, minutes 1 year back
+    minute_days: int = 365          # default minute range (calendar days back from the end)
+    schedule: Tuple[str, ...] = ()  # China times the running relay imports on trading days
+    chunk_codes: int = 50           # securities per download / read call
+    chunk_days: int = 30            # calendar days per minute-bar call (bounds memory)
+    chunk_timeout: float = 600.0    # seconds one download call may take before it is retried
+    retries: int = 3                # further attempts of a failed or timed-out chunk
+    retry_min: float = 1.0          # first retry delay (seconds), doubled up to ...
+    retry_max: float = 60.0         # ... this cap, with jitter
+    progress_interval: float = 5.0  # seconds between history_progress log lines (no terminal)
+    compression: int = 4            # gzip level of new tables (1-9)
 
 
 @dataclass(**_DC)
@@ -282,6 +298,17 @@ def _at_least(low: int) -> _Check:
     return check
 
 
+def _yyyymmdd(value: str) -> Optional[str]:
+    if re.fullmatch(r"\d{8}", value, re.ASCII):
+        try:
+            _dt.date(int(value[:4]), int(value[4:6]), int(value[6:]))
+        except ValueError:
+            pass
+        else:
+            return None
+    return f"expected a date YYYYMMDD, got {value!r}"
+
+
 def _iso_date(value: str) -> Optional[str]:
     if re.fullmatch(r"\d{4}-\d{2}-\d{2}", value, re.ASCII):
         try:
@@ -339,6 +366,25 @@ def _addresses(value: Tuple[str, ...]) -> Optional[str]:
 
 # Checks run after type checking, on non-null values, keyed by dotted path ("[]" = each item).
 _CHECKS: Mapping[str, _Check] = {
+    "history.periods": lambda v: None if v else "must list at least one period",
+    "history.periods[]": lambda v: None if v in ("day", "1min", "5min")
+    else f"expected one of day, 1min, 5min, got {v!r}",
+    "history.markets[]": lambda v: None if v in ("SH", "SZ", "BJ")
+    else f"expected one of SH, SZ, BJ, got {v!r}",
+    "history.codes[]": lambda v: None if re.fullmatch(r"[0-9A-Za-z]+\.(SH|SZ|BJ)", v, re.ASCII)
+    else f"expected CODE.MARKET such as 600000.SH, got {v!r}",
+    "history.start": _yyyymmdd,
+    "history.minute_days": _between(1, 100_000),
+    "history.schedule[]": lambda v: None if re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", v, re.ASCII)
+    else f"expected HH:MM (China time), got {v!r}",
+    "history.chunk_codes": _between(1, 10_000),
+    "history.chunk_days": _between(1, 100_000),
+    "history.chunk_timeout": _positive,
+    "history.retries": _between(0, 100),
+    "history.retry_min": _positive,
+    "history.retry_max": _positive,
+    "history.progress_interval": _positive,
+    "history.compression": _between(1, 9),
     "shutdown_timeout": _positive,
     "source.simulator.securities": _between(10, 20_000),
     "source.simulator.speed": _positive,
