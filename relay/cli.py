@@ -18,12 +18,13 @@ from relay.errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_STARTUP,
+    EXIT_UNREACHABLE,
     ConfigError,
     PublishError,
     RelayError,
 )
 
-__all__ = ["EXIT_CONFIG", "EXIT_FAILURE", "EXIT_OK", "EXIT_STARTUP", "main"]
+__all__ = ["EXIT_CONFIG", "EXIT_FAILURE", "EXIT_OK", "EXIT_STARTUP", "EXIT_UNREACHABLE", "main"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -81,6 +82,18 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument("--snapshot-url", metavar="URL",
                       help="snapshot address (default: the stream's TCP port + 1)")
 
+    status = sub.add_parser(
+        "status", help="report a running relay's health (exit 0 healthy, 1 unhealthy, "
+                       "2 unreachable)")
+    status.add_argument("url", metavar="URL", nargs="?", default="tcp://127.0.0.1:9200",
+                        help="stream address (heartbeats) or the metrics endpoint "
+                             "http://HOST:PORT (default tcp://127.0.0.1:9200)")
+    status.add_argument("--metrics-url", metavar="URL",
+                        help="metrics endpoint (default: the stream's TCP port + 3)")
+    status.add_argument("--timeout", type=float, default=3.0, metavar="S",
+                        help="seconds to wait for a heartbeat and per request (default 3)")
+    status.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+
     service = sub.add_parser("service", help="manage the Windows service (Windows only)")
     service.add_argument("action", choices=["install", "remove", "start", "stop", "status"])
     service.add_argument("--config", "-c", metavar="FILE",
@@ -110,6 +123,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _export(args)
     if args.command == "history":
         return _history(args)
+    if args.command == "status":
+        return _status(args)
     return _tail(args)
 
 
@@ -151,6 +166,22 @@ def _run(args: argparse.Namespace) -> int:
         _error(str(exc))
         return EXIT_STARTUP if relay.state.value == "starting" else EXIT_FAILURE
     return EXIT_OK
+
+
+def _status(args: argparse.Namespace) -> int:
+    from relay.ops.status import format_report, gather  # noqa: PLC0415
+
+    if not args.timeout > 0:
+        _error("--timeout must be > 0")
+        return EXIT_CONFIG
+    report = gather(args.url, metrics_url=args.metrics_url, timeout=args.timeout)
+    if args.json:
+        print(json.dumps(report.as_dict(), ensure_ascii=False, indent=2))
+    else:
+        print(format_report(report), end="")
+    if not report.reachable:
+        return EXIT_UNREACHABLE
+    return EXIT_OK if report.healthy else EXIT_FAILURE
 
 
 def _check_config(path: str) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import json
 import math
 import os
 import re
@@ -24,6 +25,7 @@ from typing import (
     Literal,
     Mapping,
     NamedTuple,
+    NewType,
     Optional,
     Sequence,
     Tuple,
@@ -38,8 +40,10 @@ import yaml
 from relay.errors import ConfigError
 
 __all__ = [
+    "AlertsConfig",
     "Config",
     "HistoryConfig",
+    "JsonText",
     "LoggingConfig",
     "MetricsConfig",
     "NormaliseConfig",
@@ -50,6 +54,7 @@ __all__ = [
     "ServiceAddresses",
     "SimulatorConfig",
     "SourceConfig",
+    "WebhookConfig",
     "apply_overrides",
     "config_to_dict",
     "load_config",
@@ -164,6 +169,42 @@ class LoggingConfig:
     stats_interval: float = 10.0
 
 
+JsonText = NewType("JsonText", str)
+"""A YAML mapping or list in the file, kept as compact JSON text (alert body templates)."""
+
+
+@dataclass(**_DC)
+class MetricsConfig:
+    """The operations HTTP endpoint: /metrics, /healthz, /status and the page (relay.ops)."""
+
+    address: Optional[str] = AUTO   # http://HOST:PORT; auto = publish port + 3; null = off
+    sample_interval: float = 1.0    # seconds between status snapshots (health, alerts, page)
+    history_minutes: float = 10.0   # minutes of records/s the page's chart shows
+    quiet_after: float = 120.0      # silence (s) after which a security counts as quiet
+
+
+@dataclass(**_DC)
+class WebhookConfig:
+    """One alert webhook with a JSON body template ($event, $text, $run_id, ...)."""
+
+    url: str
+    template: Optional[JsonText] = None
+
+
+@dataclass(**_DC)
+class AlertsConfig:
+    """Webhook alerts (relay.ops.alerts): feed lost/stalled/recovered, recorder, start/stop."""
+
+    webhooks: Tuple[Union[str, WebhookConfig], ...] = ()  # URL strings or {url, template}
+    timeout: float = 5.0            # seconds per POST (and to deliver what is queued at stop)
+    retries: int = 3                # further attempts after a failed POST ...
+    backoff: float = 1.0            # ... after this many seconds, doubled each time ...
+    backoff_max: float = 30.0       # ... up to this cap
+    queue_size: int = 100           # alerts waiting for delivery; beyond, dropped (counted)
+    rate_limit: int = 5             # alerts of one kind per rate_window ...
+    rate_window: float = 600.0      # ... seconds; more are suppressed (counted, then reported)
+
+
 @dataclass(**_DC)
 class HistoryConfig:
     """K-line history: the hikyuu HDF5 directory and the service that serves it."""
@@ -189,13 +230,6 @@ class HistoryConfig:
 
 
 @dataclass(**_DC)
-class MetricsConfig:
-    """The operations HTTP endpoint: /metrics, /healthz and the status page."""
-
-    address: Optional[str] = AUTO   # http://HOST:PORT; auto = P+3; null = off
-
-
-@dataclass(**_DC)
 class Config:
     source: SourceConfig = field(default_factory=SourceConfig)
     normalise: NormaliseConfig = field(default_factory=NormaliseConfig)
@@ -204,6 +238,7 @@ class Config:
     recorder: RecorderConfig = field(default_factory=RecorderConfig)
     history: HistoryConfig = field(default_factory=HistoryConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
     shutdown_timeout: float = 5.0
 
 
@@ -364,6 +399,39 @@ def _addresses(value: Tuple[str, ...]) -> Optional[str]:
     return None
 
 
+def _webhook_url(value: str) -> Optional[str]:
+    if re.fullmatch(r"https?://[^\s/?#]+[^\s]*", value, re.ASCII):
+        return None
+    return f"expected an http:// or https:// URL, got {value!r}"
+
+
+def _template(value: str) -> Optional[str]:
+    import string  # noqa: PLC0415 - only configs with templates need it
+
+    placeholders = ("event", "text", "run_id", "source", "time", "host", "details")
+    unknown: List[str] = []
+
+    def walk(item: Any) -> None:
+        if isinstance(item, str):
+            for match in string.Template.pattern.finditer(item):
+                name = match.group("named") or match.group("braced")
+                if name and name not in placeholders and name not in unknown:
+                    unknown.append(name)
+        elif isinstance(item, list):
+            for element in item:
+                walk(element)
+        elif isinstance(item, dict):
+            for key, element in item.items():
+                walk(key)
+                walk(element)
+
+    walk(json.loads(value))
+    if unknown:
+        return (f"unknown placeholder ${unknown[0]}; valid: "
+                + ", ".join("$" + name for name in placeholders))
+    return None
+
+
 # Checks run after type checking, on non-null values, keyed by dotted path ("[]" = each item).
 _CHECKS: Mapping[str, _Check] = {
     "history.periods": lambda v: None if v else "must list at least one period",
@@ -434,6 +502,19 @@ _CHECKS: Mapping[str, _Check] = {
     else f"expected HH:MM (China time), got {v!r}",
     "recorder.index_interval": _positive,
     "recorder.retry_interval": _positive,
+    "metrics.sample_interval": _positive,
+    "metrics.history_minutes": _positive,
+    "metrics.quiet_after": _positive,
+    "alerts.webhooks[]": lambda v: _webhook_url(v) if isinstance(v, str) else None,
+    "alerts.webhooks[].url": _webhook_url,
+    "alerts.webhooks[].template": _template,
+    "alerts.timeout": _positive,
+    "alerts.retries": _between(0, 20),
+    "alerts.backoff": _positive,
+    "alerts.backoff_max": _positive,
+    "alerts.queue_size": _between(1, 100_000),
+    "alerts.rate_limit": _between(1, 10_000),
+    "alerts.rate_window": _positive,
 }
 
 # apply_overrides() keyword -> (dotted config key, command-line option named in errors).
@@ -480,6 +561,8 @@ def _describe(hint: Any) -> str:  # one return per kind of hint
         return f"list of {len(args)} items"
     if hint is bool:
         return "boolean (true or false)"
+    if hint is JsonText:
+        return "mapping or list (a JSON body)"
     return _TYPE_NAMES.get(hint, repr(hint))
 
 
@@ -519,6 +602,10 @@ def _convert_type(  # one branch per kind of hint, flat on purpose
         arms = [arg for arg in args if arg is not type(None)]
         if value is None and len(arms) < len(args):
             return None
+        if isinstance(value, abc.Mapping):
+            for arm in arms:
+                if dataclasses.is_dataclass(arm):   # its errors name the exact key
+                    return _convert(arm, value, path, key, rule)
         for arm in arms:
             try:
                 return _convert(arm, value, path, key, rule)
@@ -561,6 +648,12 @@ def _convert_type(  # one branch per kind of hint, flat on purpose
             if not math.isfinite(number):
                 raise ConfigError(path, key, f"expected a finite number, got {value!r}")
             return number
+    elif hint is JsonText:
+        if isinstance(value, (abc.Mapping, list, tuple)):
+            try:
+                return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(path, key, f"not representable as JSON: {exc}") from None
     elif hint is str:
         if isinstance(value, str):
             return value
@@ -578,7 +671,8 @@ def _build(cls: type, value: Any, path: str, key: str, rule: str) -> Any:
     if not isinstance(value, abc.Mapping):
         raise _mismatch(cls, value, path, key)
     hints = get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    names = [f.name for f in fields]
     kwargs: Dict[str, Any] = {}
     for name, item in value.items():
         child_key = f"{key}.{name}" if key else str(name)
@@ -587,6 +681,11 @@ def _build(cls: type, value: Any, path: str, key: str, rule: str) -> Any:
             raise ConfigError(path, child_key, f"unknown key {name!r}; valid: {valid}")
         child_rule = f"{rule}.{name}" if rule else name
         kwargs[name] = _convert(hints[name], item, path, child_key, child_rule)
+    for f in fields:
+        required = (f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING)
+        if required and f.name not in kwargs:
+            raise ConfigError(path, f"{key}.{f.name}" if key else f.name, "missing (required)")
     return cls(**kwargs)
 
 
@@ -732,7 +831,13 @@ def config_to_dict(config: Config) -> Dict[str, Any]:
 
 def _plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        hints = get_type_hints(type(value))
+        out = {}
+        for f in dataclasses.fields(value):
+            item = getattr(value, f.name)
+            json_text = hints[f.name] in (JsonText, Optional[JsonText])
+            out[f.name] = json.loads(item) if json_text and item is not None else _plain(item)
+        return out
     if isinstance(value, tuple):
         return [_plain(item) for item in value]
     return value

@@ -31,6 +31,7 @@ EXIT_FAILURE = 1          # the relay failed while running
 EXIT_CONFIG = 2           # bad configuration or command line
 EXIT_STARTUP = 3          # could not start: address in use, source unavailable
 EXIT_INTERRUPTED = 130    # tail stopped by Ctrl-C
+EXIT_UNREACHABLE = 2      # qmt-relay status: no relay reachable (1 = unhealthy)
 
 
 class RelayError(Exception):
