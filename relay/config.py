@@ -46,6 +46,7 @@ __all__ = [
     "ReplayConfig",
     "SimulatorConfig",
     "SourceConfig",
+    "SupervisionConfig",
     "apply_overrides",
     "config_to_dict",
     "load_config",
@@ -157,12 +158,23 @@ class LoggingConfig:
 
 
 @dataclass(**_DC)
+class SupervisionConfig:
+    """How the relay restarts a thread or task that died (see :mod:`relay.supervise`)."""
+
+    max_failures: int = 5           # this many failures of one service within ...
+    window: float = 60.0            # ... this many seconds stop the relay (exit 1)
+    backoff_min: float = 0.5        # first wait before a restart, doubled per failure ...
+    backoff_max: float = 30.0       # ... up to this cap
+
+
+@dataclass(**_DC)
 class Config:
     source: SourceConfig = field(default_factory=SourceConfig)
     normalise: NormaliseConfig = field(default_factory=NormaliseConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     recorder: RecorderConfig = field(default_factory=RecorderConfig)
+    supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
     shutdown_timeout: float = 5.0
 
 
@@ -281,6 +293,10 @@ _CHECKS: Mapping[str, _Check] = {
     else f"expected HH:MM (China time), got {v!r}",
     "recorder.index_interval": _positive,
     "recorder.retry_interval": _positive,
+    "supervision.max_failures": _between(1, 1000),
+    "supervision.window": _positive,
+    "supervision.backoff_min": _positive,
+    "supervision.backoff_max": _positive,
 }
 
 # apply_overrides() keyword -> (dotted config key, command-line option named in errors).

@@ -27,6 +27,7 @@ from relay.encode import SpotEncoder
 from relay.errors import PublishError
 from relay.records import SpotRecord
 from relay.sinks import PublishedBatch
+from relay.supervise import ServiceHandle, Supervisor
 
 __all__ = ["SnapshotService"]
 
@@ -42,10 +43,12 @@ class SnapshotService:
         address: where the REP socket listens (``tcp://`` or ``ipc://``).
         max_message_bytes: size limit of each ``SpotList`` inside a reply.
         clock: epoch seconds, for the reply's ``time_ms``.
+        supervisor: runs the serving thread (restarted if it dies); a private one if None.
     """
 
     def __init__(self, address: str, *, max_message_bytes: int = 512 * 1024,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 supervisor: Optional[Supervisor] = None) -> None:
         self.address = address
         self._max = max_message_bytes
         self._clock = clock
@@ -56,7 +59,8 @@ class SnapshotService:
         self._run_id = ""
         self._source = ""
         self._socket: Optional[pynng.Rep0] = None
-        self._thread: Optional[threading.Thread] = None
+        self._supervisor = supervisor or Supervisor()
+        self._thread: Optional[ServiceHandle] = None
         self._stop = threading.Event()
         self.requests = 0
 
@@ -76,8 +80,7 @@ class SnapshotService:
             raise PublishError(self.address, f"snapshot service: {exc}") from None
         self._socket = sock
         self._stop.clear()
-        self._thread = threading.Thread(target=self._serve, name="relay-snapshot", daemon=True)
-        self._thread.start()
+        self._thread = self._supervisor.thread("snapshot", self._serve)
         log.info("snapshot_serving", address=self.address)
 
     def write(self, batch: PublishedBatch) -> None:
@@ -89,6 +92,7 @@ class SnapshotService:
         self._stop.set()
         thread, self._thread = self._thread, None
         if thread is not None:
+            thread.stop()
             thread.join(5)
         sock, self._socket = self._socket, None
         if sock is not None:
