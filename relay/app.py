@@ -36,6 +36,7 @@ from relay.encode import Records, SpotEncoder
 from relay.errors import RelayError, ServiceError, SourceError
 from relay.normalise import Normaliser
 from relay.publish import Publisher
+from relay.security import Security
 from relay.sinks import PublishedBatch, Sink, sinks_from_config
 from relay.sources import Batch, Source, create_source
 from relay.supervise import ServiceHandle, Supervisor, capture_crashes, loop_exception_handler
@@ -104,8 +105,11 @@ class Relay:
             max_failures=sup.max_failures, window=sup.window, backoff_min=sup.backoff_min,
             backoff_max=sup.backoff_max)
         self.supervisor.set_fatal_handler(self._service_gave_up)
-        self._sinks = [*sinks_from_config(config, self.supervisor), *sinks]
-        self._publisher = Publisher(config.publish.addresses)
+        # Opens every listening socket (allow-list, TLS); the metrics service asks its
+        # is_allowed(ip) too.
+        self.security = Security.from_config(config.security)
+        self._sinks = [*sinks_from_config(config, self.supervisor, self.security), *sinks]
+        self._publisher = Publisher(config.publish.addresses, security=self.security)
         norm = config.normalise
         self._normaliser = Normaliser(
             units=norm.units,

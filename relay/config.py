@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import ipaddress
 import math
 import os
 import re
@@ -44,9 +45,11 @@ __all__ = [
     "QmtConfig",
     "RecorderConfig",
     "ReplayConfig",
+    "SecurityConfig",
     "SimulatorConfig",
     "SourceConfig",
     "SupervisionConfig",
+    "TlsConfig",
     "apply_overrides",
     "config_to_dict",
     "load_config",
@@ -158,6 +161,24 @@ class LoggingConfig:
 
 
 @dataclass(**_DC)
+class TlsConfig:
+    """Certificates for ``tls+tcp://`` addresses (PEM files)."""
+
+    cert: Optional[str] = None      # the relay's certificate (chain), PEM
+    key: Optional[str] = None       # its private key, PEM, unencrypted
+    ca: Optional[str] = None        # set: only clients with a certificate this CA issued
+
+
+@dataclass(**_DC)
+class SecurityConfig:
+    """Who may connect to the relay's TCP services (see :mod:`relay.security`)."""
+
+    allow: Optional[Tuple[str, ...]] = None   # IPs / CIDR networks; null = every peer
+    log_interval: float = 10.0      # at most one "peer_refused" line per service this often
+    tls: TlsConfig = field(default_factory=TlsConfig)
+
+
+@dataclass(**_DC)
 class SupervisionConfig:
     """How the relay restarts a thread or task that died (see :mod:`relay.supervise`)."""
 
@@ -175,6 +196,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     recorder: RecorderConfig = field(default_factory=RecorderConfig)
     supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     shutdown_timeout: float = 5.0
 
 
@@ -221,7 +243,7 @@ def _iso_date(value: str) -> Optional[str]:
 
 
 _ADDRESS = re.compile(
-    r"ipc://(?P<path>.+)|tcp://(?P<host>\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(?P<port>\d{1,5})",
+    r"ipc://(?P<path>.+)|(?:tls\+)?tcp://(?P<host>\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(?P<port>\d{1,5})",
     re.ASCII,
 )
 
@@ -229,7 +251,7 @@ _ADDRESS = re.compile(
 def _address(value: str) -> Optional[str]:
     match = _ADDRESS.fullmatch(value)
     if match is None:
-        return f"expected ipc://PATH or tcp://HOST:PORT, got {value!r}"
+        return f"expected ipc://PATH, tcp://HOST:PORT or tls+tcp://HOST:PORT, got {value!r}"
     port = match.group("port")
     if port is not None and not 1 <= int(port) <= 65535:
         return f"port must be 1-65535, got {value!r}"
@@ -242,6 +264,14 @@ def _addresses(value: Tuple[str, ...]) -> Optional[str]:
     duplicates = sorted({address for address in value if value.count(address) > 1})
     if duplicates:
         return f"duplicate address {duplicates[0]!r}"
+    return None
+
+
+def _ip_network(value: str) -> Optional[str]:
+    try:
+        ipaddress.ip_network(value.strip(), strict=False)
+    except ValueError:
+        return f"expected an IP address or CIDR network (192.168.1.0/24), got {value!r}"
     return None
 
 
@@ -293,6 +323,9 @@ _CHECKS: Mapping[str, _Check] = {
     else f"expected HH:MM (China time), got {v!r}",
     "recorder.index_interval": _positive,
     "recorder.retry_interval": _positive,
+    "security.allow": lambda v: None if v else "must list at least one address (or be null)",
+    "security.allow[]": _ip_network,
+    "security.log_interval": _positive,
     "supervision.max_failures": _between(1, 1000),
     "supervision.window": _positive,
     "supervision.backoff_min": _positive,
@@ -485,7 +518,27 @@ def parse_config(data: Any, *, path: str = "<mapping>") -> Config:
         ConfigError: unknown key, wrong type or value out of range (names the dotted key).
     """
     config: Config = _build(Config, data, path, "", "")
+    _check_tls(config, path)
     return config
+
+
+def _check_tls(config: Config, path: str) -> None:
+    """``tls+tcp://`` addresses need a certificate and key; a key needs a certificate."""
+    tls = config.security.tls
+    if (tls.cert is None) != (tls.key is None):
+        missing = "security.tls.key" if tls.key is None else "security.tls.cert"
+        raise ConfigError(path, missing, "security.tls needs both cert and key")
+    if tls.ca is not None and tls.cert is None:
+        raise ConfigError(path, "security.tls.ca", "client certificates need cert and key too")
+    if tls.cert is None:
+        for index, address in enumerate(config.publish.addresses):
+            if address.startswith("tls+tcp://"):
+                raise ConfigError(path, f"publish.addresses[{index}]",
+                                  "tls+tcp:// needs security.tls.cert and security.tls.key")
+        snapshot = config.publish.snapshot_address
+        if snapshot and snapshot.startswith("tls+tcp://"):
+            raise ConfigError(path, "publish.snapshot_address",
+                              "tls+tcp:// needs security.tls.cert and security.tls.key")
 
 
 def load_config(path: Optional[Union[str, os.PathLike[str]]]) -> Config:
@@ -568,6 +621,7 @@ def apply_overrides(
         if value is not None:
             rule, option = _OVERRIDES[name]
             config = _replace_at(config, rule, rule.split("."), value, option)
+    _check_tls(config, _CLI)
     return config
 
 

@@ -15,6 +15,7 @@ from relay.records import SpotColumns, SpotRecord
 if TYPE_CHECKING:
     from relay.config import Config
     from relay.normalise import BatchResult
+    from relay.security import Security
     from relay.supervise import Supervisor
 
 __all__ = ["PublishedBatch", "Sink", "sinks_from_config"]
@@ -68,19 +69,21 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
-def sinks_from_config(config: Config, supervisor: Optional[Supervisor] = None) -> List[Sink]:
+def sinks_from_config(config: Config, supervisor: Optional[Supervisor] = None,
+                      security: Optional[Security] = None) -> List[Sink]:
     """The sinks ``config`` enables, in start order (each feature adds one line here).
 
     Args:
         config: the relay's configuration.
         supervisor: runs the sinks' threads (each sink makes its own without one).
+        security: opens the sinks' listening sockets (allow-list, TLS).
     """
     sinks: List[Sink] = []
     if config.publish.snapshot_address:
         from relay.snapshot import SnapshotService  # noqa: PLC0415 - imports sinks itself
         sinks.append(SnapshotService(config.publish.snapshot_address,
                                      max_message_bytes=config.publish.max_message_bytes,
-                                     supervisor=supervisor))
+                                     supervisor=supervisor, security=security))
     if config.recorder.enabled:
         from relay.recorder import Recorder  # noqa: PLC0415 - h5py only when recording
         sinks.append(Recorder.from_config(config, supervisor=supervisor))
