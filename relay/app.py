@@ -108,7 +108,8 @@ class Relay:
         # Opens every listening socket (allow-list, TLS); the metrics service asks its
         # is_allowed(ip) too.
         self.security = Security.from_config(config.security)
-        self._sinks = [*sinks_from_config(config, self.supervisor, self.security), *sinks]
+        self._sinks = [*sinks_from_config(config, supervisor=self.supervisor,
+                                         security=self.security), *sinks]
         self._publisher = Publisher(config.publish.addresses, security=self.security)
         norm = config.normalise
         self._normaliser = Normaliser(

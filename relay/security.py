@@ -225,7 +225,8 @@ class Security:
                 try:
                     sock.listen(address)
                 except pynng.exceptions.NNGException as exc:
-                    raise PublishError(address, f"{service}: {describe_nng_error(exc)}") from None
+                    reason = f"{service} service: {describe_nng_error(exc)}"
+                    raise PublishError(address, reason) from None
         except BaseException:
             sock.close()
             raise

@@ -79,7 +79,7 @@ def test_listen_failure_is_a_publish_error_and_closes_everything() -> None:
     """An address in use fails the whole listen with PublishError naming service and address."""
     address = tcp_address()
     with pynng.Pub0(listen=address), pytest.raises(PublishError,
-                                                 match="snapshot: address in use"):
+                                                 match="snapshot service: address in use"):
         Security().listen(pynng.Rep0, [ipc_address(), address], service="snapshot")
 
 

@@ -42,11 +42,12 @@ from relay.supervise import ServiceHandle, Supervisor
 
 if TYPE_CHECKING:
     from relay.config import Config
+    from relay.security import Security
     from relay.sinks import PublishedBatch
 
 __all__ = ["Recorder", "day_of"]
 
-log = structlog.get_logger("relay.recorder")
+log = structlog.get_logger("relay.sinks.recorder")
 
 _CN_MS = 8 * 3_600_000
 _DAY_MS = 86_400_000
@@ -360,8 +361,12 @@ class Recorder:
         self.failures = 0
 
     @classmethod
-    def from_config(cls, config: Config, *, supervisor: Optional[Supervisor] = None) -> Recorder:
-        """The recorder ``config.recorder`` describes, in ``config.normalise`` units."""
+    def from_config(cls, config: Config, *, supervisor: Optional[Supervisor] = None,
+                    security: Optional[Security] = None) -> Recorder:
+        """The recorder ``config.recorder`` describes, in ``config.normalise`` units.
+
+        ``security`` is unused (the recorder listens on nothing).
+        """
         rc = config.recorder
         return cls(rc.dir, flush_interval=rc.flush_interval, queue_size=rc.queue_size,
                    rollover=rc.rollover, index_interval=rc.index_interval,

@@ -23,6 +23,7 @@ from relay.client._snapshot import (
     SNAPSHOT_REQUEST,
     encode_snapshot_reply,
 )
+from relay.config import Config, service_addresses
 from relay.encode import SpotEncoder
 from relay.records import SpotRecord
 from relay.security import Security
@@ -31,7 +32,7 @@ from relay.supervise import ServiceHandle, Supervisor
 
 __all__ = ["SnapshotService"]
 
-log = structlog.get_logger("relay.snapshot")
+log = structlog.get_logger("relay.sinks.snapshot")
 
 _POLL_MS = 200
 _SEND_TIMEOUT_MS = 5000
@@ -68,6 +69,16 @@ class SnapshotService:
         self._thread: Optional[ServiceHandle] = None
         self._stop = threading.Event()
         self.requests = 0
+
+    @classmethod
+    def from_config(cls, config: Config, *, supervisor: Optional[Supervisor] = None,
+                    security: Optional[Security] = None) -> SnapshotService:
+        """The service at the port plan's snapshot address (see ``service_addresses``)."""
+        address = service_addresses(config).snapshot
+        if address is None:
+            raise ValueError("the snapshot service is turned off in this config")
+        return cls(address, max_message_bytes=config.publish.max_message_bytes,
+                   supervisor=supervisor, security=security)
 
     # -- sink protocol ---------------------------------------------------------------------
 
