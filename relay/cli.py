@@ -165,6 +165,13 @@ def _run(args: argparse.Namespace) -> int:
     except RelayError as exc:
         _error(str(exc))
         return EXIT_STARTUP if relay.state.value == "starting" else EXIT_FAILURE
+    except Exception as exc:  # a bug: one JSON error line with the traceback, not stderr
+        import structlog  # noqa: PLC0415
+
+        structlog.get_logger("relay.cli").critical("relay_crashed", error=repr(exc),
+                                                   exc_info=exc)
+        _error(f"the relay crashed: {exc!r} (traceback in the log)")
+        return EXIT_FAILURE
     return EXIT_OK
 
 

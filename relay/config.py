@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import ipaddress
 import json
 import math
 import os
@@ -51,9 +52,12 @@ __all__ = [
     "QmtConfig",
     "RecorderConfig",
     "ReplayConfig",
+    "SecurityConfig",
     "ServiceAddresses",
     "SimulatorConfig",
     "SourceConfig",
+    "SupervisionConfig",
+    "TlsConfig",
     "WebhookConfig",
     "apply_overrides",
     "config_to_dict",
@@ -230,6 +234,34 @@ class HistoryConfig:
 
 
 @dataclass(**_DC)
+class TlsConfig:
+    """Certificates for ``tls+tcp://`` addresses (PEM files)."""
+
+    cert: Optional[str] = None      # the relay's certificate (chain), PEM
+    key: Optional[str] = None       # its private key, PEM, unencrypted
+    ca: Optional[str] = None        # set: only clients with a certificate this CA issued
+
+
+@dataclass(**_DC)
+class SecurityConfig:
+    """Who may connect to the relay's TCP services (see :mod:`relay.security`)."""
+
+    allow: Optional[Tuple[str, ...]] = None   # IPs / CIDR networks; null = every peer
+    log_interval: float = 10.0      # at most one "peer_refused" line per service this often
+    tls: TlsConfig = field(default_factory=TlsConfig)
+
+
+@dataclass(**_DC)
+class SupervisionConfig:
+    """How the relay restarts a thread or task that died (see :mod:`relay.supervise`)."""
+
+    max_failures: int = 5           # this many failures of one service within ...
+    window: float = 60.0            # ... this many seconds stop the relay (exit 1)
+    backoff_min: float = 0.5        # first wait before a restart, doubled per failure ...
+    backoff_max: float = 30.0       # ... up to this cap
+
+
+@dataclass(**_DC)
 class Config:
     source: SourceConfig = field(default_factory=SourceConfig)
     normalise: NormaliseConfig = field(default_factory=NormaliseConfig)
@@ -239,6 +271,8 @@ class Config:
     history: HistoryConfig = field(default_factory=HistoryConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     shutdown_timeout: float = 5.0
 
 
@@ -356,7 +390,7 @@ def _iso_date(value: str) -> Optional[str]:
 
 
 _ADDRESS = re.compile(
-    r"ipc://(?P<path>.+)|(?P<scheme>tcp)://"
+    r"ipc://(?P<path>.+)|(?P<scheme>(?:tls\+)?tcp)://"
     r"(?P<host>\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(?P<port>\d{1,5})",
     re.ASCII,
 )
@@ -368,7 +402,7 @@ _HTTP_ADDRESS = re.compile(
 def _address(value: str) -> Optional[str]:
     match = _ADDRESS.fullmatch(value)
     if match is None:
-        return f"expected ipc://PATH or tcp://HOST:PORT, got {value!r}"
+        return f"expected ipc://PATH, tcp://HOST:PORT or tls+tcp://HOST:PORT, got {value!r}"
     port = match.group("port")
     if port is not None and not 1 <= int(port) <= 65535:
         return f"port must be 1-65535, got {value!r}"
@@ -429,6 +463,14 @@ def _template(value: str) -> Optional[str]:
     if unknown:
         return (f"unknown placeholder ${unknown[0]}; valid: "
                 + ", ".join("$" + name for name in placeholders))
+    return None
+
+
+def _ip_network(value: str) -> Optional[str]:
+    try:
+        ipaddress.ip_network(value.strip(), strict=False)
+    except ValueError:
+        return f"expected an IP address or CIDR network (192.168.1.0/24), got {value!r}"
     return None
 
 
@@ -515,6 +557,13 @@ _CHECKS: Mapping[str, _Check] = {
     "alerts.queue_size": _between(1, 100_000),
     "alerts.rate_limit": _between(1, 10_000),
     "alerts.rate_window": _positive,
+    "security.allow": lambda v: None if v else "must list at least one address (or be null)",
+    "security.allow[]": _ip_network,
+    "security.log_interval": _positive,
+    "supervision.max_failures": _between(1, 1000),
+    "supervision.window": _positive,
+    "supervision.backoff_min": _positive,
+    "supervision.backoff_max": _positive,
 }
 
 # apply_overrides() keyword -> (dotted config key, command-line option named in errors).
@@ -722,7 +771,29 @@ def parse_config(data: Any, *, path: str = "<mapping>") -> Config:
         ConfigError: unknown key, wrong type or value out of range (names the dotted key).
     """
     config: Config = _build(Config, data, path, "", "")
+    _check_tls(config, path)
     return config
+
+
+def _check_tls(config: Config, path: str) -> None:
+    """``tls+tcp://`` addresses need a certificate and key; a key needs a certificate."""
+    tls = config.security.tls
+    if (tls.cert is None) != (tls.key is None):
+        missing = "security.tls.key" if tls.key is None else "security.tls.cert"
+        raise ConfigError(path, missing, "security.tls needs both cert and key")
+    if tls.ca is not None and tls.cert is None:
+        raise ConfigError(path, "security.tls.ca", "client certificates need cert and key too")
+    if tls.cert is None:
+        for index, address in enumerate(config.publish.addresses):
+            if address.startswith("tls+tcp://"):
+                raise ConfigError(path, f"publish.addresses[{index}]",
+                                  "tls+tcp:// needs security.tls.cert and security.tls.key")
+        services = service_addresses(config)
+        for key, service in (("publish.snapshot_address", services.snapshot),
+                             ("history.address", services.history)):
+            if service is not None and service.startswith("tls+tcp://"):
+                raise ConfigError(path, key,
+                                  "tls+tcp:// needs security.tls.cert and security.tls.key")
 
 
 def load_config(path: Optional[Union[str, os.PathLike[str]]]) -> Config:
@@ -808,6 +879,7 @@ def apply_overrides(
         if value is not None:
             rule, option = _OVERRIDES[name]
             config = _replace_at(config, rule, rule.split("."), value, option)
+    _check_tls(config, _CLI)
     return config
 
 

@@ -22,6 +22,7 @@ __all__ = [
     "HistoryUnavailableError",
     "PublishError",
     "RelayError",
+    "ServiceError",
     "SourceError",
 ]
 
@@ -71,6 +72,18 @@ class PublishError(RelayError):
         self.address = address
         self.reason = reason
         super().__init__(f"cannot publish on {address}: {reason}")
+
+
+class ServiceError(RelayError):
+    """A supervised thread or task of the relay kept failing; the relay stops (exit 1)."""
+
+    def __init__(self, service: str, failures: int, window: float, reason: str) -> None:
+        self.service = service
+        self.failures = failures
+        self.window = window
+        self.reason = reason
+        super().__init__(f"service {service} failed {failures} times within {window:g} s; "
+                         f"last error: {reason}")
 
 
 class DecodeError(RelayError, ValueError):
