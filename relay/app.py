@@ -36,7 +36,7 @@ from relay.encode import Records, SpotEncoder
 from relay.errors import RelayError, SourceError
 from relay.normalise import Normaliser
 from relay.publish import Publisher
-from relay.sinks import PublishedBatch, Sink, sinks_from_config
+from relay.sinks import HeartbeatSink, PublishedBatch, Sink, sinks_from_config
 from relay.sources import Batch, Source, create_source
 from relay.wire import encode_heartbeat
 
@@ -111,6 +111,7 @@ class Relay:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._wake: Optional[asyncio.Event] = None
         self._started_sinks: List[Sink] = []
+        self._heartbeat_sinks = [s for s in self._sinks if isinstance(s, HeartbeatSink)]
         self._failure: Optional[BaseException] = None  # why the source stopped, if it broke
 
     # -- stopping --------------------------------------------------------------------------
@@ -314,14 +315,17 @@ class Relay:
     def _heartbeat(self) -> None:
         source = self._source
         connected = bool(source is not None and source.connected)
-        self._publisher.send(encode_heartbeat({
+        message = encode_heartbeat({
             "run_id": self.run_id,
             "source": source.kind if source is not None else None,
             "simulated": source is not None and source.kind == "simulator",
             "status": "up" if connected else "down",
             "seq": self._seq,
             "time_ms": int(self._clock() * 1000),
-        }))
+        })
+        self._publisher.send(message)
+        for sink in self._heartbeat_sinks:
+            sink.heartbeat(message)
 
     def _log_stats(self) -> None:
         s, t = self._stats, self._totals

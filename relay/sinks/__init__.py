@@ -8,7 +8,7 @@ episode. :func:`sinks_from_config` builds the sinks the configuration asks for.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, List, Optional, Protocol
+from typing import TYPE_CHECKING, List, Optional, Protocol, runtime_checkable
 
 from relay.records import SpotColumns, SpotRecord
 
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from relay.config import Config
     from relay.normalise import BatchResult
 
-__all__ = ["PublishedBatch", "Sink", "sinks_from_config"]
+__all__ = ["HeartbeatSink", "PublishedBatch", "Sink", "sinks_from_config"]
 
 
 class PublishedBatch:
@@ -67,6 +67,17 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class HeartbeatSink(Sink, Protocol):
+    """A sink that also forwards the relay's heartbeats (the NATS bridge).
+
+    ``heartbeat`` gets every ``:relay:heartbeat:`` message the relay publishes, on the event
+    loop, and must not block either.
+    """
+
+    def heartbeat(self, message: bytes) -> None: ...
+
+
 def sinks_from_config(config: Config) -> List[Sink]:
     """The sinks ``config`` enables, in start order (each feature adds one line here)."""
     sinks: List[Sink] = []
@@ -77,4 +88,8 @@ def sinks_from_config(config: Config) -> List[Sink]:
     if config.recorder.enabled:
         from relay.recorder import Recorder  # noqa: PLC0415 - h5py only when recording
         sinks.append(Recorder.from_config(config))
+    if config.bridge.nats.url:
+        from relay.sinks.nats import NatsBridge  # noqa: PLC0415 - nats-py only when bridging
+        sinks.append(NatsBridge(config.bridge.nats,
+                                max_message_bytes=config.publish.max_message_bytes))
     return sinks
