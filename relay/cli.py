@@ -208,7 +208,7 @@ def _tail(args: argparse.Namespace) -> int:
     if args.count is not None and args.count < 1:
         _error("--count must be at least 1")
         return EXIT_CONFIG
-    replay_from: Union[None, int, datetime.datetime] = None
+    replay_from: Union[int, datetime.datetime, None] = None
     if args.replay_from:
         text = args.replay_from.strip()
         try:

@@ -23,10 +23,10 @@ __all__ = [
     "HDR_SEQ",
     "HDR_SOURCE",
     "HEARTBEAT_PREFIX",
-    "NatsSubjects",
     "RELAY_PREFIX",
     "SPOT_PREFIX",
     "START",
+    "NatsSubjects",
     "decode_heartbeat",
     "encode_heartbeat",
 ]

@@ -42,7 +42,7 @@ class NatsServer:
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [self.binary, "-js", "-sd", str(self.store), "-p", str(self.port),
-             "-a", "127.0.0.1", "--max_payload", "8MB"],
+             "-a", "127.0.0.1"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
         while True:

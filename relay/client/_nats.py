@@ -273,18 +273,18 @@ class NatsSub:
                   "records": len(messages), "time_ms": marker.get("time_ms")}
         self._snapshot_body = encode_snapshot_reply(header, messages)
         stream_seq = marker.get("stream_seq")
-        return stream_seq + 1 if isinstance(stream_seq, int) else None
+        return int(stream_seq) + 1 if isinstance(stream_seq, int) else None
 
     async def _find_after(self, nc: Any, after: int) -> int:
         """Stream sequence of the first message of the newest run with relay seq > ``after``."""
         subj, jsm = self.subjects, nc.jsm()
         info = await jsm.stream_info(subj.stream)
-        first, last = info.state.first_seq, info.state.last_seq
+        first, last = int(info.state.first_seq), int(info.state.last_seq)
         if not info.state.messages:
             return last + 1
         newest = await jsm.get_last_msg(subj.stream, subj.spot)
         run = (newest.headers or {}).get(HDR_RUN_ID)
-        lo, hi, best = first, last + 1, last + 1
+        lo, hi, best = first, last + 1, last + 1   # best: the answer found so far
         while lo < hi:
             mid = (lo + hi) // 2
             try:

@@ -161,8 +161,10 @@ class Subscriber:
             self._transport = TcpSub(host, port, connect_timeout=connect_timeout,
                                      max_message_bytes=max_message_bytes)
         elif nats:
+            # JetStream's idle heartbeats: two missed ones recreate the consumer
+            idle = 2.0 if heartbeat_timeout is None else min(5.0, max(0.5, heartbeat_timeout / 2))
             self._transport = NatsSub(url, snapshot=snapshot, replay_from=replay_from,
-                                      connect_timeout=connect_timeout)
+                                      connect_timeout=connect_timeout, idle_heartbeat=idle)
         else:
             self._transport = PynngSub(url, _TOPICS, max_message_bytes=max_message_bytes)
         # tcp and nats connect synchronously; pynng reports its pipes as events

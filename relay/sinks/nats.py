@@ -147,6 +147,7 @@ class NatsBridge:
         self._js: Any = None
         self._streams_ok = False
         self._connected = False
+        self._unreachable_logged = False
         # latest-record table: (market, code) -> (record, seq, run_id); dirty since last round
         self._dirty: Dict[Tuple[str, str], Tuple[SpotRecord, int, str]] = {}
         self._encoders: Dict[Tuple[str, str], SpotEncoder] = {}
@@ -246,24 +247,31 @@ class NatsBridge:
             await self._disconnect()
 
     async def _connect(self) -> bool:
-        """Connect the first time, retrying with capped backoff; False if stopped first."""
-        import nats  # noqa: PLC0415 - optional extra
+        """Connect the first time (nats-py retries by itself); False if stopped first."""
+        from nats.aio.client import Client  # noqa: PLC0415 - optional extra
 
         opts = connect_options(self.config)
-        wait, failed = 0.5, 0
+        wait = 0.5
         while not self._stop.is_set():
-            nc = nats.NATS()
-            try:
-                await nc.connect(**opts, error_cb=self._on_error,
-                                 disconnected_cb=self._on_disconnected,
-                                 reconnected_cb=self._on_reconnected,
-                                 closed_cb=self._on_closed)
-            except Exception as exc:  # any failure to connect is a retry, never a crash
-                if failed == 0:
-                    log.warning("nats_unreachable", servers=list(self.config.url),
-                                error=repr(exc))
-                failed += 1
+            nc = Client()
+            task = asyncio.ensure_future(nc.connect(
+                **opts, error_cb=self._on_error, disconnected_cb=self._on_disconnected,
+                reconnected_cb=self._on_reconnected, closed_cb=self._on_closed))
+            while not task.done() and not self._stop.is_set():
+                await self._sleep(0.25)
                 self._drain_while_down()
+            if not task.done():  # stopped while still trying
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+                with contextlib.suppress(Exception):
+                    await nc.close()
+                return False
+            exc = task.exception()
+            if exc is not None:  # rejected (authorization, TLS): retry with backoff
+                log.error("nats_connect_failed", servers=list(self.config.url), error=repr(exc))
+                with contextlib.suppress(Exception):
+                    await nc.close()
                 await self._sleep(wait * random.uniform(0.5, 1.0))
                 wait = min(_CONNECT_RETRY_MAX, wait * 2)
                 continue
@@ -271,7 +279,7 @@ class NatsBridge:
             self._connected = True
             self.stats.connects += 1
             log.info("nats_connected", server=str(nc.connected_url.netloc)
-                     if nc.connected_url else None, attempts=failed + 1)
+                     if nc.connected_url else None)
             await self._ensure_streams()
             return True
         return False
@@ -320,7 +328,11 @@ class NatsBridge:
         self._streams_ok = True
 
     async def _on_error(self, exc: Exception) -> None:
-        log.debug("nats_client_error", error=repr(exc))
+        if self._nc is None and not self._unreachable_logged:  # before the first connection
+            self._unreachable_logged = True
+            log.warning("nats_unreachable", servers=list(self.config.url), error=repr(exc))
+        else:
+            log.debug("nats_client_error", error=repr(exc))
 
     async def _on_disconnected(self) -> None:
         if self._connected:
