@@ -49,7 +49,7 @@ from relay.wire import (
 )
 
 if TYPE_CHECKING:
-    from relay.config import NatsConfig
+    from relay.config import Config, NatsConfig
 
 __all__ = ["NatsBridge", "connect_options"]
 
@@ -155,6 +155,11 @@ class NatsBridge:
         self._acked: Optional[Tuple[str, int, int]] = None      # run_id, seq, stream seq
         self._pending_acks: Deque[Tuple[float, Any]] = deque()
         self.stats = _Stats()
+
+    @classmethod
+    def from_config(cls, config: Config) -> NatsBridge:
+        """The bridge ``config.bridge.nats`` describes."""
+        return cls(config.bridge.nats, max_message_bytes=config.publish.max_message_bytes)
 
     # -- sink protocol (relay's event loop) --------------------------------------------------
 
