@@ -340,10 +340,10 @@ class NatsBridge:
             log.debug("nats_client_error", error=repr(exc))
 
     async def _on_disconnected(self) -> None:
-        if self._connected:
-            self._connected = False
+        if self._connected and not self._stop.is_set():
             self.stats.disconnects += 1
             log.warning("nats_disconnected", queued=len(self._queue))
+        self._connected = False
 
     async def _on_reconnected(self) -> None:
         self._connected = True
