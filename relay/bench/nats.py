@@ -169,7 +169,7 @@ def _e2e(url: str, relay: Any, raw: Dict[str, Any], bursts: int, nng_url: str,
         proc.start()
         procs.append((proc, ready))
     try:
-        for proc, ready in procs:
+        for _proc, ready in procs:
             if not ready.wait(60):
                 raise RuntimeError("a subscriber did not start")
         time.sleep(0.5)
@@ -177,6 +177,7 @@ def _e2e(url: str, relay: Any, raw: Dict[str, Any], bursts: int, nng_url: str,
         for _ in range(bursts):
             t0 = time.monotonic()
             published = relay.process(raw)
+            assert published is not None
             for _ in range(2):
                 tag, t_done, count, _seq = results.get(timeout=60)
                 if count != len(published.records):
@@ -242,7 +243,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             while not toggle.bridge.connected and time.monotonic() < deadline:
                 time.sleep(0.01)
             # throughput: the relay's own batches, published once and handed over 40 times
-            first: PublishedBatch = relay.process(raw)
+            first: Optional[PublishedBatch] = relay.process(raw)
+            assert first is not None
             batches = [PublishedBatch(first._result, first.messages, first.counts,
                                       1 + i * len(first.messages), first.publish_time_ms,
                                       first.run_id, first.source)
