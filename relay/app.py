@@ -38,7 +38,7 @@ from relay.normalise import Normaliser
 from relay.ops.monitor import Operations, ReportsCounters
 from relay.publish import Publisher
 from relay.security import Security
-from relay.sinks import PublishedBatch, Sink, sinks_from_config
+from relay.sinks import HeartbeatSink, PublishedBatch, Sink, sinks_from_config
 from relay.sources import Batch, Source, create_source
 from relay.supervise import ServiceHandle, Supervisor, capture_crashes, loop_exception_handler
 from relay.wire import encode_heartbeat
@@ -128,6 +128,7 @@ class Relay:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._wake: Optional[asyncio.Event] = None
         self._started_sinks: List[Sink] = []
+        self._heartbeat_sinks = [s for s in self._sinks if isinstance(s, HeartbeatSink)]
         self._failure: Optional[BaseException] = None  # why the source stopped, if it broke
         # Operations (metrics endpoint, health, alerts): decided once, built at startup.
         self._ops_wanted = bool(service_addresses(config).metrics or config.alerts.webhooks)
@@ -405,7 +406,7 @@ class Relay:
         source = self._source
         connected = bool(source is not None and source.connected)
         last = self._last_batch_at
-        self._publisher.send(encode_heartbeat({
+        message = encode_heartbeat({
             "run_id": self.run_id,
             "source": source.kind if source is not None else None,
             "simulated": source is not None and source.kind == "simulator",
@@ -415,7 +416,10 @@ class Relay:
             "last_data_ms": None if last is None else int(last * 1000),
             "subscribers": self._publisher.subscribers,
             **self.supervisor.summary(),
-        }))
+        })
+        self._publisher.send(message)
+        for sink in self._heartbeat_sinks:
+            sink.heartbeat(message)
 
     def _counters(self) -> Dict[str, int]:
         """Counters the source and the sinks report (reconnects, recorder rows, queues...)."""

@@ -6,10 +6,11 @@ Only this module turns errors into messages and exit codes.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
-from typing import Any, Dict, List, Optional, Sequence, TextIO
+from typing import Any, Dict, List, Optional, Sequence, TextIO, Union
 
 from relay import __version__
 from relay.errors import (
@@ -48,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--file", metavar="DAY.h5", help="recorded day for --source replay")
     run.add_argument("--speed", type=float, metavar="X",
                      help="replay speed factor (replay source)")
+    run.add_argument("--nats", metavar="URL", action="append",
+                     help="bridge onto this NATS server (nats://HOST:PORT), replaces "
+                          "bridge.nats.url; repeat for a cluster")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
     check = sub.add_parser("check-config", help="validate a config file and print it")
@@ -81,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="start with the relay's snapshot (latest record of every security)")
     tail.add_argument("--snapshot-url", metavar="URL",
                       help="snapshot address (default: the stream's TCP port + 1)")
+    tail.add_argument("--replay-from", metavar="SEQ|TIME",
+                      help="nats:// only: start with stored messages, after relay sequence "
+                           "SEQ or from a China time YYYY-MM-DDTHH:MM[:SS]")
 
     status = sub.add_parser(
         "status", help="report a running relay's health (exit 0 healthy, 1 unhealthy, "
@@ -144,6 +151,7 @@ def _run(args: argparse.Namespace) -> int:
             replay_file=args.file,
             replay_speed=args.speed,
             log_level=args.log_level,
+            nats=args.nats,
         )
     except ConfigError as exc:
         _error(str(exc))
@@ -247,11 +255,26 @@ def _tail(args: argparse.Namespace) -> int:
     if args.count is not None and args.count < 1:
         _error("--count must be at least 1")
         return EXIT_CONFIG
+    replay_from: Union[int, datetime.datetime, None] = None
+    if args.replay_from:
+        text = args.replay_from.strip()
+        try:
+            replay_from = int(text) if text.isdigit() else datetime.datetime.fromisoformat(text)
+        except ValueError:
+            _error(f"--replay-from: expected a sequence number or YYYY-MM-DDTHH:MM, got {text!r}")
+            return EXIT_CONFIG
     out = sys.stdout
     seen = 0
     try:
-        with Subscriber(args.url, codes=codes, snapshot=args.snapshot,
-                        snapshot_url=args.snapshot_url, on_event=_tail_event) as sub:
+        sub = Subscriber(args.url, codes=codes, snapshot=args.snapshot,
+                         snapshot_url=args.snapshot_url, replay_from=replay_from,
+                         on_event=_tail_event)
+    except (ValueError, ImportError) as exc:
+        _error(str(exc) if isinstance(exc, ValueError)
+               else "nats:// needs nats-py: pip install 'qmt-relay[nats]'")
+        return EXIT_CONFIG
+    try:
+        with sub:
             if not args.json:
                 out.write(_TABLE_HEAD + "\n")
             for batch in sub:
@@ -298,7 +321,12 @@ def _record(args: argparse.Namespace) -> int:
                         units=args.units or config.normalise.units)
     codes = [c.strip() for c in args.codes.split(",") if c.strip()] if args.codes else None
     stopping: List[bool] = []
-    sub = Subscriber(args.url, codes=codes)
+    try:
+        sub = Subscriber(args.url, codes=codes)
+    except (ValueError, ImportError) as exc:
+        _error(str(exc) if isinstance(exc, ValueError)
+               else "nats:// needs nats-py: pip install 'qmt-relay[nats]'")
+        return EXIT_CONFIG
 
     def on_signal(_signum: int, _frame: object) -> None:
         stopping.append(True)

@@ -42,11 +42,13 @@ from relay.errors import ConfigError
 
 __all__ = [
     "AlertsConfig",
+    "BridgeConfig",
     "Config",
     "HistoryConfig",
     "JsonText",
     "LoggingConfig",
     "MetricsConfig",
+    "NatsConfig",
     "NormaliseConfig",
     "PublishConfig",
     "QmtConfig",
@@ -136,6 +138,44 @@ class RecorderConfig:
     rollover: str = "08:00"         # China time at which a trading day's file begins
     index_interval: float = 300.0   # seconds between per-code index / market snapshot periods
     retry_interval: float = 30.0    # seconds before retrying after a disk error
+
+
+@dataclass(**_DC)
+class NatsConfig:
+    """The NATS JetStream bridge sink (see :mod:`relay.sinks.nats`); off while ``url`` is empty.
+
+    The credential and TLS fields are handed to nats-py's ``connect()`` as they are.
+    """
+
+    url: Tuple[str, ...] = ()       # nats://HOST:PORT or tls://HOST:PORT; several = a cluster
+    name: str = "qmt-relay"         # connection name shown by the server's monitoring
+    user: str = ""
+    password: str = ""
+    token: str = ""
+    creds_file: str = ""            # a .creds file (JWT + NKey seed), nats-py user_credentials
+    nkeys_seed: str = ""            # a file holding an NKey seed
+    tls_ca: str = ""                # CA bundle that signed the server's certificate
+    tls_cert: str = ""              # client certificate (mutual TLS), with tls_key
+    tls_key: str = ""
+    tls_hostname: str = ""          # server name to verify when it differs from the URL's host
+    subject_prefix: str = "qmt"     # subjects PREFIX.spot, PREFIX.last.MARKET.CODE, ...
+    stream: str = "QMT"             # JetStream stream of the spot messages; STREAM_LAST: latest
+    max_age: float = 86400.0        # seconds a spot message is kept (the trading day and more)
+    max_bytes: int = 16 * 1024 ** 3    # size cap of the spot stream; the oldest go first
+    storage: Literal["file", "memory"] = "file"
+    replicas: int = 1               # stream replicas (a clustered server: 3)
+    latest_interval: float = 1.0    # seconds between updates of the latest-record subjects
+    queue_size: int = 256           # batches waiting for the bridge; beyond, dropped (counted)
+    pending_bytes: int = 64 * 1024 * 1024  # bytes nats-py buffers while disconnected
+    connect_timeout: float = 5.0    # seconds per connection attempt
+    reconnect_wait: float = 1.0     # seconds between the client's reconnect attempts
+
+
+@dataclass(**_DC)
+class BridgeConfig:
+    """Bridges of the published stream onto other messaging systems."""
+
+    nats: NatsConfig = field(default_factory=NatsConfig)
 
 
 @dataclass(**_DC)
@@ -273,6 +313,7 @@ class Config:
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    bridge: BridgeConfig = field(default_factory=BridgeConfig)
     shutdown_timeout: float = 5.0
 
 
@@ -474,6 +515,9 @@ def _ip_network(value: str) -> Optional[str]:
     return None
 
 
+_NATS_URL = re.compile(r"(nats|tls)://([^\s@/]+@)?[^\s:/@]+(:\d{1,5})?", re.ASCII)
+_SUBJECT = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*", re.ASCII)
+
 # Checks run after type checking, on non-null values, keyed by dotted path ("[]" = each item).
 _CHECKS: Mapping[str, _Check] = {
     "history.periods": lambda v: None if v else "must list at least one period",
@@ -564,6 +608,20 @@ _CHECKS: Mapping[str, _Check] = {
     "supervision.window": _positive,
     "supervision.backoff_min": _positive,
     "supervision.backoff_max": _positive,
+    "bridge.nats.url[]": lambda v: None if _NATS_URL.fullmatch(v)
+    else f"expected nats://HOST:PORT or tls://HOST:PORT, got {v!r}",
+    "bridge.nats.subject_prefix": lambda v: None if _SUBJECT.fullmatch(v)
+    else f"expected subject tokens such as qmt or desk1.qmt (letters, digits, - and _), got {v!r}",
+    "bridge.nats.stream": lambda v: None if re.fullmatch(r"[A-Za-z0-9_-]{1,200}", v, re.ASCII)
+    else f"expected a stream name (letters, digits, - and _), got {v!r}",
+    "bridge.nats.max_age": _positive,
+    "bridge.nats.max_bytes": _at_least(1024 * 1024),
+    "bridge.nats.replicas": _between(1, 5),
+    "bridge.nats.latest_interval": _positive,
+    "bridge.nats.queue_size": _between(1, 1_000_000),
+    "bridge.nats.pending_bytes": _at_least(1024 * 1024),
+    "bridge.nats.connect_timeout": _positive,
+    "bridge.nats.reconnect_wait": _positive,
 }
 
 # apply_overrides() keyword -> (dotted config key, command-line option named in errors).
@@ -572,6 +630,7 @@ _OVERRIDES: Mapping[str, Tuple[str, str]] = {
     "publish": ("publish.addresses", "--publish"),
     "snapshot": ("publish.snapshot_address", "--snapshot"),
     "replay_file": ("source.replay.file", "--replay-file"),
+    "nats": ("bridge.nats.url", "--nats"),
     "replay_speed": ("source.replay.speed", "--replay-speed"),
     "log_level": ("logging.level", "--log-level"),
 }
@@ -845,6 +904,7 @@ def apply_overrides(
     replay_file: Optional[str] = None,
     replay_speed: Optional[float] = None,
     log_level: Optional[str] = None,
+    nats: Optional[Sequence[str]] = None,
 ) -> Config:
     """Return ``config`` with command-line values replacing the file's; ``None`` keeps it.
 
@@ -858,6 +918,7 @@ def apply_overrides(
         replay_file: ``source.replay.file``.
         replay_speed: ``source.replay.speed``.
         log_level: ``logging.level``.
+        nats: ``bridge.nats.url`` (replaces the whole list).
 
     Returns:
         A new config; ``config`` itself is unchanged.
@@ -874,6 +935,7 @@ def apply_overrides(
         "replay_file": replay_file,
         "replay_speed": replay_speed,
         "log_level": log_level,
+        "nats": nats if nats is None or isinstance(nats, str) else list(nats),
     }
     for name, value in given.items():
         if value is not None:
