@@ -234,7 +234,8 @@ class Relay:
         self._encoder = SpotEncoder(self.run_id, source.kind, cfg.publish.max_message_bytes)
         if self._ops_wanted:
             self._ops = Operations(cfg, run_id=self.run_id, source=source.kind,
-                                   clock=self._clock)
+                                   clock=self._clock, supervisor=self.supervisor,
+                                   allow=self.security.is_allowed, refuse=self.security.refuse)
         self._publisher.start()
         log.info("publishing", addresses=list(cfg.publish.addresses), run_id=self.run_id)
         if self._ops is not None:
@@ -457,7 +458,10 @@ class Relay:
             totals={"batches": t.batches + s.batches, "records": t.records + s.records,
                     "messages": t.messages + s.messages, "bytes": t.bytes + s.bytes,
                     "errors": t.errors + s.errors},
-            dropped=dropped, counters=self._counters())
+            dropped=dropped, counters=self._counters(),
+            services=[(s.name, s.alive, s.failures, s.restarts)
+                      for s in self.supervisor.status()],
+            refused=self.security.refusals())
 
     def _log_stats(self) -> None:
         s, t = self._stats, self._totals

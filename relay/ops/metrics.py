@@ -169,12 +169,16 @@ class OpsStatus:
     counters: Mapping[str, int]
     health: Health
     rates: Tuple[Mapping[str, object], ...] = ()   # records/s per market, last minutes
+    services: Tuple[Tuple[str, bool, int, int], ...] = ()  # name, alive, failures, restarts
+    refused: Mapping[str, int] = dataclasses.field(default_factory=dict)  # peers, per service
 
     def as_dict(self) -> Dict[str, object]:
         """Plain JSON-ready form (``/status``)."""
         out = dataclasses.asdict(self)
         out["quiet"] = list(self.quiet)
         out["rates"] = list(self.rates)
+        out["services"] = [{"name": n, "alive": a, "failures": f, "restarts": r}
+                           for n, a, f, r in self.services]
         return out
 
 
@@ -301,6 +305,24 @@ class _StatusCollector:
         for market, n in sorted(Counter(sym.rpartition(".")[2] for sym in s.quiet).items()):
             quiet.add_metric([market], n)
         yield quiet
+        alive = GaugeMetricFamily(p + "service_up", "1 while a supervised thread or task runs.",
+                                  labels=["service"])
+        failures = CounterMetricFamily(p + "service_failures", "Unexpected deaths of a "
+                                       "supervised thread or task.", labels=["service"])
+        restarts = CounterMetricFamily(p + "service_restarts", "Restarts of a supervised "
+                                       "thread or task.", labels=["service"])
+        for name, up, failed, restarted in s.services:
+            alive.add_metric([name], float(up))
+            failures.add_metric([name], failed)
+            restarts.add_metric([name], restarted)
+        yield alive
+        yield failures
+        yield restarts
+        refused = CounterMetricFamily(p + "peers_refused", "Peers refused by the allow-list.",
+                                      labels=["service"])
+        for name, n in sorted(s.refused.items()):
+            refused.add_metric([name], n)
+        yield refused
 
 
 def build_registry(latest: Callable[[], Optional[OpsStatus]], *, run_id: str, version: str,

@@ -103,6 +103,9 @@ def test_metrics_health_status_page_and_webhooks_that_do_not_delay_publishing(
             assert 1.0 == later["qmt_relay_source_up"]
             assert 1.0 == later["qmt_relay_healthy"]
             assert 0.0 == later["qmt_relay_alerts_sent_total"]
+            # Supervised services, the HTTP thread among them, show up as alive.
+            assert 1.0 == later['qmt_relay_service_up{service="metrics_http"}']
+            assert 0.0 == later['qmt_relay_service_failures_total{service="metrics_http"}']
             assert sum(v for k, v in later.items()
                        if k.startswith("qmt_relay_securities_today{")) == 60
             assert {"market"} == {k.split("{")[1].split("=")[0] for k in later

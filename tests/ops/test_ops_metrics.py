@@ -245,3 +245,33 @@ def test_operations_turn_health_changes_into_one_alert_each() -> None:
     assert ["up", "down", "down", "up", "stalled", "stalled", "up", "up", "up"] == steps
     assert ["relay_started", "feed_lost", "feed_recovered", "feed_stalled", "feed_recovered",
             "recorder_failed", "relay_stopped"] == server.events()
+
+
+def test_allow_list_refuses_other_peers_before_they_are_answered() -> None:
+    """Only 127.0.0.2 may ask; 127.0.0.1 is closed unanswered and counted as refused."""
+    import socket
+
+    refused: List[Any] = []
+    server = OpsServer(f"http://127.0.0.1:{free_tcp_port()}",
+                       build_registry(lambda: None, run_id="r", version="v", source="s")[0],
+                       lambda: None, allow=lambda ip: ip == "127.0.0.2",
+                       refuse=lambda service, ip: refused.append((service, ip)))
+    server.start()
+    port = int(server.url.rsplit(":", 1)[1])
+    request = b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    try:
+        answers = []
+        for source_ip in ("127.0.0.1", "127.0.0.2"):
+            with socket.socket() as s:
+                s.settimeout(5)
+                s.bind((source_ip, 0))
+                s.connect(("127.0.0.1", port))
+                try:
+                    s.sendall(request)
+                    answers.append(s.recv(12))
+                except ConnectionResetError:
+                    answers.append(b"")
+    finally:
+        server.close()
+    assert [b"", b"HTTP/1.1 200"] == answers
+    assert [("metrics", "127.0.0.1")] == refused
