@@ -127,7 +127,7 @@ async def _run(args: argparse.Namespace) -> Dict[str, Any]:
         assert cols is not None and on.ops is not None
         start = time.perf_counter()
         for _ in range(20):
-            on.ops.observe_batch(cols.code, cols.market, time.time(), 0.01)
+            on.ops.observe_batch(full.keys(), cols.market, time.time(), 0.01)
         results["observe_full_ms"] = round((time.perf_counter() - start) / 20 * 1000.0, 3)
         samples = []
         for _ in range(args.rounds * 5):
