@@ -11,6 +11,7 @@ __all__ = [
     "BadTick",
     "ConfigError",
     "DecodeError",
+    "HistoryError",
     "PublishError",
     "RelayError",
     "SourceError",
@@ -73,3 +74,11 @@ class BadTick(RelayError, ValueError):
         self.code = code
         self.reason = reason
         super().__init__(f"bad tick {code}: {reason}")
+
+
+class HistoryError(RelayError):
+    """The history service refused a request (unknown security, bad range, busy file)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"history request refused: {reason}")

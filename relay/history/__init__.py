@@ -1,0 +1,1 @@
+"""K-line history: hikyuu HDF5 store, history service and mirror (sync)."""
