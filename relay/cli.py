@@ -12,15 +12,18 @@ import sys
 from typing import List, Optional, Sequence, TextIO
 
 from relay import __version__
-from relay.errors import ConfigError, PublishError, RelayError
+from relay.errors import (
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_STARTUP,
+    ConfigError,
+    PublishError,
+    RelayError,
+)
 
 __all__ = ["EXIT_CONFIG", "EXIT_FAILURE", "EXIT_OK", "EXIT_STARTUP", "main"]
-
-EXIT_OK = 0
-EXIT_FAILURE = 1          # the relay failed while running
-EXIT_CONFIG = 2           # bad configuration or command line
-EXIT_STARTUP = 3          # could not start: address in use, source unavailable
-EXIT_INTERRUPTED = 130    # tail stopped by Ctrl-C
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--source", metavar="NAME", help="source kind: simulator, qmt or replay")
     run.add_argument("--publish", metavar="URL", action="append",
                      help="publish address, replaces the configured ones; repeat for several")
+    run.add_argument("--snapshot", metavar="URL|off",
+                     help="snapshot service address, or off (default: the publish TCP port + 1)")
     run.add_argument("--file", metavar="DAY.h5", help="recorded day for --source replay")
     run.add_argument("--speed", type=float, metavar="X",
                      help="replay speed factor (replay source)")
@@ -94,7 +99,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "check-config":
         return _check_config(args.file)
     if args.command == "service":
-        from relay.service import service_command  # noqa: PLC0415
+        from relay.ops.service import service_command  # noqa: PLC0415
 
         return service_command(args.action, args.config, username=args.username,
                                password=args.password)
@@ -117,6 +122,7 @@ def _run(args: argparse.Namespace) -> int:
             load_config(args.config),
             source=args.source,
             publish=args.publish,
+            snapshot="" if args.snapshot == "off" else args.snapshot,
             replay_file=args.file,
             replay_speed=args.speed,
             log_level=args.log_level,
@@ -241,7 +247,7 @@ def _record(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     from relay.client import Subscriber  # noqa: PLC0415
     from relay.logs import configure_logging  # noqa: PLC0415
-    from relay.recorder import Recorder  # noqa: PLC0415
+    from relay.sinks.recorder import Recorder  # noqa: PLC0415
 
     configure_logging(config.logging)
     rc = dataclasses.replace(config.recorder, dir=args.dir)

@@ -23,6 +23,7 @@ from typing import (
     List,
     Literal,
     Mapping,
+    NamedTuple,
     Optional,
     Sequence,
     Tuple,
@@ -38,18 +39,22 @@ from relay.errors import ConfigError
 
 __all__ = [
     "Config",
+    "HistoryConfig",
     "LoggingConfig",
+    "MetricsConfig",
     "NormaliseConfig",
     "PublishConfig",
     "QmtConfig",
     "RecorderConfig",
     "ReplayConfig",
+    "ServiceAddresses",
     "SimulatorConfig",
     "SourceConfig",
     "apply_overrides",
     "config_to_dict",
     "load_config",
     "parse_config",
+    "service_addresses",
 ]
 
 # dataclass(slots=True) exists from Python 3.10; on 3.9 the classes are frozen without slots.
@@ -59,6 +64,8 @@ if sys.version_info >= (3, 10):
 
 SourceKind = Literal["simulator", "qmt", "replay"]
 DEFAULT_ADDRESSES: Tuple[str, ...] = ("ipc:///tmp/hikyuu_real.ipc", "tcp://127.0.0.1:9200")
+AUTO = "auto"
+"""A service address that follows the port plan (see :func:`service_addresses`)."""
 
 
 @dataclass(**_DC)
@@ -111,7 +118,7 @@ class ReplayConfig:
 
 @dataclass(**_DC)
 class RecorderConfig:
-    """The HDF5 recorder sink (see :mod:`relay.recorder`)."""
+    """The HDF5 recorder sink (see :mod:`relay.sinks.recorder`)."""
 
     enabled: bool = False
     dir: str = "recordings"         # one file per trading day: DIR/YYYY-MM-DD.h5
@@ -143,7 +150,8 @@ class PublishConfig:
     addresses: Tuple[str, ...] = DEFAULT_ADDRESSES
     max_message_bytes: int = 512 * 1024
     heartbeat_interval: float = 1.0
-    snapshot_address: Optional[str] = "tcp://127.0.0.1:9201"  # REQ/REP late joiners; null = off
+    # REQ/REP late joiners; "auto" = the port plan (P+1), null or "" = off
+    snapshot_address: Optional[str] = AUTO
 
 
 @dataclass(**_DC)
@@ -157,13 +165,90 @@ class LoggingConfig:
 
 
 @dataclass(**_DC)
+class HistoryConfig:
+    """K-line history: the hikyuu HDF5 directory and the service that serves it."""
+
+    dir: str = "history"            # hikyuu data directory (sh_day.h5, sz_1min.h5, ...)
+    address: Optional[str] = AUTO   # history service (NNG REQ/REP); auto = P+2; null = off
+
+
+@dataclass(**_DC)
+class MetricsConfig:
+    """The operations HTTP endpoint: /metrics, /healthz and the status page."""
+
+    address: Optional[str] = AUTO   # http://HOST:PORT; auto = P+3; null = off
+
+
+@dataclass(**_DC)
 class Config:
     source: SourceConfig = field(default_factory=SourceConfig)
     normalise: NormaliseConfig = field(default_factory=NormaliseConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     recorder: RecorderConfig = field(default_factory=RecorderConfig)
+    history: HistoryConfig = field(default_factory=HistoryConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     shutdown_timeout: float = 5.0
+
+
+# --------------------------------------------------------------------------------------------
+# The port plan: publish on P (the first TCP publish address); every other TCP service of the
+# relay defaults to the next ports on the same host. So a second relay on one host needs only
+# its own publish address.
+
+SERVICE_OFFSETS: Mapping[str, int] = {"snapshot": 1, "history": 2, "metrics": 3}
+"""Port offsets from the first TCP publish port, by service."""
+
+FALLBACK_HOST = "127.0.0.1"
+FALLBACK_PORT = 9200
+"""Host and base port of the plan when no TCP publish address exists (services 9201-9203)."""
+
+
+class ServiceAddresses(NamedTuple):
+    """Where each TCP service of the relay listens; ``None`` = turned off."""
+
+    snapshot: Optional[str]
+    history: Optional[str]
+    metrics: Optional[str]
+
+
+def plan_base(addresses: Sequence[str]) -> Tuple[str, str, int]:
+    """``(scheme, host, port)`` of the first TCP publish address, the port plan's base.
+
+    Without one (IPC only), the plan's fallback: ``("tcp", "127.0.0.1", 9200)``.
+    """
+    for address in addresses:
+        match = _ADDRESS.fullmatch(address)
+        if match is not None and match.group("port") is not None:
+            return match.group("scheme"), match.group("host"), int(match.group("port"))
+    return "tcp", FALLBACK_HOST, FALLBACK_PORT
+
+
+def planned_address(addresses: Sequence[str], service: str) -> str:
+    """The port plan's default address of ``service`` (``snapshot``, ``history``, ``metrics``)."""
+    scheme, host, port = plan_base(addresses)
+    port += SERVICE_OFFSETS[service]
+    if port > 65535:
+        port = FALLBACK_PORT + SERVICE_OFFSETS[service]
+    if service == "metrics":
+        return f"{'https' if scheme == 'tls+tcp' else 'http'}://{host}:{port}"
+    return f"{scheme}://{host}:{port}"
+
+
+def service_addresses(config: Config) -> ServiceAddresses:
+    """Resolve every service address of ``config``: ``auto`` follows the plan, null/"" is off."""
+    addresses = config.publish.addresses
+
+    def resolve(value: Optional[str], service: str) -> Optional[str]:
+        if not value:
+            return None
+        return planned_address(addresses, service) if value == AUTO else value
+
+    return ServiceAddresses(
+        snapshot=resolve(config.publish.snapshot_address, "snapshot"),
+        history=resolve(config.history.address, "history"),
+        metrics=resolve(config.metrics.address, "metrics"),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,8 +294,12 @@ def _iso_date(value: str) -> Optional[str]:
 
 
 _ADDRESS = re.compile(
-    r"ipc://(?P<path>.+)|tcp://(?P<host>\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(?P<port>\d{1,5})",
+    r"ipc://(?P<path>.+)|(?P<scheme>tcp)://"
+    r"(?P<host>\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(?P<port>\d{1,5})",
     re.ASCII,
+)
+_HTTP_ADDRESS = re.compile(
+    r"https?://(?P<host>\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(?P<port>\d{1,5})/?", re.ASCII
 )
 
 
@@ -220,6 +309,21 @@ def _address(value: str) -> Optional[str]:
         return f"expected ipc://PATH or tcp://HOST:PORT, got {value!r}"
     port = match.group("port")
     if port is not None and not 1 <= int(port) <= 65535:
+        return f"port must be 1-65535, got {value!r}"
+    return None
+
+
+def _service_address(value: str) -> Optional[str]:
+    return None if value in ("", AUTO) else _address(value)
+
+
+def _http_address(value: str) -> Optional[str]:
+    if value in ("", AUTO):
+        return None
+    match = _HTTP_ADDRESS.fullmatch(value)
+    if match is None:
+        return f"expected auto or http://HOST:PORT, got {value!r}"
+    if not 1 <= int(match.group("port")) <= 65535:
         return f"port must be 1-65535, got {value!r}"
     return None
 
@@ -270,7 +374,10 @@ _CHECKS: Mapping[str, _Check] = {
     "publish.addresses[]": _address,
     "publish.max_message_bytes": _between(4096, 64 * 1024 * 1024),
     "publish.heartbeat_interval": _positive,
-    "publish.snapshot_address": lambda value: None if value == "" else _address(value),
+    "publish.snapshot_address": _service_address,
+    "history.address": _service_address,
+    "history.dir": lambda v: None if v else "must not be empty",
+    "metrics.address": _http_address,
     "logging.stats_interval": _positive,
     "logging.file_max_bytes": _at_least(1024),
     "logging.file_backups": _at_least(0),
@@ -287,6 +394,7 @@ _CHECKS: Mapping[str, _Check] = {
 _OVERRIDES: Mapping[str, Tuple[str, str]] = {
     "source": ("source.kind", "--source"),
     "publish": ("publish.addresses", "--publish"),
+    "snapshot": ("publish.snapshot_address", "--snapshot"),
     "replay_file": ("source.replay.file", "--replay-file"),
     "replay_speed": ("source.replay.speed", "--replay-speed"),
     "log_level": ("logging.level", "--log-level"),
@@ -517,6 +625,7 @@ def apply_overrides(
     *,
     source: Optional[str] = None,
     publish: Optional[Sequence[str]] = None,
+    snapshot: Optional[str] = None,
     replay_file: Optional[str] = None,
     replay_speed: Optional[float] = None,
     log_level: Optional[str] = None,
@@ -529,6 +638,7 @@ def apply_overrides(
         config: the loaded config.
         source: ``source.kind``.
         publish: ``publish.addresses`` (replaces the whole list).
+        snapshot: ``publish.snapshot_address`` (``""`` turns the service off).
         replay_file: ``source.replay.file``.
         replay_speed: ``source.replay.speed``.
         log_level: ``logging.level``.
@@ -544,6 +654,7 @@ def apply_overrides(
         "source": source,
         # A bare string would be a Sequence of characters: keep it whole so it is rejected.
         "publish": publish if publish is None or isinstance(publish, str) else list(publish),
+        "snapshot": snapshot,
         "replay_file": replay_file,
         "replay_speed": replay_speed,
         "log_level": log_level,

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Recorder", "day_of"]
 
-log = structlog.get_logger("relay.recorder")
+log = structlog.get_logger("relay.sinks.recorder")
 
 _CN_MS = 8 * 3_600_000
 _DAY_MS = 86_400_000

@@ -23,6 +23,7 @@ from relay.client._snapshot import (
     SNAPSHOT_REQUEST,
     encode_snapshot_reply,
 )
+from relay.config import Config, service_addresses
 from relay.encode import SpotEncoder
 from relay.errors import PublishError
 from relay.records import SpotRecord
@@ -30,7 +31,7 @@ from relay.sinks import PublishedBatch
 
 __all__ = ["SnapshotService"]
 
-log = structlog.get_logger("relay.snapshot")
+log = structlog.get_logger("relay.sinks.snapshot")
 
 _POLL_MS = 200
 
@@ -59,6 +60,14 @@ class SnapshotService:
         self._thread: Optional[threading.Thread] = None
         self._stop = threading.Event()
         self.requests = 0
+
+    @classmethod
+    def from_config(cls, config: Config) -> SnapshotService:
+        """The service at the port plan's snapshot address (see ``service_addresses``)."""
+        address = service_addresses(config).snapshot
+        if address is None:
+            raise ValueError("the snapshot service is turned off in this config")
+        return cls(address, max_message_bytes=config.publish.max_message_bytes)
 
     # -- sink protocol ---------------------------------------------------------------------
 

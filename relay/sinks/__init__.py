@@ -4,19 +4,26 @@ A sink is a small class with ``start()``, ``write(batch)`` and ``close()``. ``wr
 the relay's event loop right after a batch is published and must never block: a slow sink
 owns a bounded queue and a writer of its own, counts what it drops, and logs once per
 episode. :func:`sinks_from_config` builds the sinks the configuration asks for.
+
+The implementations live beside this module (``snapshot.py``, ``recorder.py``, ...) and import
+it for :class:`PublishedBatch`; it never imports them: :data:`SINKS` names each one as a
+``"module:Class"`` string, imported only when the configuration enables it (so h5py loads
+only when recording). Every sink class offers ``from_config(config)``.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, List, Optional, Protocol
+from typing import TYPE_CHECKING, Callable, List, Mapping, Optional, Protocol, Tuple
 
+from relay._registry import load
+from relay.config import service_addresses
 from relay.records import SpotColumns, SpotRecord
 
 if TYPE_CHECKING:
     from relay.config import Config
     from relay.normalise import BatchResult
 
-__all__ = ["PublishedBatch", "Sink", "sinks_from_config"]
+__all__ = ["SINKS", "PublishedBatch", "Sink", "sinks_from_config"]
 
 
 class PublishedBatch:
@@ -67,14 +74,15 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
+SINKS: Mapping[str, Tuple[str, Callable[[Config], bool]]] = {
+    # name: ("module:Class", enabled by this config?), in start order
+    "snapshot": ("relay.sinks.snapshot:SnapshotService",
+                 lambda config: service_addresses(config).snapshot is not None),
+    "recorder": ("relay.sinks.recorder:Recorder", lambda config: config.recorder.enabled),
+}
+
+
 def sinks_from_config(config: Config) -> List[Sink]:
-    """The sinks ``config`` enables, in start order (each feature adds one line here)."""
-    sinks: List[Sink] = []
-    if config.publish.snapshot_address:
-        from relay.snapshot import SnapshotService  # noqa: PLC0415 - imports sinks itself
-        sinks.append(SnapshotService(config.publish.snapshot_address,
-                                     max_message_bytes=config.publish.max_message_bytes))
-    if config.recorder.enabled:
-        from relay.recorder import Recorder  # noqa: PLC0415 - h5py only when recording
-        sinks.append(Recorder.from_config(config))
-    return sinks
+    """The sinks ``config`` enables, in the start order of :data:`SINKS`."""
+    return [load(target).from_config(config)
+            for target, enabled in SINKS.values() if enabled(config)]
