@@ -1,7 +1,6 @@
 """The relay's error hierarchy.
 
-Library code raises these; only :mod:`relay.cli` (and the Windows service shell, which is a
-command of its own) turns them into messages and the exit codes named here.
+Library code raises these; only :mod:`relay.cli` turns them into messages and exit codes.
 Each subclass stores its data as attributes and builds its message in ``__init__``.
 Stdlib only (the subscriber library raises :class:`DecodeError`).
 """
@@ -9,26 +8,17 @@ Stdlib only (the subscriber library raises :class:`DecodeError`).
 from __future__ import annotations
 
 __all__ = [
-    "EXIT_CONFIG",
-    "EXIT_FAILURE",
-    "EXIT_INTERRUPTED",
-    "EXIT_OK",
-    "EXIT_STARTUP",
     "BadTick",
     "ConfigError",
     "DecodeError",
     "HistoryError",
+    "HistoryLockedError",
+    "HistoryRequestError",
+    "HistoryUnavailableError",
     "PublishError",
     "RelayError",
     "SourceError",
 ]
-
-
-EXIT_OK = 0
-EXIT_FAILURE = 1          # the relay failed while running
-EXIT_CONFIG = 2           # bad configuration or command line
-EXIT_STARTUP = 3          # could not start: address in use, source unavailable
-EXIT_INTERRUPTED = 130    # tail stopped by Ctrl-C
 
 
 class RelayError(Exception):
@@ -90,8 +80,36 @@ class BadTick(RelayError, ValueError):
 
 
 class HistoryError(RelayError):
-    """The history service refused a request (unknown security, bad range, busy file)."""
+    """A K-line history file cannot be opened, read or written as asked."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
         self.reason = reason
-        super().__init__(f"history request refused: {reason}")
+        super().__init__(f"{path}: {reason}")
+
+
+class HistoryLockedError(HistoryError):
+    """Another process is writing the history directory (its lock file is held)."""
+
+    def __init__(self, directory: str) -> None:
+        super().__init__(directory, "locked by another running import (one writer at a time)")
+        self.directory = directory
+
+
+class HistoryUnavailableError(HistoryError):
+    """A history source cannot start (xtquant missing, MiniQMT unreachable)."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(f"source {source}", reason)
+        self.source = source
+
+
+class HistoryRequestError(HistoryError):
+    """The history service refused a request (malformed, unknown security, file busy).
+
+    Raised by the service for a bad request (it becomes the error reply) and by the client
+    for an error reply (``where`` is then the service's address).
+    """
+
+    def __init__(self, reason: str, where: str = "history service") -> None:
+        super().__init__(where, reason)

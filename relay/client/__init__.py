@@ -40,7 +40,7 @@ from relay.client._history import Bar, Bars, TableInfo, fetch_bars, fetch_catalo
 from relay.client._snapshot import fetch_snapshot
 from relay.client._subscriber import Stats, Subscriber
 from relay.client._transport import TransportError
-from relay.errors import DecodeError, HistoryError
+from relay.errors import DecodeError, HistoryRequestError
 from relay.records import SpotRecord
 
 __all__ = [
@@ -53,7 +53,7 @@ __all__ = [
     "Disconnected",
     "Event",
     "Gap",
-    "HistoryError",
+    "HistoryRequestError",
     "Restart",
     "Silence",
     "SnapshotFailed",

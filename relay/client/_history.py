@@ -21,7 +21,7 @@ import struct
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from relay.client._transport import Requester
-from relay.errors import DecodeError, HistoryError
+from relay.errors import DecodeError, HistoryRequestError
 
 __all__ = [
     "BAR_SIZE",
@@ -279,10 +279,10 @@ def checked(reply: Reply, expected: int) -> Reply:
     """``reply`` if it is of kind ``expected``.
 
     Raises:
-        HistoryError: the relay refused the request (its reason), or answered another kind.
+        HistoryRequestError: the relay refused the request (its reason), or answered another kind.
     """
     if reply.kind == KIND_ERROR:
-        raise HistoryError(reply.error or "unspecified error")
+        raise HistoryRequestError(reply.error or "unspecified error")
     if reply.kind != expected:
         raise DecodeError(f"reply of kind {reply.kind} to a request of kind {expected}")
     return reply
@@ -491,7 +491,7 @@ def fetch_bars(url: str, code: str, period: str = "day", start: DateLike = None,
         The bars, possibly none.
 
     Raises:
-        HistoryError: the relay refused the request (unknown security, no such period).
+        HistoryRequestError: the relay refused the request (unknown security, no such period).
         TransportError: the service is unreachable or did not answer in time.
         DecodeError: a malformed reply.
         ValueError: a bad symbol, period or date.
@@ -514,7 +514,7 @@ def fetch_bars(url: str, code: str, period: str = "day", start: DateLike = None,
                 raise DecodeError("a bars reply must carry exactly one table")
             table = reply.tables[0]
             if table.status == STATUS_MISSING:
-                raise HistoryError(f"no {period} bars of {bare}.{market} on the relay")
+                raise HistoryRequestError(f"no {period} bars of {bare}.{market} on the relay")
             if table.records and table.group != "data":
                 raise DecodeError("a bars reply carries index entries")
             parts.append(table.data)
@@ -535,7 +535,7 @@ def fetch_catalogue(url: str, *, markets: Optional[Sequence[str]] = None,
         One :class:`TableInfo` per table, by market, period, then code.
 
     Raises:
-        HistoryError, TransportError, DecodeError: as :func:`fetch_bars`.
+        HistoryRequestError, TransportError, DecodeError: as :func:`fetch_bars`.
     """
     out: List[TableInfo] = []
     with Requester(url, timeout=timeout, max_message_bytes=max_message_bytes) as req:
@@ -562,7 +562,7 @@ def catalogue_pages(req: Requester, *, markets: Optional[Sequence[str]] = None,
     its start, up to ``attempts`` times.
 
     Raises:
-        HistoryError: the file kept changing, or the relay refused.
+        HistoryRequestError: the file kept changing, or the relay refused.
     """
     wanted_m = None if markets is None else {m.upper() for m in markets}
     wanted_p = None if periods is None else set(periods)
@@ -576,7 +576,7 @@ def catalogue_pages(req: Requester, *, markets: Optional[Sequence[str]] = None,
                 yield merged
                 break
         else:
-            raise HistoryError(f"the {file.market} {file.period} file kept changing while "
+            raise HistoryRequestError(f"the {file.market} {file.period} file kept changing while "
                                "its catalogue was read")
 
 

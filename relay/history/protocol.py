@@ -1,7 +1,7 @@
 """The history protocol, relay side: request parsing and the ``Reply`` encoder.
 
 Requests are JSON objects checked field by field here (a bad one raises
-:class:`~relay.errors.HistoryError`, which the service turns into an error reply); replies
+:class:`~relay.errors.HistoryRequestError`, which the service turns into an error reply); replies
 are ``Reply`` FlatBuffers of ``schemas/bars.fbs`` built with ``flatbuffers.Builder``. The
 bars and index entries of a table go into their vector as one block of bytes, exactly as
 hikyuu stores them. The client side (decoder, requests) is :mod:`relay.client._history`.
@@ -32,7 +32,7 @@ from relay.client._history import (
     CatalogueSlice,
     TableSlice,
 )
-from relay.errors import HistoryError
+from relay.errors import HistoryRequestError
 
 __all__ = [
     "BarsRequest",
@@ -112,26 +112,26 @@ def parse_request(body: bytes, *, max_bytes: int) -> Request:
     """Check and parse one request.
 
     Raises:
-        HistoryError: too long, not JSON, an unknown version or operation, or a bad field
+        HistoryRequestError: too long, not JSON, an unknown version or operation, or a bad field
             (the reason names it).
     """
     if len(body) > max_bytes:
-        raise HistoryError(f"request of {len(body)} bytes exceeds the {max_bytes}-byte limit")
+        raise HistoryRequestError(f"request of {len(body)} bytes exceeds the {max_bytes}-byte limit")
     try:
         data = json.loads(body.decode())
     except (UnicodeDecodeError, ValueError, RecursionError):
-        raise HistoryError("request is not UTF-8 JSON") from None
+        raise HistoryRequestError("request is not UTF-8 JSON") from None
     if not isinstance(data, dict):
-        raise HistoryError("request is not a JSON object")
+        raise HistoryRequestError("request is not a JSON object")
     if data.get("v") != PROTOCOL_VERSION or type(data.get("v")) is not int:
-        raise HistoryError(f"unsupported protocol version {data.get('v')!r}; the relay speaks "
+        raise HistoryRequestError(f"unsupported protocol version {data.get('v')!r}; the relay speaks "
                            f"{PROTOCOL_VERSION}")
     op = data.get("op")
     if not isinstance(op, str) or op not in _KEYS:
-        raise HistoryError(f"unknown op {op!r}; valid: {', '.join(_KEYS)}")
+        raise HistoryRequestError(f"unknown op {op!r}; valid: {', '.join(_KEYS)}")
     unknown = sorted(set(data) - {"v", "op", *_KEYS[op]})
     if unknown:
-        raise HistoryError(f"unknown field {unknown[0]!r} in a {op} request")
+        raise HistoryRequestError(f"unknown field {unknown[0]!r} in a {op} request")
     if op == "files":
         return FilesRequest()
     market = _market(data.get("market"))
@@ -149,19 +149,19 @@ def parse_request(body: bytes, *, max_bytes: int) -> Request:
 
 def _market(value: object) -> str:
     if not isinstance(value, str) or value not in MARKETS:
-        raise HistoryError(f"market must be one of {', '.join(MARKETS)}; got {value!r}")
+        raise HistoryRequestError(f"market must be one of {', '.join(MARKETS)}; got {value!r}")
     return value
 
 
 def _period(value: object) -> str:
     if not isinstance(value, str) or value not in PERIODS:
-        raise HistoryError(f"period must be one of {', '.join(PERIODS)}; got {value!r}")
+        raise HistoryRequestError(f"period must be one of {', '.join(PERIODS)}; got {value!r}")
     return value
 
 
 def _code(value: object) -> str:
     if not isinstance(value, str) or not _CODE.fullmatch(value):
-        raise HistoryError(f"code must be 1-16 letters or digits; got {value!r}")
+        raise HistoryRequestError(f"code must be 1-16 letters or digits; got {value!r}")
     return value
 
 
@@ -170,29 +170,29 @@ def _int(data: Mapping[str, Any], key: str, low: int, high: int) -> Optional[int
     if value is None:
         return None
     if type(value) is not int or not low <= value <= high:
-        raise HistoryError(f"{key} must be an integer {low}..{high}; got {value!r}")
+        raise HistoryRequestError(f"{key} must be an integer {low}..{high}; got {value!r}")
     return value
 
 
 def _tables(value: object, period: str) -> Tuple[Tuple[str, str, int, str], ...]:
     if not isinstance(value, list):
-        raise HistoryError("tables must be a list of [code, group, rows, digest]")
+        raise HistoryRequestError("tables must be a list of [code, group, rows, digest]")
     if len(value) > MAX_SYNC_TABLES:
-        raise HistoryError(f"{len(value)} tables in one request; at most {MAX_SYNC_TABLES}")
+        raise HistoryRequestError(f"{len(value)} tables in one request; at most {MAX_SYNC_TABLES}")
     groups = ("data", *INDEX_GROUPS[period])
     out = []
     for i, item in enumerate(value):
         if not isinstance(item, list) or len(item) != 4:
-            raise HistoryError(f"tables[{i}] must be [code, group, rows, digest]")
+            raise HistoryRequestError(f"tables[{i}] must be [code, group, rows, digest]")
         code, group, rows, digest = item
         if group not in groups:
-            raise HistoryError(f"tables[{i}]: group must be one of {', '.join(groups)}; "
+            raise HistoryRequestError(f"tables[{i}]: group must be one of {', '.join(groups)}; "
                                f"got {group!r}")
         if type(rows) is not int or not 0 <= rows < 1 << 40:
-            raise HistoryError(f"tables[{i}]: rows must be a non-negative integer")
+            raise HistoryRequestError(f"tables[{i}]: rows must be a non-negative integer")
         if not isinstance(digest, str) or not (digest == "" if rows == 0
                                                else _DIGEST.fullmatch(digest)):
-            raise HistoryError(f"tables[{i}]: digest must be 32 hex digits (\"\" for 0 rows)")
+            raise HistoryRequestError(f"tables[{i}]: digest must be 32 hex digits (\"\" for 0 rows)")
         out.append((_code(code), group, rows, digest))
     return tuple(out)
 

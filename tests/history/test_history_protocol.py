@@ -27,7 +27,7 @@ from relay.client._history import (
     encode_request,
     hikyuu_datetime,
 )
-from relay.errors import DecodeError, HistoryError
+from relay.errors import DecodeError, HistoryRequestError
 from relay.history.protocol import (
     BarsRequest,
     CatalogueRequest,
@@ -85,8 +85,8 @@ def test_catalogue_and_files_round_trip() -> None:
 
 
 def test_error_reply_raises_history_error() -> None:
-    """checked() turns an error reply into HistoryError carrying the relay's reason."""
-    with pytest.raises(HistoryError, match="unknown op"):
+    """checked() turns an error reply into HistoryRequestError carrying the relay's reason."""
+    with pytest.raises(HistoryRequestError, match="unknown op"):
         checked(decode_reply(error_reply("unknown op 'x'")), KIND_BARS)
 
 
@@ -180,13 +180,13 @@ def test_requests_parse() -> None:
     (b"[" * 100_000, "not UTF-8 JSON"),
 ])
 def test_bad_requests_are_refused_with_a_reason(body: bytes, reason: str) -> None:
-    """Every malformed request raises HistoryError naming what is wrong."""
-    with pytest.raises(HistoryError, match=reason):
+    """Every malformed request raises HistoryRequestError naming what is wrong."""
+    with pytest.raises(HistoryRequestError, match=reason):
         parse_request(body, max_bytes=1 << 20)
 
 
 def test_oversized_request_is_refused() -> None:
     """A request longer than the limit is refused before it is parsed."""
     body = json.dumps({"v": 1, "op": "files", "pad": "x" * 5000}).encode()
-    with pytest.raises(HistoryError, match="exceeds"):
+    with pytest.raises(HistoryRequestError, match="exceeds"):
         parse_request(body, max_bytes=4096)
