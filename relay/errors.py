@@ -1,6 +1,7 @@
 """The relay's error hierarchy.
 
-Library code raises these; only :mod:`relay.cli` turns them into messages and exit codes.
+Library code raises these; only :mod:`relay.cli` (and the Windows service shell, which is a
+command of its own) turns them into messages and the exit codes named here.
 Each subclass stores its data as attributes and builds its message in ``__init__``.
 Stdlib only (the subscriber library raises :class:`DecodeError`).
 """
@@ -8,6 +9,11 @@ Stdlib only (the subscriber library raises :class:`DecodeError`).
 from __future__ import annotations
 
 __all__ = [
+    "EXIT_CONFIG",
+    "EXIT_FAILURE",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_STARTUP",
     "BadTick",
     "ConfigError",
     "DecodeError",
@@ -19,6 +25,13 @@ __all__ = [
     "RelayError",
     "SourceError",
 ]
+
+
+EXIT_OK = 0
+EXIT_FAILURE = 1          # the relay failed while running
+EXIT_CONFIG = 2           # bad configuration or command line
+EXIT_STARTUP = 3          # could not start: address in use, source unavailable
+EXIT_INTERRUPTED = 130    # tail stopped by Ctrl-C
 
 
 class RelayError(Exception):

@@ -116,7 +116,8 @@ def parse_request(body: bytes, *, max_bytes: int) -> Request:
             (the reason names it).
     """
     if len(body) > max_bytes:
-        raise HistoryRequestError(f"request of {len(body)} bytes exceeds the {max_bytes}-byte limit")
+        raise HistoryRequestError(f"request of {len(body)} bytes exceeds the {max_bytes}-byte "
+                                  "limit")
     try:
         data = json.loads(body.decode())
     except (UnicodeDecodeError, ValueError, RecursionError):
@@ -124,8 +125,8 @@ def parse_request(body: bytes, *, max_bytes: int) -> Request:
     if not isinstance(data, dict):
         raise HistoryRequestError("request is not a JSON object")
     if data.get("v") != PROTOCOL_VERSION or type(data.get("v")) is not int:
-        raise HistoryRequestError(f"unsupported protocol version {data.get('v')!r}; the relay speaks "
-                           f"{PROTOCOL_VERSION}")
+        raise HistoryRequestError(f"unsupported protocol version {data.get('v')!r}; the relay "
+                                  f"speaks {PROTOCOL_VERSION}")
     op = data.get("op")
     if not isinstance(op, str) or op not in _KEYS:
         raise HistoryRequestError(f"unknown op {op!r}; valid: {', '.join(_KEYS)}")
@@ -192,7 +193,8 @@ def _tables(value: object, period: str) -> Tuple[Tuple[str, str, int, str], ...]
             raise HistoryRequestError(f"tables[{i}]: rows must be a non-negative integer")
         if not isinstance(digest, str) or not (digest == "" if rows == 0
                                                else _DIGEST.fullmatch(digest)):
-            raise HistoryRequestError(f"tables[{i}]: digest must be 32 hex digits (\"\" for 0 rows)")
+            raise HistoryRequestError(f"tables[{i}]: digest must be 32 hex digits "
+                                      "(\"\" for 0 rows)")
         out.append((_code(code), group, rows, digest))
     return tuple(out)
 

@@ -25,9 +25,9 @@ from relay.client._snapshot import (
 )
 from relay.config import Config, service_addresses
 from relay.encode import SpotEncoder
-from relay.errors import PublishError
 from relay.records import SpotRecord
 from relay.sinks import PublishedBatch
+from relay.sinks._rep import listen_rep
 
 __all__ = ["SnapshotService"]
 
@@ -77,13 +77,8 @@ class SnapshotService:
         Raises:
             PublishError: the address is invalid or in use.
         """
-        sock = pynng.Rep0(recv_timeout=_POLL_MS, send_timeout=5000)
-        try:
-            sock.listen(self.address)
-        except pynng.exceptions.NNGException as exc:
-            sock.close()
-            raise PublishError(self.address, f"snapshot service: {exc}") from None
-        self._socket = sock
+        self._socket = listen_rep(self.address, "snapshot service", recv_timeout_ms=_POLL_MS,
+                                  send_timeout_ms=5000)
         self._stop.clear()
         self._thread = threading.Thread(target=self._serve, name="relay-snapshot", daemon=True)
         self._thread.start()
