@@ -9,7 +9,7 @@ import argparse
 import json
 import os
 import sys
-from typing import List, Optional, Sequence, TextIO
+from typing import Any, List, Optional, Sequence, TextIO
 
 from relay import __version__
 from relay.errors import (
@@ -88,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     service.add_argument("--username", metavar="USER",
                          help=r"run as this Windows account, e.g. .\trader (install)")
     service.add_argument("--password", metavar="PASSWORD", help="that account's password")
+    _history_parser(sub)
     return p
 
 
@@ -107,6 +108,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _record(args)
     if args.command == "export":
         return _export(args)
+    if args.command == "history":
+        return _history_sync(args)
     return _tail(args)
 
 
@@ -311,4 +314,88 @@ def _export(args: argparse.Namespace) -> int:
     except OSError as exc:
         _error(f"cannot write {out_path}: {exc}")
         return EXIT_FAILURE
+    return EXIT_OK
+
+
+# -- history sync (mirror a relay's history directory) -------------------------------------
+
+def _history_parser(sub: Any) -> None:
+    history = sub.add_parser("history", help="K-line history in hikyuu's HDF5 layout")
+    actions = history.add_subparsers(dest="history_command", metavar="ACTION")
+    actions.required = True
+    _history_sync_parser(actions)
+
+
+def _history_sync_parser(actions: Any) -> None:
+    sync = actions.add_parser("sync", help="mirror a relay's history directory into DIR")
+    sync.add_argument("url", metavar="URL",
+                      help="the relay's history service, e.g. tcp://relay-host:9202")
+    sync.add_argument("--dir", required=True, metavar="DIR", help="local hikyuu data directory")
+    sync.add_argument("--periods", metavar="LIST", help="comma-separated: day,1min,5min")
+    sync.add_argument("--markets", metavar="LIST", help="comma-separated: SH,SZ,BJ")
+    sync.add_argument("--codes", metavar="LIST", help="only these, e.g. 600000.SH,000001")
+    sync.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                      help="seconds allowed for each reply (default 60)")
+    sync.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+
+def _split(value: Optional[str]) -> Optional[List[str]]:
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _history_sync(args: argparse.Namespace) -> int:
+    from relay.client._history import MARKETS, PERIODS  # noqa: PLC0415
+    from relay.client._transport import TransportError, parse_url  # noqa: PLC0415
+    from relay.config import LoggingConfig  # noqa: PLC0415
+    from relay.errors import HistoryError, HistoryLockedError  # noqa: PLC0415
+
+    periods, markets = _split(args.periods), _split(args.markets)
+    if markets is not None:
+        markets = [m.upper() for m in markets]
+    for option, values, valid in (("--periods", periods, PERIODS),
+                                  ("--markets", markets, MARKETS)):
+        bad = [v for v in values or () if v not in valid]
+        if bad:
+            _error(f"{option}: unknown {bad[0]!r}; valid: {', '.join(valid)}")
+            return EXIT_CONFIG
+    try:
+        parse_url(args.url)
+    except ValueError as exc:
+        _error(str(exc))
+        return EXIT_CONFIG
+    from relay.history.sync import progress_printer, sync  # noqa: PLC0415
+    from relay.logs import configure_logging  # noqa: PLC0415
+
+    configure_logging(LoggingConfig(level=args.log_level or "info"))
+    progress, close = progress_printer()
+    try:
+        summary = sync(args.url, args.dir, periods=periods, markets=markets,
+                       codes=_split(args.codes), timeout=args.timeout, progress=progress)
+    except HistoryLockedError as exc:
+        _error(str(exc))
+        return EXIT_STARTUP
+    except (HistoryError, TransportError) as exc:
+        _error(f"sync stopped: {exc} (what was committed is kept; run again to complete)")
+        unreachable = isinstance(exc, TransportError) and str(exc).startswith("cannot connect")
+        return EXIT_STARTUP if unreachable else EXIT_FAILURE
+    except KeyboardInterrupt:
+        _error("interrupted: what was committed is kept; run again to complete")
+        return EXIT_INTERRUPTED
+    finally:
+        close()
+    rate = summary.bars / summary.elapsed if summary.elapsed > 0 else 0.0
+    lines = [
+        f"history sync from {args.url} into {args.dir}: {summary.files} files, "
+        f"{summary.tables} tables ({summary.up_to_date} already up to date)",
+        f"  bars fetched: {summary.bars} ({rate:,.0f} bars/s); index rows: "
+        f"{summary.index_rows}; index tables rewritten: {summary.index_fixed}",
+        f"  tables re-fetched because the relay's history changed: {len(summary.refetched)}"
+        + (f" ({', '.join(summary.refetched[:10])}{' ...' if len(summary.refetched) > 10 else ''})"
+           if summary.refetched else ""),
+        f"  {summary.requests} requests, {summary.bytes:,} bytes, {summary.elapsed:.1f} s",
+    ]
+    if summary.tables == 0:
+        lines.append("  nothing to sync: the relay serves no table matching the request")
+    for line in lines:
+        print(line, file=sys.stderr)
     return EXIT_OK
