@@ -336,6 +336,8 @@ def _history_sync_parser(actions: Any) -> None:
     sync.add_argument("--codes", metavar="LIST", help="only these, e.g. 600000.SH,000001")
     sync.add_argument("--timeout", type=float, default=60.0, metavar="S",
                       help="seconds allowed for each reply (default 60)")
+    sync.add_argument("--page-bytes", type=int, metavar="N",
+                      help="ask for replies of at most N bytes (default: the relay's limit)")
     sync.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
 
@@ -363,6 +365,9 @@ def _history_sync(args: argparse.Namespace) -> int:
     except ValueError as exc:
         _error(str(exc))
         return EXIT_CONFIG
+    if args.page_bytes is not None and args.page_bytes < 4096:
+        _error("--page-bytes: must be at least 4096")
+        return EXIT_CONFIG
     from relay.history.sync import progress_printer, sync  # noqa: PLC0415
     from relay.logs import configure_logging  # noqa: PLC0415
 
@@ -370,7 +375,8 @@ def _history_sync(args: argparse.Namespace) -> int:
     progress, close = progress_printer()
     try:
         summary = sync(args.url, args.dir, periods=periods, markets=markets,
-                       codes=_split(args.codes), timeout=args.timeout, progress=progress)
+                       codes=_split(args.codes), timeout=args.timeout,
+                       max_reply_bytes=args.page_bytes, progress=progress)
     except HistoryLockedError as exc:
         _error(str(exc))
         return EXIT_STARTUP

@@ -181,10 +181,14 @@ class HistoryService:
                     return
                 log.exception("history_recv_failed")
                 continue
+            except RuntimeError:
+                body = b""   # pynng cannot hand over a zero-length message; it was received
             try:
                 sock.send(self.handle(body))
             except pynng.exceptions.NNGException as exc:
                 log.warning("history_send_failed", error=repr(exc))
+            except Exception as exc:  # never a dead service thread
+                log.exception("history_send_failed", error=repr(exc))
 
     # -- requests --------------------------------------------------------------------------
 

@@ -144,6 +144,8 @@ def _sync_file(req: Requester, directory: str, cat: CatalogueSlice, keep: List[i
             if info is not None and info.rows and (
                     info.rows > cat.rows[i] or info.first != cat.first[i]):
                 refetch.add((code, "data"))   # the relay's table starts differently
+                summary.refetched.append(cat.market + code)
+                log.info("history_sync_changed", table=cat.market + code, file=hf.path)
         pending = [(cat.codes[i], g) for i in keep for g in groups]
         summary.tables += len(keep)
         done = 0

@@ -16,7 +16,7 @@ LIVE_DATE = "2024-06-05"   # a Wednesday: history ends Tuesday 2024-06-04
 PERIODS = ("day", "1min", "5min")
 
 
-def simulator(securities: int = 12) -> SimulatorHistory:
+def simulator(securities: int = 10) -> SimulatorHistory:
     return SimulatorHistory(SimulatorConfig(securities=securities, date=LIVE_DATE))
 
 
