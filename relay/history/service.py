@@ -60,7 +60,7 @@ from relay.history.store import (
     file_name,
     iter_files,
 )
-from relay.sinks._rep import listen_rep
+from relay.sinks._rep import listen_rep, recv_request
 
 if TYPE_CHECKING:
     from relay.sinks import PublishedBatch
@@ -173,7 +173,7 @@ class HistoryService:
         assert sock is not None
         while not self._stop.is_set():
             try:
-                body = sock.recv()
+                body = recv_request(sock)
             except pynng.Timeout:
                 continue
             except pynng.exceptions.NNGException:
@@ -181,8 +181,6 @@ class HistoryService:
                     return
                 log.exception("history_recv_failed")
                 continue
-            except RuntimeError:
-                body = b""   # pynng cannot hand over a zero-length message; it was received
             try:
                 sock.send(self.handle(body))
             except pynng.exceptions.NNGException as exc:

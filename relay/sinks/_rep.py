@@ -10,7 +10,7 @@ import pynng
 
 from relay.errors import PublishError
 
-__all__ = ["listen_rep"]
+__all__ = ["listen_rep", "recv_request"]
 
 
 def listen_rep(address: str, service: str, *, recv_timeout_ms: int, send_timeout_ms: int,
@@ -36,3 +36,17 @@ def listen_rep(address: str, service: str, *, recv_timeout_ms: int, send_timeout
         sock.close()
         raise PublishError(address, f"{service}: {exc}") from None
     return sock
+
+
+def recv_request(sock: pynng.Rep0) -> bytes:
+    """The next request (``pynng.Timeout`` when none came within the socket's timeout).
+
+    pynng cannot hand over a zero-length message (it raises ``RuntimeError`` after NNG
+    received it): that request is returned as ``b""``, so the service answers it with an
+    error instead of losing its serving thread.
+    """
+    try:
+        body: bytes = sock.recv()
+    except RuntimeError:
+        return b""
+    return body

@@ -27,7 +27,7 @@ from relay.config import Config, service_addresses
 from relay.encode import SpotEncoder
 from relay.records import SpotRecord
 from relay.sinks import PublishedBatch
-from relay.sinks._rep import listen_rep
+from relay.sinks._rep import listen_rep, recv_request
 
 __all__ = ["SnapshotService"]
 
@@ -149,7 +149,7 @@ class SnapshotService:
         while not self._stop.is_set():
             self.fold()
             try:
-                request = sock.recv()
+                request = recv_request(sock)
             except pynng.Timeout:
                 continue
             except pynng.exceptions.NNGException:
