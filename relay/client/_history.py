@@ -97,6 +97,7 @@ class TableSlice(NamedTuple):
     data: bytes
     records: int
     complete: bool
+    derived: bool = False
 
 
 class CatalogueSlice(NamedTuple):
@@ -269,7 +270,8 @@ def _decode(buf: bytes) -> Reply:
             data = buf[bars_at:bars_at + bars * BAR_SIZE]
         tables.append(TableSlice(t.string(0), t.string(1), t.scalar(2, _u8, 1, STATUS_OK),
                                  t.scalar(3, _u64, 8, 0), t.scalar(4, _u64, 8, 0), data,
-                                 bars or entries, bool(t.scalar(7, _u8, 1, 1))))
+                                 bars or entries, bool(t.scalar(7, _u8, 1, 1)),
+                                 bool(t.scalar(8, _u8, 1, 0))))
     return Reply(version, root.scalar(1, _u8, 1, KIND_ERROR), root.string(2), catalogues,
                  root.string(4), root.string(5), tables, root.scalar(7, _u32, 4, 0),
                  bool(root.scalar(8, _u8, 1, 0)), root.scalar(9, _u64, 8, 0))

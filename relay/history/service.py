@@ -70,6 +70,7 @@ __all__ = ["HistoryService", "digest_rows"]
 log = structlog.get_logger("relay.history.service")
 
 _POLL_MS = 200
+_INDEXED_ATTR = "relay_indexed"  # the store's mark: index tables derived up to this row
 _TABLE_OVERHEAD = 96            # bytes a Table costs beyond its records, roughly
 _CATALOGUE_ENTRY = 64           # bytes a catalogue entry costs, at most for 16-letter codes
 
@@ -313,12 +314,16 @@ class HistoryService:
         out: List[TableSlice] = []
         answered = 0
         file, generation = self._open(path)
+        derived: Dict[str, bool] = {}
         with file:
             for code, group, have, digest in request.tables:
                 if out and budget < _TABLE_OVERHEAD + BAR_SIZE:
                     break
                 table = self._sync_table(file, request.market, code, group, have, digest,
                                          budget)
+                if group != "data" and table.status == STATUS_OK:
+                    table = table._replace(derived=_derived(file, request.market + code,
+                                                            derived))
                 budget -= _TABLE_OVERHEAD + len(table.data)
                 out.append(table)
                 if not table.complete:
@@ -348,6 +353,17 @@ class HistoryService:
         return TableSlice(code, group, STATUS_OK, rows, have, data[window * width:],
                           stop - have, stop >= rows)
 
+
+
+def _derived(file: h5py.File, name: str, seen: Dict[str, bool]) -> bool:
+    """Whether the store keeps the index tables of ``name`` derived from its data (its
+    ``relay_indexed`` mark covers every committed row)."""
+    known = seen.get(name)
+    if known is None:
+        ds = file.get(f"data/{name}")
+        mark = ds.attrs.get(_INDEXED_ATTR) if isinstance(ds, h5py.Dataset) else None
+        known = seen[name] = mark is not None and int(mark) == _committed(ds)
+    return known
 
 
 # The store's own readings of a table (committed rows; binary search reading few chunks).

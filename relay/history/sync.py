@@ -152,7 +152,9 @@ def _sync_file(req: Requester, directory: str, cat: CatalogueSlice, keep: List[i
         refetches: Dict[Tuple[str, str], int] = {}
         while pending:
             batch = pending[:_TABLES_PER_REQUEST]
-            entries = [_entry(raw, cat.market, code, group, (code, group) in refetch)
+            present = {g: set(raw[g].keys()) if g in raw else set() for g in groups}
+            entries = [_entry(raw, cat.market, code, group,
+                              (code, group) in refetch or cat.market + code not in present[group])
                        for code, group in batch]
             reply = _request(req, cat, entries, max_reply, summary)
             tables = reply.tables
@@ -212,6 +214,8 @@ def _apply(hf: HistoryFile, raw: h5py.File, market: str,
     """Write one reply's tables; returns the tables to ask for again (whole)."""
     again: Set[Tuple[str, str]] = set()
     index_tables: List[Tuple[str, str, int, np.ndarray[Any, Any]]] = []
+    # an index table the relay's store derives from /data, extended here: ours derives it
+    # alike, so it needs no comparison (a whole-table fetch is always compared)
     for (code, group, have, _), table in zip(entries, tables):
         if (table.code, table.group) != (code, group):
             raise HistoryRequestError("the relay answered tables out of order")
@@ -237,10 +241,11 @@ def _apply(hf: HistoryFile, raw: h5py.File, market: str,
             elif have:
                 summary.up_to_date += 1
             summary.bars += table.records
-        else:
+        elif not (table.derived and have):
             index_tables.append((code, group, have,
                                  np.frombuffer(table.data, dtype=INDEX_DTYPE,
                                                count=table.records)))
+        if group != "data":
             summary.index_rows += table.records
         refetch.discard(key)   # fetched from 0: a next page continues incrementally
     hf.commit()

@@ -119,8 +119,15 @@ class Table(object):
             return bool(self._tab.Get(flatbuffers.number_types.BoolFlags, o + self._tab.Pos))
         return True
 
+    # Table
+    def Derived(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(20))
+        if o != 0:
+            return bool(self._tab.Get(flatbuffers.number_types.BoolFlags, o + self._tab.Pos))
+        return False
+
 def TableStart(builder):
-    builder.StartObject(8)
+    builder.StartObject(9)
 
 def Start(builder):
     TableStart(builder)
@@ -184,6 +191,12 @@ def TableAddComplete(builder, complete):
 
 def AddComplete(builder, complete):
     TableAddComplete(builder, complete)
+
+def TableAddDerived(builder, derived):
+    builder.PrependBoolSlot(8, derived, 0)
+
+def AddDerived(builder, derived):
+    TableAddDerived(builder, derived)
 
 def TableEnd(builder):
     return builder.EndObject()
