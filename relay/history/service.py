@@ -321,7 +321,7 @@ class HistoryService:
                     break
                 table = self._sync_table(file, request.market, code, group, have, digest,
                                          budget)
-                if group != "data" and table.status == STATUS_OK:
+                if table.status == STATUS_OK:
                     table = table._replace(derived=_derived(file, request.market + code,
                                                             derived))
                 budget -= _TABLE_OVERHEAD + len(table.data)

@@ -146,7 +146,9 @@ def _sync_file(req: Requester, directory: str, cat: CatalogueSlice, keep: List[i
                 refetch.add((code, "data"))   # the relay's table starts differently
                 summary.refetched.append(cat.market + code)
                 log.info("history_sync_changed", table=cat.market + code, file=hf.path)
-        pending = [(cat.codes[i], g) for i in keep for g in groups]
+        # index tables travel only for securities whose index the relay's store does not
+        # derive from the data (ours derives it alike from the same rows)
+        pending = [(cat.codes[i], "data") for i in keep]
         summary.tables += len(keep)
         done = 0
         refetches: Dict[Tuple[str, str], int] = {}
@@ -160,7 +162,7 @@ def _sync_file(req: Requester, directory: str, cat: CatalogueSlice, keep: List[i
             tables = reply.tables
             if not tables or len(tables) > len(batch):
                 raise HistoryRequestError("the relay answered a sync request with no table")
-            again = _apply(hf, raw, cat.market, entries, tables, refetch, summary)
+            again, foreign = _apply(hf, raw, cat.market, entries, tables, refetch, summary)
             for key in again:
                 refetches[key] = refetches.get(key, 0) + 1
                 if refetches[key] > 3:
@@ -169,7 +171,8 @@ def _sync_file(req: Requester, directory: str, cat: CatalogueSlice, keep: List[i
             # changed tables go round again whole, a partial one continues, then the rest
             partial = [] if tables[-1].complete else [(tables[-1].code, tables[-1].group)]
             done += sum(1 for t in tables[:reply.answered] if t.group == "data")
-            pending = sorted(again) + partial + pending[len(tables):]
+            indexes = [(code, g) for code in foreign for g in groups[1:]]
+            pending = sorted(again) + partial + indexes + pending[len(tables):]
             if progress is not None:
                 progress(label, min(done, len(keep)), len(keep), summary.bars)
 
@@ -210,12 +213,17 @@ def _request(req: Requester, cat: CatalogueSlice, entries: List[Tuple[str, str, 
 
 def _apply(hf: HistoryFile, raw: h5py.File, market: str,
            entries: List[Tuple[str, str, int, str]], tables: List[TableSlice],
-           refetch: Set[Tuple[str, str]], summary: SyncSummary) -> Set[Tuple[str, str]]:
-    """Write one reply's tables; returns the tables to ask for again (whole)."""
+           refetch: Set[Tuple[str, str]], summary: SyncSummary
+           ) -> Tuple[Set[Tuple[str, str]], List[str]]:
+    """Write one reply's tables.
+
+    Returns:
+        The tables to ask for again (whole), and the codes whose index tables must be
+        fetched (the relay does not derive them from the data).
+    """
     again: Set[Tuple[str, str]] = set()
+    foreign: List[str] = []
     index_tables: List[Tuple[str, str, int, np.ndarray[Any, Any]]] = []
-    # an index table the relay's store derives from /data, extended here: ours derives it
-    # alike, so it needs no comparison (a whole-table fetch is always compared)
     for (code, group, have, _), table in zip(entries, tables):
         if (table.code, table.group) != (code, group):
             raise HistoryRequestError("the relay answered tables out of order")
@@ -241,7 +249,9 @@ def _apply(hf: HistoryFile, raw: h5py.File, market: str,
             elif have:
                 summary.up_to_date += 1
             summary.bars += table.records
-        elif not (table.derived and have):
+            if not table.derived and table.complete:
+                foreign.append(code)
+        else:
             index_tables.append((code, group, have,
                                  np.frombuffer(table.data, dtype=INDEX_DTYPE,
                                                count=table.records)))
@@ -253,7 +263,7 @@ def _apply(hf: HistoryFile, raw: h5py.File, market: str,
         summary.index_fixed += _match_index(raw, group, market + code, have, rows)
     if index_tables:
         raw.flush()
-    return again
+    return again, foreign
 
 
 def _match_index(raw: h5py.File, group: str, name: str, have: int,

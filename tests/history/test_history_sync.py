@@ -87,16 +87,31 @@ def test_changed_history_is_detected_and_refetched(relay_dir: Tuple[str, Path],
 
 def test_foreign_index_tables_are_copied_as_served(relay_dir: Tuple[str, Path],
                                                    tmp_path: Path) -> None:
-    """Index rows that differ from what the store derives (another writer) are mirrored."""
+    """Index rows that differ from what the store derives (another writer) are mirrored,
+    first whole, then incrementally."""
     url, server = relay_dir
     with h5py.File(server / "sh_day.h5", "a") as f:
         name = sorted(f["week"].keys())[0]
         week = f["week"][name][:]
         week["datetime"] += 1       # not the store's labels
         f["week"][name][:] = week
+        for attr in ("relay_rows", "relay_indexed"):   # a table another tool wrote
+            del f["data"][name].attrs[attr]
     mirror = tmp_path / "mirror"
     summary = sync(url, str(mirror))
     assert 1 == summary.index_fixed
+    assert summary.index_rows > 0
+    assert_same_tables(server, mirror)
+    with h5py.File(server / "sh_day.h5", "a") as f:   # the other tool adds a week
+        data, week = f["data"][name], f["week"][name]
+        last = data[-1:]
+        last["datetime"] = 202406100000
+        data.resize((data.shape[0] + 1,))
+        data[-1:] = last
+        week.resize((week.shape[0] + 1,))
+        week[-1:] = [(202406140001, data.shape[0] - 1)]
+    again = sync(url, str(mirror))
+    assert (1, []) == (again.bars, again.refetched)
     assert_same_tables(server, mirror)
 
 
