@@ -1,17 +1,18 @@
 """``qmt-relay history sync``: mirror a relay's history directory into a local one.
 
 The mirror asks the relay's history service for its catalogue, then, file by file, sends
-``sync`` requests listing each table it wants (``/data`` and every index table) with the rows
-it already holds and a digest of its last :data:`~relay.client._history.SYNC_WINDOW` rows.
-The relay answers with the rows after them, or ``changed`` when its table no longer starts
-with what the mirror holds (a re-import): the mirror then fetches that table whole. The
-same happens when the catalogue's first datetime differs or the relay has fewer rows.
+``sync`` requests listing each ``/data`` table it wants with the rows it already holds and a
+digest of its last :data:`~relay.client._history.SYNC_WINDOW` rows. The relay answers with
+the rows after them, or ``changed`` when its table does not hold those rows there (a
+re-import, another start, a shorter table): the mirror then fetches that table whole.
 
 Data rows are written through :mod:`relay.history.store` (staged, committed in crash-safe
 phases after every reply), so a mirror killed at any moment stays readable and the next sync
-completes it. The store derives the index tables from the data as it commits; the relay's
-index rows are then compared with them and written over them where they differ (a directory
-written by another tool), so the mirror's index tables are the relay's.
+completes it. The store derives the index tables from the data as it commits. When the
+relay's own store derives a security's index tables too (the reply says so), the two are
+equal by construction and no index row travels; otherwise (a directory another tool wrote)
+the index tables are synced like the data, after the data commit, and written over the
+derived ones where they differ, so the mirror's index tables are the relay's.
 """
 
 from __future__ import annotations
@@ -137,15 +138,9 @@ def _sync_file(req: Requester, directory: str, cat: CatalogueSlice, keep: List[i
     groups = ("data", *cat.indexes)
     with open_file(directory, cat.market, cat.period, "a", recover_corrupt=True) as hf:
         raw: h5py.File = hf._file  # the store's h5py file: positional reads and index repairs
+        # a relay table shorter than ours, or not holding our last rows where we hold them
+        # (a re-import, another start), is answered "changed" and fetched again whole
         refetch: Set[Tuple[str, str]] = set()
-        for i in keep:
-            code = cat.codes[i]
-            info = hf.info(cat.market + code)
-            if info is not None and info.rows and (
-                    info.rows > cat.rows[i] or info.first != cat.first[i]):
-                refetch.add((code, "data"))   # the relay's table starts differently
-                summary.refetched.append(cat.market + code)
-                log.info("history_sync_changed", table=cat.market + code, file=hf.path)
         # index tables travel only for securities whose index the relay's store does not
         # derive from the data (ours derives it alike from the same rows)
         pending = [(cat.codes[i], "data") for i in keep]
