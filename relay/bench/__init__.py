@@ -19,4 +19,5 @@ BENCHES: Dict[str, str] = {
     "recorder": "relay.bench.recorder:main",  # HDF5 recorder throughput and size
     "client": "relay.bench.client:main",      # subscriber library decode paths
     "history-sync": "relay.bench.history_sync:main",  # history service -> mirror, loopback
+    "nats": "relay.bench.nats:main",          # NATS bridge: throughput, e2e, cost to publishing
 }

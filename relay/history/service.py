@@ -60,7 +60,9 @@ from relay.history.store import (
     file_name,
     iter_files,
 )
-from relay.sinks._rep import listen_rep, recv_request
+from relay.security import Security
+from relay.sinks._rep import recv_request
+from relay.supervise import ServiceHandle, Supervisor
 
 if TYPE_CHECKING:
     from relay.sinks import PublishedBatch
@@ -113,16 +115,21 @@ class HistoryService:
         directory: the hikyuu data directory (``history.dir``); it may not exist yet.
         max_reply_bytes: replies are paged under this size.
         max_request_bytes: longer requests get an error reply.
+        supervisor: runs the serving thread (restarted if it dies); a private one if None.
+        security: allow-list and TLS for the REP socket; ``Security()`` by default.
     """
 
     def __init__(self, address: str, directory: str, *, max_reply_bytes: int = 4 << 20,
-                 max_request_bytes: int = 1 << 20) -> None:
+                 max_request_bytes: int = 1 << 20, supervisor: Optional[Supervisor] = None,
+                 security: Optional[Security] = None) -> None:
         self.address = address
         self.directory = directory
         self._max_reply = max_reply_bytes
         self._max_request = max_request_bytes
         self._socket: Optional[pynng.Rep0] = None
-        self._thread: Optional[threading.Thread] = None
+        self._supervisor = supervisor or Supervisor()
+        self._security = security or Security()
+        self._thread: Optional[ServiceHandle] = None
         self._stop = threading.Event()
         # per file path: (generation, indexes, [(code, rows, first, last)]), for catalogue pages
         self._catalogues: Dict[str, Tuple[int, Tuple[str, ...],
@@ -131,14 +138,20 @@ class HistoryService:
         self.errors = 0
 
     @classmethod
-    def from_config(cls, config: Config) -> HistoryService:
+    def from_config(cls, config: Config, *, supervisor: Optional[Supervisor] = None,
+                    security: Optional[Security] = None) -> HistoryService:
         """The service at the port plan's history address, serving ``history.dir``."""
         address = service_addresses(config).history
         if address is None:
             raise ValueError("the history service is turned off in this config")
         hist = config.history
         return cls(address, hist.dir, max_reply_bytes=hist.max_reply_bytes,
-                   max_request_bytes=hist.max_request_bytes)
+                   max_request_bytes=hist.max_request_bytes, supervisor=supervisor,
+                   security=security)
+
+    def counters(self) -> Dict[str, int]:
+        """Counters for the metrics endpoint."""
+        return {"history_requests": self.requests, "history_errors": self.errors}
 
     # -- sink protocol ---------------------------------------------------------------------
 
@@ -148,12 +161,11 @@ class HistoryService:
         Raises:
             PublishError: the address is invalid or in use.
         """
-        self._socket = listen_rep(self.address, "history service", recv_timeout_ms=_POLL_MS,
-                                  send_timeout_ms=10_000,
-                                  recv_max_size=4 * self._max_request + 1024)
+        self._socket = self._security.listen(
+            pynng.Rep0, [self.address], service="history", recv_timeout=_POLL_MS,
+            send_timeout=10_000, recv_max_size=4 * self._max_request + 1024)
         self._stop.clear()
-        self._thread = threading.Thread(target=self._serve, name="relay-history", daemon=True)
-        self._thread.start()
+        self._thread = self._supervisor.thread("history", self._serve)
         log.info("history_serving", address=self.address, dir=self.directory)
 
     def write(self, batch: PublishedBatch) -> None:
@@ -164,6 +176,7 @@ class HistoryService:
         self._stop.set()
         thread, self._thread = self._thread, None
         if thread is not None:
+            thread.stop()
             thread.join(10)
         sock, self._socket = self._socket, None
         if sock is not None:
