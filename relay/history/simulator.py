@@ -182,8 +182,8 @@ class _DayPaths:
         self.share_price = np.array([p.share_price for p in profiles])
         self.is_index = is_index
 
-    def amount(self, rows: npt.NDArray[np.int64], volume: npt.NDArray[np.float64], typical_ticks: npt.NDArray[np.float64]
-               ) -> npt.NDArray[np.float64]:
+    def amount(self, rows: npt.NDArray[np.int64], volume: npt.NDArray[np.float64],
+               typical_ticks: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         """Turnover in whole yuan of ``volume`` lots at ``typical_ticks``."""
         price = np.where(self.is_index[rows][:, None], self.share_price[rows][:, None],
                          typical_ticks / self.div[rows][:, None])
@@ -279,9 +279,9 @@ class SimulatorHistory:
                   out: Fetched) -> None:
         cols = np.arange(lo, hi)
         rows = np.arange(len(symbols))
-        o, h, l, c = (a[:, lo:hi].astype(np.float64) for a in (p.open, p.high, p.low, p.close))
+        o, h, lw, c = (a[:, lo:hi].astype(np.float64) for a in (p.open, p.high, p.low, p.close))
         vol = p.volume[:, lo:hi]
-        amount = p.amount(rows, vol, (o + h + l + c) / 4.0)
+        amount = p.amount(rows, vol, (o + h + lw + c) / 4.0)
         stamps = self._ymd[lo:hi] * _U64(10000)
         present = ~p.suspended[:, lo:hi] & (cols[None, :] >= p.listing[:, None])
         for i, symbol in enumerate(symbols):
@@ -290,7 +290,7 @@ class SimulatorHistory:
                 continue
             div = p.div[i]
             out.bars[symbol] = Bars(stamps[keep], o[i, keep] / div, h[i, keep] / div,
-                                    l[i, keep] / div, c[i, keep] / div, amount[i, keep],
+                                    lw[i, keep] / div, c[i, keep] / div, amount[i, keep],
                                     vol[i, keep])
 
     def _minute_bars(self, p: _DayPaths, symbols: Tuple[str, ...], lo: int, hi: int,
