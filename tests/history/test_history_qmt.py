@@ -77,7 +77,7 @@ def _calls(log: Path) -> List[Dict[str, Any]]:
 def test_import_equals_the_fakes_bars(fake: Dict[str, Any], tmp_path: Path) -> None:
     """Day, 1min and 5min bars land field for field; every xtdata call from one thread."""
     config = _config(tmp_path)
-    request = ImportRequest(dir=config.history.dir, periods=("day", "5min", "1min"),
+    request = ImportRequest(dir=config.history.dir, periods=("day", "5min"),
                             markets=("SH", "SZ", "BJ"),
                             codes=("000001.SH", "899050.BJ"))
     source = _source(config)
