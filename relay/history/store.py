@@ -46,7 +46,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Dict, Iterator, List, Literal, Mapping, Optional, Tuple, Type, Union
+from typing import Any, Dict, Iterator, List, Literal, Mapping, Optional, Set, Tuple, Type, Union
 
 import h5py
 import numpy as np
@@ -346,6 +346,7 @@ class MergeResult:
 class _Pending:
     keep: int                       # stored rows kept (the rest is replaced)
     rows: npt.NDArray[np.void]      # rows to write after them
+    last: Optional[int] = None      # datetime of stored row keep-1, when it is a pure append
 
 
 class HistoryFile:
@@ -366,6 +367,7 @@ class HistoryFile:
         self._pending: Dict[str, _Pending] = {}
         self._indexes = INDEX_GROUPS[period]
         self._dcpl: Dict[int, Any] = {}
+        self._open: Dict[str, h5py.Dataset] = {}
         self._executor: Optional[ThreadPoolExecutor] = None
         self.recovered: List[str] = []
         """Tables truncated or re-indexed when the file was opened after a killed writer."""
@@ -431,6 +433,11 @@ class HistoryFile:
         if ds is None:
             return np.empty(0, dtype=BAR_DTYPE)
         rows = self._rows(ds)
+        if start is not None and end is None and rows > 256:
+            tail: npt.NDArray[np.void] = ds[rows - 256:rows]   # incremental work: the tail
+            if int(tail[0]["datetime"]) < start:
+                picked: npt.NDArray[np.void] = tail[tail["datetime"] >= np.uint64(start)]
+                return picked
         lo = 0 if start is None else self._search(ds, rows, start, "left")
         hi = rows if end is None else self._search(ds, rows, end, "right")
         if hi <= lo:
@@ -475,7 +482,7 @@ class HistoryFile:
         last = self._stored_last(name, keep)
         if rows.shape[0] and last is not None and int(rows[0]["datetime"]) <= last:
             raise HistoryError(self.path, f"{name}: rows not after the last stored bar {last}")
-        self._pending[name] = _Pending(keep, rows)
+        self._pending[name] = _Pending(keep, rows, last)
         return int(rows.shape[0])
 
     def replace_from(self, name: str, datetime: int, rows: npt.NDArray[np.void]) -> int:
@@ -544,7 +551,7 @@ class HistoryFile:
         # 1. lower the committed mark of tables whose tail will be overwritten
         lowered = False
         for name, pend in pending.items():
-            ds = data.get(name)
+            ds = self._data(name)
             if ds is not None and pend.keep < self._rows(ds):
                 ds.attrs[_ROWS_ATTR] = pend.keep
                 ds.attrs[_INDEXED_ATTR] = min(int(ds.attrs.get(_INDEXED_ATTR, pend.keep)),
@@ -557,7 +564,7 @@ class HistoryFile:
         handles: Dict[str, h5py.Dataset] = {}
         fresh: List[Tuple[h5py.Group, str, npt.NDArray[np.void]]] = []
         for name, pend in pending.items():
-            ds = data.get(name)
+            ds = self._data(name)
             total = pend.keep + int(pend.rows.shape[0])
             if ds is None:
                 fresh.append((data, name, pend.rows))
@@ -568,7 +575,8 @@ class HistoryFile:
                     ds[pend.keep:total] = pend.rows
                 handles[name] = ds
             written[name] = int(pend.rows.shape[0])
-        handles.update(self._create_tables(fresh))
+        created = self._create_tables(fresh)
+        handles.update(created)
         self._file.flush()
         # 3. commit marks, index tables
         for name, pend in pending.items():
@@ -624,14 +632,31 @@ class HistoryFile:
             self._file.require_group(index)
 
     def _data(self, name: str) -> Optional[h5py.Dataset]:
-        ds = self._file.get(f"data/{name}")
-        return ds if isinstance(ds, h5py.Dataset) else None
+        # open datasets are kept: each keeps its chunk cache, so the reads of one table's
+        # tail (last row, last day, index update) decompress its last chunk once
+        ds = self._open.get(name)
+        if ds is None:
+            found = self._file.get(f"data/{name}")
+            if not isinstance(found, h5py.Dataset):
+                return None
+            if len(self._open) >= 1024:    # bounded: each may hold a decompressed chunk
+                self._open.clear()
+            ds = self._open[name] = found
+        return ds
 
     @staticmethod
     def _rows(ds: h5py.Dataset) -> int:
         committed = ds.attrs.get(_ROWS_ATTR)
         n = int(ds.shape[0])
         return n if committed is None else min(n, int(committed))
+
+    def last(self, name: str) -> Optional[int]:
+        """The last stored ``datetime`` of ``name`` (None: absent or empty); reads one row."""
+        ds = self._data(name)
+        if ds is None:
+            return None
+        rows = self._rows(ds)
+        return int(ds[rows - 1]["datetime"]) if rows else None
 
     def _stored_last(self, name: str, keep: int) -> Optional[int]:
         ds = self._data(name)
@@ -641,7 +666,14 @@ class HistoryFile:
 
     @staticmethod
     def _search(ds: h5py.Dataset, rows: int, value: int, side: Literal["left", "right"]) -> int:
-        """Binary search of ``datetime`` over the first ``rows`` rows, reading few chunks."""
+        """Binary search of ``datetime`` over the first ``rows`` rows, reading few chunks.
+
+        Incremental work looks near the end: the last 256 rows are tried first.
+        """
+        if rows > 256:
+            tail = ds[rows - 256:rows]["datetime"]
+            if int(tail[0]) < value:
+                return rows - 256 + int(np.searchsorted(tail, np.uint64(value), side=side))
         lo, hi = 0, rows
         # narrow down on a coarse sample first, then read one stretch
         while hi - lo > 4096:
@@ -689,10 +721,18 @@ class HistoryFile:
         if not self._indexes:
             return
         plans: List[Tuple[str, int, npt.NDArray[np.uint64], List[Tuple[Any, int, int]]]] = []
+        appended: List[Tuple[str, npt.NDArray[np.uint64], int]] = []
         for name, pend in pending.items():
             ds = handles[name]
+            indexed = int(ds.attrs.get(_INDEXED_ATTR, -1))
+            if not reread and pend.last is not None and pend.keep > 0 and indexed == pend.keep:
+                # a pure append to a consistent table: only periods that start in the new
+                # rows add entries; nothing needs reading
+                appended.append((name, np.concatenate((np.array([pend.last], np.uint64),
+                                                       pend.rows["datetime"])), pend.keep))
+                continue
             keep = pend.keep if not reread else 0
-            valid = pend.keep if reread else min(pend.keep, int(ds.attrs.get(_INDEXED_ATTR, 0)))
+            valid = pend.keep if reread else min(pend.keep, max(indexed, 0))
             per_index: List[Tuple[Any, int, int]] = []
             for index in self._indexes:
                 idx = self._file[index].get(name) if pend.keep or reread else None
@@ -720,12 +760,28 @@ class HistoryFile:
                         else np.empty(0, dtype=np.uint64))
                 dts = np.concatenate((head, pend.rows["datetime"]))
             plans.append((name, first, np.asarray(dts, dtype=np.uint64), per_index))
-        every = np.concatenate([p[2] for p in plans]) if plans else np.empty(0, np.uint64)
+        every = np.concatenate([p[2] for p in plans] + [a[1] for a in appended]
+                               ) if plans or appended else np.empty(0, np.uint64)
         unique, inverse = np.unique(every, return_inverse=True)
         inverse = inverse.ravel()
         fresh: List[Tuple[h5py.Group, str, npt.NDArray[np.void]]] = []
+        broken: Set[str] = set()
         for k, index in enumerate(self._indexes):
             labels_all = index_labels(unique, index)[inverse]
+            offset = sum(int(p[2].shape[0]) for p in plans)
+            for name, dts, keep in appended:
+                labels = labels_all[offset:offset + dts.shape[0]]
+                offset += dts.shape[0]
+                entries = _entries(labels, keep - 1)[1:]   # [0] is the stored last period
+                if not entries.shape[0]:
+                    continue
+                idx = self._file[index].get(name)
+                if idx is None:       # an index table gone missing: rebuild it below
+                    broken.add(name)
+                    continue
+                size = int(idx.shape[0])
+                idx.resize((size + entries.shape[0],))
+                idx[size:] = entries
             offset = 0
             for name, first, dts, per_index in plans:
                 idx, kept, start_row = per_index[k]
@@ -741,6 +797,11 @@ class HistoryFile:
                 if entries.shape[0]:
                     idx[kept:size] = entries
         self._create_tables(fresh)
+        for name in sorted(broken):
+            for index in self._indexes:
+                if name in self._file[index]:
+                    del self._file[index][name]
+            self._update_index(name, handles[name], 0, self._rows(handles[name]))
 
     def _create_tables(self, tables: List[Tuple[h5py.Group, str, npt.NDArray[np.void]]]
                        ) -> Dict[str, h5py.Dataset]:
@@ -756,7 +817,7 @@ class HistoryFile:
         jobs: List[Tuple[h5py.Dataset, int, bytes]] = []
         for group, name, rows in tables:
             dtype = rows.dtype
-            chunk = self._chunk_rows if dtype == BAR_DTYPE else max(64, self._chunk_rows // 4)
+            chunk = self._chunk_rows if dtype == BAR_DTYPE else max(64, self._chunk_rows // 8)
             dcpl = self._dcpl.get(chunk)
             if dcpl is None:
                 dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
@@ -835,7 +896,8 @@ def open_file(
         market: ``SH``, ``SZ`` or ``BJ``.
         period: ``day``, ``1min`` or ``5min``.
         mode: ``"r"`` read-only (the file must exist) or ``"a"`` read/write.
-        chunk_rows: rows per chunk of new tables (default: 1024 day, 4096 minutes).
+        chunk_rows: rows per chunk of new tables (default 1024: small enough that reading
+            a table's tail decompresses little, large enough to compress well).
         compression: gzip level of new tables (1-9).
         recover_corrupt: in ``"a"`` mode, move a file HDF5 cannot open aside
             (``<name>.corrupt-<epoch>``) and start a new one instead of raising.
@@ -852,9 +914,11 @@ def open_file(
     except ValueError as exc:
         raise HistoryError(os.fspath(directory), str(exc)) from exc
     path = os.path.join(os.fspath(directory), name)
-    rows = chunk_rows or (1024 if period == "day" else 4096)
+    rows = chunk_rows or 1024
     if mode == "r" and not os.path.exists(path):
         raise HistoryError(path, "no such file")
+    if mode == "a":
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     try:
         file = h5py.File(path, mode)   # h5py's default format: hikyuu and PyTables read it
     except OSError as exc:
