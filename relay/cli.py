@@ -6,10 +6,11 @@ Only this module turns errors into messages and exit codes.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
-from typing import Any, Dict, List, Optional, Sequence, TextIO
+from typing import Any, Dict, List, Optional, Sequence, TextIO, Union
 
 from relay import __version__
 from relay.errors import (
@@ -18,12 +19,13 @@ from relay.errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_STARTUP,
+    EXIT_UNREACHABLE,
     ConfigError,
     PublishError,
     RelayError,
 )
 
-__all__ = ["EXIT_CONFIG", "EXIT_FAILURE", "EXIT_OK", "EXIT_STARTUP", "main"]
+__all__ = ["EXIT_CONFIG", "EXIT_FAILURE", "EXIT_OK", "EXIT_STARTUP", "EXIT_UNREACHABLE", "main"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--file", metavar="DAY.h5", help="recorded day for --source replay")
     run.add_argument("--speed", type=float, metavar="X",
                      help="replay speed factor (replay source)")
+    run.add_argument("--nats", metavar="URL", action="append",
+                     help="bridge onto this NATS server (nats://HOST:PORT), replaces "
+                          "bridge.nats.url; repeat for a cluster")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
     check = sub.add_parser("check-config", help="validate a config file and print it")
@@ -80,6 +85,21 @@ def _parser() -> argparse.ArgumentParser:
                       help="start with the relay's snapshot (latest record of every security)")
     tail.add_argument("--snapshot-url", metavar="URL",
                       help="snapshot address (default: the stream's TCP port + 1)")
+    tail.add_argument("--replay-from", metavar="SEQ|TIME",
+                      help="nats:// only: start with stored messages, after relay sequence "
+                           "SEQ or from a China time YYYY-MM-DDTHH:MM[:SS]")
+
+    status = sub.add_parser(
+        "status", help="report a running relay's health (exit 0 healthy, 1 unhealthy, "
+                       "2 unreachable)")
+    status.add_argument("url", metavar="URL", nargs="?", default="tcp://127.0.0.1:9200",
+                        help="stream address (heartbeats) or the metrics endpoint "
+                             "http://HOST:PORT (default tcp://127.0.0.1:9200)")
+    status.add_argument("--metrics-url", metavar="URL",
+                        help="metrics endpoint (default: the stream's TCP port + 3)")
+    status.add_argument("--timeout", type=float, default=3.0, metavar="S",
+                        help="seconds to wait for a heartbeat and per request (default 3)")
+    status.add_argument("--json", action="store_true", help="one JSON object, for scripts")
 
     service = sub.add_parser("service", help="manage the Windows service (Windows only)")
     service.add_argument("action", choices=["install", "remove", "start", "stop", "status"])
@@ -110,6 +130,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _export(args)
     if args.command == "history":
         return _history(args)
+    if args.command == "status":
+        return _status(args)
     return _tail(args)
 
 
@@ -129,6 +151,7 @@ def _run(args: argparse.Namespace) -> int:
             replay_file=args.file,
             replay_speed=args.speed,
             log_level=args.log_level,
+            nats=args.nats,
         )
     except ConfigError as exc:
         _error(str(exc))
@@ -150,7 +173,30 @@ def _run(args: argparse.Namespace) -> int:
     except RelayError as exc:
         _error(str(exc))
         return EXIT_STARTUP if relay.state.value == "starting" else EXIT_FAILURE
+    except Exception as exc:  # a bug: one JSON error line with the traceback, not stderr
+        import structlog  # noqa: PLC0415
+
+        structlog.get_logger("relay.cli").critical("relay_crashed", error=repr(exc),
+                                                   exc_info=exc)
+        _error(f"the relay crashed: {exc!r} (traceback in the log)")
+        return EXIT_FAILURE
     return EXIT_OK
+
+
+def _status(args: argparse.Namespace) -> int:
+    from relay.ops.status import format_report, gather  # noqa: PLC0415
+
+    if not args.timeout > 0:
+        _error("--timeout must be > 0")
+        return EXIT_CONFIG
+    report = gather(args.url, metrics_url=args.metrics_url, timeout=args.timeout)
+    if args.json:
+        print(json.dumps(report.as_dict(), ensure_ascii=False, indent=2))
+    else:
+        print(format_report(report), end="")
+    if not report.reachable:
+        return EXIT_UNREACHABLE
+    return EXIT_OK if report.healthy else EXIT_FAILURE
 
 
 def _check_config(path: str) -> int:
@@ -209,11 +255,26 @@ def _tail(args: argparse.Namespace) -> int:
     if args.count is not None and args.count < 1:
         _error("--count must be at least 1")
         return EXIT_CONFIG
+    replay_from: Union[int, datetime.datetime, None] = None
+    if args.replay_from:
+        text = args.replay_from.strip()
+        try:
+            replay_from = int(text) if text.isdigit() else datetime.datetime.fromisoformat(text)
+        except ValueError:
+            _error(f"--replay-from: expected a sequence number or YYYY-MM-DDTHH:MM, got {text!r}")
+            return EXIT_CONFIG
     out = sys.stdout
     seen = 0
     try:
-        with Subscriber(args.url, codes=codes, snapshot=args.snapshot,
-                        snapshot_url=args.snapshot_url, on_event=_tail_event) as sub:
+        sub = Subscriber(args.url, codes=codes, snapshot=args.snapshot,
+                         snapshot_url=args.snapshot_url, replay_from=replay_from,
+                         on_event=_tail_event)
+    except (ValueError, ImportError) as exc:
+        _error(str(exc) if isinstance(exc, ValueError)
+               else "nats:// needs nats-py: pip install 'qmt-relay[nats]'")
+        return EXIT_CONFIG
+    try:
+        with sub:
             if not args.json:
                 out.write(_TABLE_HEAD + "\n")
             for batch in sub:
@@ -260,7 +321,12 @@ def _record(args: argparse.Namespace) -> int:
                         units=args.units or config.normalise.units)
     codes = [c.strip() for c in args.codes.split(",") if c.strip()] if args.codes else None
     stopping: List[bool] = []
-    sub = Subscriber(args.url, codes=codes)
+    try:
+        sub = Subscriber(args.url, codes=codes)
+    except (ValueError, ImportError) as exc:
+        _error(str(exc) if isinstance(exc, ValueError)
+               else "nats:// needs nats-py: pip install 'qmt-relay[nats]'")
+        return EXIT_CONFIG
 
     def on_signal(_signum: int, _frame: object) -> None:
         stopping.append(True)

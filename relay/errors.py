@@ -22,6 +22,7 @@ __all__ = [
     "HistoryUnavailableError",
     "PublishError",
     "RelayError",
+    "ServiceError",
     "SourceError",
 ]
 
@@ -31,6 +32,7 @@ EXIT_FAILURE = 1          # the relay failed while running
 EXIT_CONFIG = 2           # bad configuration or command line
 EXIT_STARTUP = 3          # could not start: address in use, source unavailable
 EXIT_INTERRUPTED = 130    # tail stopped by Ctrl-C
+EXIT_UNREACHABLE = 2      # qmt-relay status: no relay reachable (1 = unhealthy)
 
 
 class RelayError(Exception):
@@ -70,6 +72,18 @@ class PublishError(RelayError):
         self.address = address
         self.reason = reason
         super().__init__(f"cannot publish on {address}: {reason}")
+
+
+class ServiceError(RelayError):
+    """A supervised thread or task of the relay kept failing; the relay stops (exit 1)."""
+
+    def __init__(self, service: str, failures: int, window: float, reason: str) -> None:
+        self.service = service
+        self.failures = failures
+        self.window = window
+        self.reason = reason
+        super().__init__(f"service {service} failed {failures} times within {window:g} s; "
+                         f"last error: {reason}")
 
 
 class DecodeError(RelayError, ValueError):

@@ -19,4 +19,5 @@ BENCHES: Dict[str, str] = {
     "recorder": "relay.bench.recorder:main",  # HDF5 recorder throughput and size
     "client": "relay.bench.client:main",      # subscriber library decode paths
     "history": "relay.bench.history:main",    # hikyuu HDF5 K-line writer, incremental import
+    "nats": "relay.bench.nats:main",          # NATS bridge: throughput, e2e, cost to publishing
 }

@@ -8,12 +8,24 @@ episode. :func:`sinks_from_config` builds the sinks the configuration asks for.
 The implementations live beside this module (``snapshot.py``, ``recorder.py``, ...) and import
 it for :class:`PublishedBatch`; it never imports them: :data:`SINKS` names each one as a
 ``"module:Class"`` string, imported only when the configuration enables it (so h5py loads
-only when recording). Every sink class offers ``from_config(config)``.
+only when recording). Every sink class offers ``from_config(config, *, supervisor,
+security)``: the relay's :class:`~relay.supervise.Supervisor` runs its threads, and
+:class:`~relay.security.Security` opens any socket it listens on (either may be ``None``:
+the sink then makes a private default).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, List, Mapping, Optional, Protocol, Tuple
+from typing import (
+    TYPE_CHECKING,
+    Callable,
+    List,
+    Mapping,
+    Optional,
+    Protocol,
+    Tuple,
+    runtime_checkable,
+)
 
 from relay._registry import load
 from relay.config import service_addresses
@@ -22,8 +34,10 @@ from relay.records import SpotColumns, SpotRecord
 if TYPE_CHECKING:
     from relay.config import Config
     from relay.normalise import BatchResult
+    from relay.security import Security
+    from relay.supervise import Supervisor
 
-__all__ = ["SINKS", "PublishedBatch", "Sink", "sinks_from_config"]
+__all__ = ["SINKS", "HeartbeatSink", "PublishedBatch", "Sink", "sinks_from_config"]
 
 
 class PublishedBatch:
@@ -74,15 +88,34 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class HeartbeatSink(Sink, Protocol):
+    """A sink that also forwards the relay's heartbeats (the NATS bridge).
+
+    ``heartbeat`` gets every ``:relay:heartbeat:`` message the relay publishes, on the event
+    loop, and must not block either.
+    """
+
+    def heartbeat(self, message: bytes) -> None: ...
+
+
 SINKS: Mapping[str, Tuple[str, Callable[[Config], bool]]] = {
     # name: ("module:Class", enabled by this config?), in start order
     "snapshot": ("relay.sinks.snapshot:SnapshotService",
                  lambda config: service_addresses(config).snapshot is not None),
     "recorder": ("relay.sinks.recorder:Recorder", lambda config: config.recorder.enabled),
+    "nats": ("relay.sinks.nats:NatsBridge", lambda config: bool(config.bridge.nats.url)),
 }
 
 
-def sinks_from_config(config: Config) -> List[Sink]:
-    """The sinks ``config`` enables, in the start order of :data:`SINKS`."""
-    return [load(target).from_config(config)
+def sinks_from_config(config: Config, *, supervisor: Optional[Supervisor] = None,
+                      security: Optional[Security] = None) -> List[Sink]:
+    """The sinks ``config`` enables, in the start order of :data:`SINKS`.
+
+    Args:
+        config: the relay's configuration.
+        supervisor: runs the sinks' threads (each sink makes a private one without it).
+        security: opens the sinks' listening sockets (allow-list, TLS).
+    """
+    return [load(target).from_config(config, supervisor=supervisor, security=security)
             for target, enabled in SINKS.values() if enabled(config)]
