@@ -28,13 +28,14 @@ import ssl
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Tuple, Union
+from itertools import chain, repeat
+from typing import TYPE_CHECKING, Any, Deque, Dict, Iterable, List, Optional, Tuple, Union
 
 import structlog
 
 from relay.encode import SpotEncoder
 from relay.errors import ConfigError
-from relay.records import SpotRecord
+from relay.records import SpotColumns, SpotRecord
 from relay.sinks import PublishedBatch
 from relay.wire import (
     HDR_BATCH_FIRST,
@@ -61,6 +62,8 @@ _ACK_TIMEOUT = 10.0         # an acknowledgement not back by then counts as lost
 _CONNECT_RETRY_MAX = 30.0   # cap of the first-connection backoff
 _CLOSE_DRAIN = 3.0          # seconds close() lets the queue drain into NATS
 _BAD_TOKEN = frozenset(" .*>\t\r\n")
+_LATEST_SLICE = 250         # latest records published between two pauses ...
+_LATEST_PAUSE = 0.002       # ... of this many seconds, so a round never hogs the GIL
 
 _Item = Union[PublishedBatch, bytes]   # a batch, or a heartbeat message
 
@@ -148,8 +151,10 @@ class NatsBridge:
         self._streams_ok = False
         self._connected = False
         self._unreachable_logged = False
-        # latest-record table: (market, code) -> (record, seq, run_id); dirty since last round
-        self._dirty: Dict[Tuple[str, str], Tuple[SpotRecord, int, str]] = {}
+        # latest records changed since the last round: (market, code) -> (the batch's columns
+        # or records, index there, seq of the message holding it, run_id)
+        self._dirty: Dict[Tuple[str, str], Tuple[Union[SpotColumns, List[SpotRecord]], int,
+                                                 int, str]] = {}
         self._encoders: Dict[Tuple[str, str], SpotEncoder] = {}
         self._folded: Optional[Tuple[str, str, int]] = None     # run_id, source, last seq
         self._acked: Optional[Tuple[str, int, int]] = None      # run_id, seq, stream seq
@@ -424,14 +429,18 @@ class NatsBridge:
                 future.cancel()  # releases nats-py's in-flight slot; counted as unacked
 
     def _fold(self, batch: PublishedBatch) -> None:
-        """Remember the batch's records as the latest of their securities."""
-        records = batch.records
+        """Remember where each security's latest record is (no record is built here)."""
+        cols = batch.columns
+        rows: Union[SpotColumns, List[SpotRecord]] = cols if cols is not None else batch.records
+        if cols is not None:
+            keys: Iterable[Tuple[str, str]] = zip(cols.market, cols.code)
+        else:
+            keys = ((r.market, r.code) for r in batch.records)
         dirty, run = self._dirty, batch.run_id
-        pos = 0
-        for seq, count in enumerate(batch.counts, batch.first_seq):
-            for rec in records[pos:pos + count]:
-                dirty[(rec.market, rec.code)] = (rec, seq, run)
-            pos += count
+        seqs = chain.from_iterable(repeat(seq, count)
+                                   for seq, count in enumerate(batch.counts, batch.first_seq))
+        for i, (key, seq) in enumerate(zip(keys, seqs)):
+            dirty[key] = (rows, i, seq, run)
         self._folded = (run, batch.source, batch.first_seq + len(batch.messages) - 1)
 
     async def _publish_latest(self) -> None:
@@ -444,9 +453,10 @@ class NatsBridge:
         now_ms = int(time.time() * 1000)
         published = 0
         try:
-            for (market, code), (rec, seq, run) in dirty.items():
+            for (market, code), (rows, i, seq, run) in dirty.items():
                 if _BAD_TOKEN.intersection(market) or _BAD_TOKEN.intersection(code):
                     continue  # not a valid subject token; the stream still carries it
+                rec = rows.record(i) if isinstance(rows, SpotColumns) else rows[i]
                 encoder = self._encoders.get((run, source))
                 if encoder is None:
                     self._encoders.clear()  # one run at a time
@@ -455,8 +465,8 @@ class NatsBridge:
                 await nc.publish(subj.last_subject(market, code), message[_PREFIX_LEN:],
                                  headers={HDR_RUN_ID: run, HDR_SEQ: str(seq)})
                 published += 1
-                if published % 500 == 0:
-                    await asyncio.sleep(0)
+                if published % _LATEST_SLICE == 0:  # hand the GIL back to the relay's thread
+                    await asyncio.sleep(_LATEST_PAUSE)
         except Exception as exc:  # disconnected half way: keep the rest for the next round
             self.stats.errors += 1
             for key, value in dirty.items():

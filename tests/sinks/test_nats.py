@@ -336,3 +336,15 @@ def test_subscriber_over_nats_loads_no_compiled_extension(
                          timeout=60)
     assert 0 == out.returncode, out.stderr
     assert "" == out.stdout.strip()
+
+
+def test_columns_record_equals_the_built_records() -> None:
+    """SpotColumns.record(i), which the bridge uses, equals records[i], types included."""
+    from relay.normalise import Normaliser
+
+    batch = scripted_batches(1)[0]
+    one, other = Normaliser().normalise_batch(batch), Normaliser().normalise_batch(batch)
+    assert one.columns is not None and other.columns is not None
+    singles = [one.columns.record(i) for i in range(len(one))]
+    assert other.columns.records == singles
+    assert [type(v) for v in other.columns.records[0]] == [type(v) for v in singles[0]]
