@@ -451,19 +451,29 @@ class NatsBridge:
         nc, subj = self._nc, self.subjects
         _, source, _ = self._folded
         now_ms = int(time.time() * 1000)
+        # A batch holding many of the latest records builds them all at once (the fast way);
+        # one holding a few builds just those.
+        share: Dict[int, int] = {}
+        for rows, *_ in dirty.values():
+            share[id(rows)] = share.get(id(rows), 0) + 1
         published = 0
         try:
             for (market, code), (rows, i, seq, run) in dirty.items():
                 if _BAD_TOKEN.intersection(market) or _BAD_TOKEN.intersection(code):
                     continue  # not a valid subject token; the stream still carries it
-                rec = rows.record(i) if isinstance(rows, SpotColumns) else rows[i]
+                if not isinstance(rows, SpotColumns):
+                    rec = rows[i]
+                elif share[id(rows)] * 8 < rows.n:
+                    rec = rows.record(i)
+                else:
+                    rec = rows.records[i]
                 encoder = self._encoders.get((run, source))
                 if encoder is None:
                     self._encoders.clear()  # one run at a time
                     encoder = self._encoders[(run, source)] = SpotEncoder(run, source, self._max)
                 (message,) = encoder.encode([rec], first_seq=seq, publish_time_ms=now_ms)
-                await nc.publish(subj.last_subject(market, code), message[_PREFIX_LEN:],
-                                 headers={HDR_RUN_ID: run, HDR_SEQ: str(seq)})
+                # no headers: run_id and seq are inside the SpotList already
+                await nc.publish(subj.last_subject(market, code), message[_PREFIX_LEN:])
                 published += 1
                 if published % _LATEST_SLICE == 0:  # hand the GIL back to the relay's thread
                     await asyncio.sleep(_LATEST_PAUSE)

@@ -225,7 +225,7 @@ def test_tail_and_record_read_nats_urls(live_relay: Tuple[str, str, Path],
     for line in recorder.stdout:
         if '"recorder_flushed"' in line:
             flushes += 1
-            if flushes == 2:
+            if flushes == 1:
                 break
     recorder.terminate()
     recorder.communicate(timeout=30)
