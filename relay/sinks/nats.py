@@ -61,6 +61,7 @@ _HB_LEN = len(HEARTBEAT_PREFIX)
 _ACK_TIMEOUT = 10.0         # an acknowledgement not back by then counts as lost
 _CONNECT_RETRY_MAX = 30.0   # cap of the first-connection backoff
 _CLOSE_DRAIN = 3.0          # seconds close() lets the queue drain into NATS
+_STREAM_RETRY = 5.0         # seconds between attempts to create the streams
 _BAD_TOKEN = frozenset(" .*>\t\r\n")
 _LATEST_SLICE = 250         # latest records published between two pauses ...
 _LATEST_PAUSE = 0.002       # ... of this many seconds, so a round never hogs the GIL
@@ -149,6 +150,8 @@ class NatsBridge:
         self._nc: Any = None
         self._js: Any = None
         self._streams_ok = False
+        self._streams_failed = False    # inside a failure episode (logged once)
+        self._streams_retry = 0.0       # monotonic time of the next attempt
         self._connected = False
         self._unreachable_logged = False
         # latest records changed since the last round: (market, code) -> (the batch's columns
@@ -324,18 +327,28 @@ class NatsBridge:
                             num_replicas=cfg.replicas, discard=DiscardPolicy.OLD,
                             allow_direct=True,
                             description="qmt-relay latest record per security")
+        from nats.js.errors import NotFoundError  # noqa: PLC0415
+
         jsm = self._nc.jsm()
+        self._streams_retry = time.monotonic() + _STREAM_RETRY
         try:
             for config in (spot, last):
                 try:
+                    await jsm.stream_info(config.name)
+                except NotFoundError:
                     await jsm.add_stream(config)
-                except Exception:  # exists with other limits: bring it to ours
+                else:  # it exists, perhaps with other limits: bring it to ours
                     await jsm.update_stream(config)
-        except Exception as exc:  # server without JetStream, no permission, outage
+        except Exception as exc:  # no JetStream, limits beyond the server's, no permission
             self._streams_ok = False
-            log.error("nats_stream_setup_failed", stream=subj.stream, error=repr(exc))
+            if not self._streams_failed:
+                self._streams_failed = True
+                log.error("nats_stream_setup_failed", stream=subj.stream, error=str(exc),
+                          retry_s=_STREAM_RETRY)
             return
-        self._streams_ok = True
+        if self._streams_failed:
+            log.info("nats_streams_ready", stream=subj.stream)
+        self._streams_ok, self._streams_failed = True, False
 
     async def _on_error(self, exc: Exception) -> None:
         if self._nc is None and not self._unreachable_logged:  # before the first connection
@@ -357,6 +370,7 @@ class NatsBridge:
         log.info("nats_reconnected", server=str(nc.connected_url.netloc)
                  if nc is not None and nc.connected_url else None)
         self._streams_ok = False  # a restarted server may have lost them: check again
+        self._streams_retry = 0.0
 
     async def _on_closed(self) -> None:
         self._connected = False
@@ -370,7 +384,8 @@ class NatsBridge:
                 stop_at = time.monotonic() + _CLOSE_DRAIN
             if stop_at is not None and (not self._queue or time.monotonic() > stop_at):
                 break
-            if not self._streams_ok and self._connected:
+            if (not self._streams_ok and self._connected
+                    and time.monotonic() >= self._streams_retry):
                 await self._ensure_streams()
             while self._queue:
                 item = self._queue.popleft()
