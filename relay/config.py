@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import ipaddress
+import json
 import math
 import os
 import re
@@ -24,6 +26,7 @@ from typing import (
     Literal,
     Mapping,
     NamedTuple,
+    NewType,
     Optional,
     Sequence,
     Tuple,
@@ -38,9 +41,11 @@ import yaml
 from relay.errors import ConfigError
 
 __all__ = [
+    "AlertsConfig",
     "BridgeConfig",
     "Config",
     "HistoryConfig",
+    "JsonText",
     "LoggingConfig",
     "MetricsConfig",
     "NatsConfig",
@@ -49,9 +54,13 @@ __all__ = [
     "QmtConfig",
     "RecorderConfig",
     "ReplayConfig",
+    "SecurityConfig",
     "ServiceAddresses",
     "SimulatorConfig",
     "SourceConfig",
+    "SupervisionConfig",
+    "TlsConfig",
+    "WebhookConfig",
     "apply_overrides",
     "config_to_dict",
     "load_config",
@@ -204,19 +213,92 @@ class LoggingConfig:
     stats_interval: float = 10.0
 
 
+JsonText = NewType("JsonText", str)
+"""A YAML mapping or list in the file, kept as compact JSON text (alert body templates)."""
+
+
+@dataclass(**_DC)
+class MetricsConfig:
+    """The operations HTTP endpoint: /metrics, /healthz, /status and the page (relay.ops)."""
+
+    address: Optional[str] = AUTO   # http://HOST:PORT; auto = publish port + 3; null = off
+    sample_interval: float = 1.0    # seconds between status snapshots (health, alerts, page)
+    history_minutes: float = 10.0   # minutes of records/s the page's chart shows
+    quiet_after: float = 120.0      # silence (s) after which a security counts as quiet
+
+
+@dataclass(**_DC)
+class WebhookConfig:
+    """One alert webhook with a JSON body template ($event, $text, $run_id, ...)."""
+
+    url: str
+    template: Optional[JsonText] = None
+
+
+@dataclass(**_DC)
+class AlertsConfig:
+    """Webhook alerts (relay.ops.alerts): feed lost/stalled/recovered, recorder, start/stop."""
+
+    webhooks: Tuple[Union[str, WebhookConfig], ...] = ()  # URL strings or {url, template}
+    timeout: float = 5.0            # seconds per POST (and to deliver what is queued at stop)
+    retries: int = 3                # further attempts after a failed POST ...
+    backoff: float = 1.0            # ... after this many seconds, doubled each time ...
+    backoff_max: float = 30.0       # ... up to this cap
+    queue_size: int = 100           # alerts waiting for delivery; beyond, dropped (counted)
+    rate_limit: int = 5             # alerts of one kind per rate_window ...
+    rate_window: float = 600.0      # ... seconds; more are suppressed (counted, then reported)
+
+
 @dataclass(**_DC)
 class HistoryConfig:
     """K-line history: the hikyuu HDF5 directory and the service that serves it."""
 
     dir: str = "history"            # hikyuu data directory (sh_day.h5, sz_1min.h5, ...)
     address: Optional[str] = AUTO   # history service (NNG REQ/REP); auto = P+2; null = off
+    # -- import (qmt-relay history import; see relay.history.importer) --
+    source: Optional[Literal["simulator", "qmt"]] = None   # None = follow source.kind
+    periods: Tuple[str, ...] = ("day", "1min", "5min")
+    markets: Tuple[str, ...] = ("SH", "SZ", "BJ")
+    codes: Tuple[str, ...] = ()     # only these securities ("600000.SH"); empty = the universe
+    start: Optional[str] = None     # YYYYMMDD; None = day bars from listing, minutes 1 year back
+    minute_days: int = 365          # default minute range (calendar days back from the end)
+    schedule: Tuple[str, ...] = ()  # China times the running relay imports on trading days
+    chunk_codes: int = 50           # securities per download / read call
+    chunk_days: int = 30            # calendar days per minute-bar call (bounds memory)
+    chunk_timeout: float = 600.0    # seconds one download call may take before it is retried
+    retries: int = 3                # further attempts of a failed or timed-out chunk
+    retry_min: float = 1.0          # first retry delay (seconds), doubled up to ...
+    retry_max: float = 60.0         # ... this cap, with jitter
+    progress_interval: float = 5.0  # seconds between history_progress log lines (no terminal)
+    compression: int = 4            # gzip level of new tables (1-9)
 
 
 @dataclass(**_DC)
-class MetricsConfig:
-    """The operations HTTP endpoint: /metrics, /healthz and the status page."""
+class TlsConfig:
+    """Certificates for ``tls+tcp://`` addresses (PEM files)."""
 
-    address: Optional[str] = AUTO   # http://HOST:PORT; auto = P+3; null = off
+    cert: Optional[str] = None      # the relay's certificate (chain), PEM
+    key: Optional[str] = None       # its private key, PEM, unencrypted
+    ca: Optional[str] = None        # set: only clients with a certificate this CA issued
+
+
+@dataclass(**_DC)
+class SecurityConfig:
+    """Who may connect to the relay's TCP services (see :mod:`relay.security`)."""
+
+    allow: Optional[Tuple[str, ...]] = None   # IPs / CIDR networks; null = every peer
+    log_interval: float = 10.0      # at most one "peer_refused" line per service this often
+    tls: TlsConfig = field(default_factory=TlsConfig)
+
+
+@dataclass(**_DC)
+class SupervisionConfig:
+    """How the relay restarts a thread or task that died (see :mod:`relay.supervise`)."""
+
+    max_failures: int = 5           # this many failures of one service within ...
+    window: float = 60.0            # ... this many seconds stop the relay (exit 1)
+    backoff_min: float = 0.5        # first wait before a restart, doubled per failure ...
+    backoff_max: float = 30.0       # ... up to this cap
 
 
 @dataclass(**_DC)
@@ -228,6 +310,9 @@ class Config:
     recorder: RecorderConfig = field(default_factory=RecorderConfig)
     history: HistoryConfig = field(default_factory=HistoryConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     bridge: BridgeConfig = field(default_factory=BridgeConfig)
     shutdown_timeout: float = 5.0
 
@@ -323,6 +408,17 @@ def _at_least(low: int) -> _Check:
     return check
 
 
+def _yyyymmdd(value: str) -> Optional[str]:
+    if re.fullmatch(r"\d{8}", value, re.ASCII):
+        try:
+            _dt.date(int(value[:4]), int(value[4:6]), int(value[6:]))
+        except ValueError:
+            pass
+        else:
+            return None
+    return f"expected a date YYYYMMDD, got {value!r}"
+
+
 def _iso_date(value: str) -> Optional[str]:
     if re.fullmatch(r"\d{4}-\d{2}-\d{2}", value, re.ASCII):
         try:
@@ -335,7 +431,7 @@ def _iso_date(value: str) -> Optional[str]:
 
 
 _ADDRESS = re.compile(
-    r"ipc://(?P<path>.+)|(?P<scheme>tcp)://"
+    r"ipc://(?P<path>.+)|(?P<scheme>(?:tls\+)?tcp)://"
     r"(?P<host>\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(?P<port>\d{1,5})",
     re.ASCII,
 )
@@ -347,7 +443,7 @@ _HTTP_ADDRESS = re.compile(
 def _address(value: str) -> Optional[str]:
     match = _ADDRESS.fullmatch(value)
     if match is None:
-        return f"expected ipc://PATH or tcp://HOST:PORT, got {value!r}"
+        return f"expected ipc://PATH, tcp://HOST:PORT or tls+tcp://HOST:PORT, got {value!r}"
     port = match.group("port")
     if port is not None and not 1 <= int(port) <= 65535:
         return f"port must be 1-65535, got {value!r}"
@@ -378,11 +474,71 @@ def _addresses(value: Tuple[str, ...]) -> Optional[str]:
     return None
 
 
+def _webhook_url(value: str) -> Optional[str]:
+    if re.fullmatch(r"https?://[^\s/?#]+[^\s]*", value, re.ASCII):
+        return None
+    return f"expected an http:// or https:// URL, got {value!r}"
+
+
+def _template(value: str) -> Optional[str]:
+    import string  # noqa: PLC0415 - only configs with templates need it
+
+    placeholders = ("event", "text", "run_id", "source", "time", "host", "details")
+    unknown: List[str] = []
+
+    def walk(item: Any) -> None:
+        if isinstance(item, str):
+            for match in string.Template.pattern.finditer(item):
+                name = match.group("named") or match.group("braced")
+                if name and name not in placeholders and name not in unknown:
+                    unknown.append(name)
+        elif isinstance(item, list):
+            for element in item:
+                walk(element)
+        elif isinstance(item, dict):
+            for key, element in item.items():
+                walk(key)
+                walk(element)
+
+    walk(json.loads(value))
+    if unknown:
+        return (f"unknown placeholder ${unknown[0]}; valid: "
+                + ", ".join("$" + name for name in placeholders))
+    return None
+
+
+def _ip_network(value: str) -> Optional[str]:
+    try:
+        ipaddress.ip_network(value.strip(), strict=False)
+    except ValueError:
+        return f"expected an IP address or CIDR network (192.168.1.0/24), got {value!r}"
+    return None
+
+
 _NATS_URL = re.compile(r"(nats|tls)://([^\s@/]+@)?[^\s:/@]+(:\d{1,5})?", re.ASCII)
 _SUBJECT = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*", re.ASCII)
 
 # Checks run after type checking, on non-null values, keyed by dotted path ("[]" = each item).
 _CHECKS: Mapping[str, _Check] = {
+    "history.periods": lambda v: None if v else "must list at least one period",
+    "history.periods[]": lambda v: None if v in ("day", "1min", "5min")
+    else f"expected one of day, 1min, 5min, got {v!r}",
+    "history.markets[]": lambda v: None if v in ("SH", "SZ", "BJ")
+    else f"expected one of SH, SZ, BJ, got {v!r}",
+    "history.codes[]": lambda v: None if re.fullmatch(r"[0-9A-Za-z]+\.(SH|SZ|BJ)", v, re.ASCII)
+    else f"expected CODE.MARKET such as 600000.SH, got {v!r}",
+    "history.start": _yyyymmdd,
+    "history.minute_days": _between(1, 100_000),
+    "history.schedule[]": lambda v: None if re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", v, re.ASCII)
+    else f"expected HH:MM (China time), got {v!r}",
+    "history.chunk_codes": _between(1, 10_000),
+    "history.chunk_days": _between(1, 100_000),
+    "history.chunk_timeout": _positive,
+    "history.retries": _between(0, 100),
+    "history.retry_min": _positive,
+    "history.retry_max": _positive,
+    "history.progress_interval": _positive,
+    "history.compression": _between(1, 9),
     "shutdown_timeout": _positive,
     "source.simulator.securities": _between(10, 20_000),
     "source.simulator.speed": _positive,
@@ -432,6 +588,26 @@ _CHECKS: Mapping[str, _Check] = {
     else f"expected HH:MM (China time), got {v!r}",
     "recorder.index_interval": _positive,
     "recorder.retry_interval": _positive,
+    "metrics.sample_interval": _positive,
+    "metrics.history_minutes": _positive,
+    "metrics.quiet_after": _positive,
+    "alerts.webhooks[]": lambda v: _webhook_url(v) if isinstance(v, str) else None,
+    "alerts.webhooks[].url": _webhook_url,
+    "alerts.webhooks[].template": _template,
+    "alerts.timeout": _positive,
+    "alerts.retries": _between(0, 20),
+    "alerts.backoff": _positive,
+    "alerts.backoff_max": _positive,
+    "alerts.queue_size": _between(1, 100_000),
+    "alerts.rate_limit": _between(1, 10_000),
+    "alerts.rate_window": _positive,
+    "security.allow": lambda v: None if v else "must list at least one address (or be null)",
+    "security.allow[]": _ip_network,
+    "security.log_interval": _positive,
+    "supervision.max_failures": _between(1, 1000),
+    "supervision.window": _positive,
+    "supervision.backoff_min": _positive,
+    "supervision.backoff_max": _positive,
     "bridge.nats.url[]": lambda v: None if _NATS_URL.fullmatch(v)
     else f"expected nats://HOST:PORT or tls://HOST:PORT, got {v!r}",
     "bridge.nats.subject_prefix": lambda v: None if _SUBJECT.fullmatch(v)
@@ -493,6 +669,8 @@ def _describe(hint: Any) -> str:  # one return per kind of hint
         return f"list of {len(args)} items"
     if hint is bool:
         return "boolean (true or false)"
+    if hint is JsonText:
+        return "mapping or list (a JSON body)"
     return _TYPE_NAMES.get(hint, repr(hint))
 
 
@@ -532,6 +710,10 @@ def _convert_type(  # one branch per kind of hint, flat on purpose
         arms = [arg for arg in args if arg is not type(None)]
         if value is None and len(arms) < len(args):
             return None
+        if isinstance(value, abc.Mapping):
+            for arm in arms:
+                if dataclasses.is_dataclass(arm):   # its errors name the exact key
+                    return _convert(arm, value, path, key, rule)
         for arm in arms:
             try:
                 return _convert(arm, value, path, key, rule)
@@ -574,6 +756,12 @@ def _convert_type(  # one branch per kind of hint, flat on purpose
             if not math.isfinite(number):
                 raise ConfigError(path, key, f"expected a finite number, got {value!r}")
             return number
+    elif hint is JsonText:
+        if isinstance(value, (abc.Mapping, list, tuple)):
+            try:
+                return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(path, key, f"not representable as JSON: {exc}") from None
     elif hint is str:
         if isinstance(value, str):
             return value
@@ -591,7 +779,8 @@ def _build(cls: type, value: Any, path: str, key: str, rule: str) -> Any:
     if not isinstance(value, abc.Mapping):
         raise _mismatch(cls, value, path, key)
     hints = get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    names = [f.name for f in fields]
     kwargs: Dict[str, Any] = {}
     for name, item in value.items():
         child_key = f"{key}.{name}" if key else str(name)
@@ -600,6 +789,11 @@ def _build(cls: type, value: Any, path: str, key: str, rule: str) -> Any:
             raise ConfigError(path, child_key, f"unknown key {name!r}; valid: {valid}")
         child_rule = f"{rule}.{name}" if rule else name
         kwargs[name] = _convert(hints[name], item, path, child_key, child_rule)
+    for f in fields:
+        required = (f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING)
+        if required and f.name not in kwargs:
+            raise ConfigError(path, f"{key}.{f.name}" if key else f.name, "missing (required)")
     return cls(**kwargs)
 
 
@@ -636,7 +830,29 @@ def parse_config(data: Any, *, path: str = "<mapping>") -> Config:
         ConfigError: unknown key, wrong type or value out of range (names the dotted key).
     """
     config: Config = _build(Config, data, path, "", "")
+    _check_tls(config, path)
     return config
+
+
+def _check_tls(config: Config, path: str) -> None:
+    """``tls+tcp://`` addresses need a certificate and key; a key needs a certificate."""
+    tls = config.security.tls
+    if (tls.cert is None) != (tls.key is None):
+        missing = "security.tls.key" if tls.key is None else "security.tls.cert"
+        raise ConfigError(path, missing, "security.tls needs both cert and key")
+    if tls.ca is not None and tls.cert is None:
+        raise ConfigError(path, "security.tls.ca", "client certificates need cert and key too")
+    if tls.cert is None:
+        for index, address in enumerate(config.publish.addresses):
+            if address.startswith("tls+tcp://"):
+                raise ConfigError(path, f"publish.addresses[{index}]",
+                                  "tls+tcp:// needs security.tls.cert and security.tls.key")
+        services = service_addresses(config)
+        for key, service in (("publish.snapshot_address", services.snapshot),
+                             ("history.address", services.history)):
+            if service is not None and service.startswith("tls+tcp://"):
+                raise ConfigError(path, key,
+                                  "tls+tcp:// needs security.tls.cert and security.tls.key")
 
 
 def load_config(path: Optional[Union[str, os.PathLike[str]]]) -> Config:
@@ -725,6 +941,7 @@ def apply_overrides(
         if value is not None:
             rule, option = _OVERRIDES[name]
             config = _replace_at(config, rule, rule.split("."), value, option)
+    _check_tls(config, _CLI)
     return config
 
 
@@ -748,7 +965,13 @@ def config_to_dict(config: Config) -> Dict[str, Any]:
 
 def _plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        hints = get_type_hints(type(value))
+        out = {}
+        for f in dataclasses.fields(value):
+            item = getattr(value, f.name)
+            json_text = hints[f.name] in (JsonText, Optional[JsonText])
+            out[f.name] = json.loads(item) if json_text and item is not None else _plain(item)
+        return out
     if isinstance(value, tuple):
         return [_plain(item) for item in value]
     return value

@@ -8,7 +8,10 @@ episode. :func:`sinks_from_config` builds the sinks the configuration asks for.
 The implementations live beside this module (``snapshot.py``, ``recorder.py``, ...) and import
 it for :class:`PublishedBatch`; it never imports them: :data:`SINKS` names each one as a
 ``"module:Class"`` string, imported only when the configuration enables it (so h5py loads
-only when recording). Every sink class offers ``from_config(config)``.
+only when recording). Every sink class offers ``from_config(config, *, supervisor,
+security)``: the relay's :class:`~relay.supervise.Supervisor` runs its threads, and
+:class:`~relay.security.Security` opens any socket it listens on (either may be ``None``:
+the sink then makes a private default).
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from relay.records import SpotColumns, SpotRecord
 if TYPE_CHECKING:
     from relay.config import Config
     from relay.normalise import BatchResult
+    from relay.security import Security
+    from relay.supervise import Supervisor
 
 __all__ = ["SINKS", "HeartbeatSink", "PublishedBatch", "Sink", "sinks_from_config"]
 
@@ -103,7 +108,14 @@ SINKS: Mapping[str, Tuple[str, Callable[[Config], bool]]] = {
 }
 
 
-def sinks_from_config(config: Config) -> List[Sink]:
-    """The sinks ``config`` enables, in the start order of :data:`SINKS`."""
-    return [load(target).from_config(config)
+def sinks_from_config(config: Config, *, supervisor: Optional[Supervisor] = None,
+                      security: Optional[Security] = None) -> List[Sink]:
+    """The sinks ``config`` enables, in the start order of :data:`SINKS`.
+
+    Args:
+        config: the relay's configuration.
+        supervisor: runs the sinks' threads (each sink makes a private one without it).
+        security: opens the sinks' listening sockets (allow-list, TLS).
+    """
+    return [load(target).from_config(config, supervisor=supervisor, security=security)
             for target, enabled in SINKS.values() if enabled(config)]

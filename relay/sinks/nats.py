@@ -51,6 +51,8 @@ from relay.wire import (
 
 if TYPE_CHECKING:
     from relay.config import Config, NatsConfig
+    from relay.security import Security
+    from relay.supervise import Supervisor
 
 __all__ = ["NatsBridge", "connect_options"]
 
@@ -165,8 +167,13 @@ class NatsBridge:
         self.stats = _Stats()
 
     @classmethod
-    def from_config(cls, config: Config) -> NatsBridge:
-        """The bridge ``config.bridge.nats`` describes."""
+    def from_config(cls, config: Config, *, supervisor: Optional[Supervisor] = None,
+                    security: Optional[Security] = None) -> NatsBridge:
+        """The bridge ``config.bridge.nats`` describes.
+
+        ``supervisor`` and ``security`` are accepted as every sink's are; the bridge dials
+        out (nothing to allow-list) and its loop thread restarts its own connection.
+        """
         return cls(config.bridge.nats, max_message_bytes=config.publish.max_message_bytes)
 
     # -- sink protocol (relay's event loop) --------------------------------------------------
