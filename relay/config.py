@@ -164,7 +164,7 @@ class NatsConfig:
     max_bytes: int = 16 * 1024 ** 3    # size cap of the spot stream; the oldest go first
     storage: Literal["file", "memory"] = "file"
     replicas: int = 1               # stream replicas (a clustered server: 3)
-    latest_interval: float = 1.0    # seconds between updates of the latest-record subjects
+    latest_interval: float = 5.0    # seconds between updates of the latest-record subjects
     queue_size: int = 256           # batches waiting for the bridge; beyond, dropped (counted)
     pending_bytes: int = 64 * 1024 * 1024  # bytes nats-py buffers while disconnected
     connect_timeout: float = 5.0    # seconds per connection attempt
