@@ -132,6 +132,7 @@ class Relay:
         self._started_sinks: List[Sink] = []
         self._heartbeat_sinks = [s for s in self._sinks if isinstance(s, HeartbeatSink)]
         self._failure: Optional[BaseException] = None  # why the source stopped, if it broke
+        self._history_schedule: Any = None   # relay.history.schedule, when history.schedule
         # Operations (metrics endpoint, health, alerts): decided once, built at startup.
         self._ops_wanted = bool(service_addresses(config).metrics or config.alerts.webhooks)
         self._ops: Optional[Operations] = None
@@ -244,6 +245,11 @@ class Relay:
         for sink in self._sinks:
             sink.start()
             self._started_sinks.append(sink)
+        if cfg.history.schedule:   # imports as a child process: never in the way of publishing
+            from relay.history.schedule import HistorySchedule  # noqa: PLC0415
+
+            self._history_schedule = HistorySchedule(cfg)
+            self._history_schedule.start()
         await source.start()
         self._normaliser.set_names(source.names)
         log.info(
@@ -494,6 +500,9 @@ class Relay:
         if self.state is State.STOPPED:
             return
         self.state = State.STOPPING
+        if self._history_schedule is not None:
+            self._history_schedule.close()
+            self._history_schedule = None
         source = self._source
         if source is not None:
             try:
