@@ -71,7 +71,8 @@ def _status(**changes: Any) -> OpsStatus:
         dropped={"nan_price": 2, "bad_code": 1}, records_by_market={"SH": 3000, "SZ": 2000},
         securities_today={"SH": 2, "SZ": 2}, quiet=("600001.SH",),
         counters={"reconnects": 2, "stalls": 1, "recorder_rows": 4000, "recorder_queue": 5,
-                  "snapshot_requests": 7, "alerts_sent": 1},
+                  "snapshot_requests": 7, "history_requests": 4, "history_errors": 1,
+                  "alerts_sent": 1},
         health=assess_health(state="running", connected=True, in_window=True,
                              last_batch_age=1.5, stall_timeout=60, started_for=9))
     fields.update(changes)
@@ -109,6 +110,8 @@ def test_registry_exposes_every_family_from_the_latest_snapshot() -> None:
         "qmt_relay_source_reconnects_total": 2.0, "qmt_relay_source_stalls_total": 1.0,
         "qmt_relay_recorder_rows_total": 4000.0, "qmt_relay_alerts_sent_total": 1.0,
         "qmt_relay_requests_total{service=snapshot}": 7.0,
+        "qmt_relay_requests_total{service=history}": 4.0,
+        "qmt_relay_request_errors_total{service=history}": 1.0,
         "qmt_relay_queue_depth{queue=recorder}": 5.0,
         "qmt_relay_source_up": 1.0, "qmt_relay_healthy": 1.0, "qmt_relay_in_watch_window": 1.0,
         "qmt_relay_seconds_since_push": 1.5, "qmt_relay_lag_seconds": 0.25,
