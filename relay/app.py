@@ -130,9 +130,7 @@ class Relay:
         self._started_sinks: List[Sink] = []
         self._heartbeat_sinks = [s for s in self._sinks if isinstance(s, HeartbeatSink)]
         self._failure: Optional[BaseException] = None  # why the source stopped, if it broke
-<<<<<<< HEAD
         self._history_schedule: Any = None   # relay.history.schedule, when history.schedule
-=======
         # Operations (metrics endpoint, health, alerts): decided once, built at startup.
         self._ops_wanted = bool(service_addresses(config).metrics or config.alerts.webhooks)
         self._ops: Optional[Operations] = None
@@ -144,7 +142,6 @@ class Relay:
     def ops(self) -> Optional[Operations]:
         """The operations side (metrics, health, alerts), once started; None when off."""
         return self._ops
->>>>>>> main
 
     # -- stopping --------------------------------------------------------------------------
 
