@@ -15,6 +15,7 @@ from typing import Any, Dict
 import h5py
 import numpy as np
 import pytest
+from helpers import relay_env
 
 from relay.config import Config, HistoryConfig, SimulatorConfig, SourceConfig
 from relay.errors import HistoryLockedError
@@ -23,7 +24,6 @@ from relay.history.importer import ImportRequest, run_import
 from relay.history.simulator import SimulatorHistory
 from relay.history.store import DirectoryLock, open_file
 from relay.sources.simulator import SimulatedMarket, SimulatorSource
-from tests.helpers import relay_env
 
 LIVE_DATE = "2024-12-04"   # a Wednesday: history ends Tuesday 2024-12-03
 SIM = SimulatorConfig(securities=12, date=LIVE_DATE, seed=7)
