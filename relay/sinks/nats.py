@@ -37,6 +37,7 @@ from relay.encode import SpotEncoder
 from relay.errors import ConfigError
 from relay.records import SpotColumns, SpotRecord
 from relay.sinks import PublishedBatch
+from relay.supervise import ServiceHandle, Supervisor
 from relay.wire import (
     HDR_BATCH_FIRST,
     HDR_BATCH_LAST,
@@ -52,7 +53,6 @@ from relay.wire import (
 if TYPE_CHECKING:
     from relay.config import Config, NatsConfig
     from relay.security import Security
-    from relay.supervise import Supervisor
 
 __all__ = ["NatsBridge", "connect_options"]
 
@@ -129,12 +129,14 @@ class NatsBridge:
     Args:
         config: the ``bridge.nats`` section (``url`` must not be empty).
         max_message_bytes: ``publish.max_message_bytes``, for the latest-record encoder.
+        supervisor: runs the bridge's thread (restarted if it dies); a private one if None.
 
     Attributes:
         stats: counters (batches, messages, acked, unacked, dropped, errors, latest, ...).
     """
 
-    def __init__(self, config: NatsConfig, *, max_message_bytes: int = 512 * 1024) -> None:
+    def __init__(self, config: NatsConfig, *, max_message_bytes: int = 512 * 1024,
+                 supervisor: Optional[Supervisor] = None) -> None:
         if not config.url:
             raise ValueError("bridge.nats.url is empty")
         self.config = config
@@ -146,7 +148,8 @@ class NatsBridge:
         self._episode_drops = 0
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._wake: Optional[asyncio.Event] = None
-        self._thread: Optional[threading.Thread] = None
+        self._supervisor = supervisor or Supervisor()
+        self._thread: Optional[ServiceHandle] = None
         self._ready = threading.Event()
         self._stop = threading.Event()
         self._nc: Any = None
@@ -171,10 +174,11 @@ class NatsBridge:
                     security: Optional[Security] = None) -> NatsBridge:
         """The bridge ``config.bridge.nats`` describes.
 
-        ``supervisor`` and ``security`` are accepted as every sink's are; the bridge dials
-        out (nothing to allow-list) and its loop thread restarts its own connection.
+        ``supervisor`` runs the bridge's thread; ``security`` is accepted as every sink's
+        is: the bridge dials out, there is nothing to allow-list.
         """
-        return cls(config.bridge.nats, max_message_bytes=config.publish.max_message_bytes)
+        return cls(config.bridge.nats, max_message_bytes=config.publish.max_message_bytes,
+                   supervisor=supervisor)
 
     # -- sink protocol (relay's event loop) --------------------------------------------------
 
@@ -197,9 +201,7 @@ class NatsBridge:
                               ) from None
         connect_options(self.config)  # fail now on unreadable TLS files
         self._stop.clear()
-        self._thread = threading.Thread(target=self._thread_main, name="relay-nats",
-                                        daemon=True)
-        self._thread.start()
+        self._thread = self._supervisor.thread("nats", self._thread_main)
         self._ready.wait(5)
         log.info("nats_bridge_started", servers=list(self.config.url),
                  prefix=self.config.subject_prefix, stream=self.config.stream)
@@ -243,16 +245,16 @@ class NatsBridge:
         if loop is not None and wake is not None:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(wake.set)
+        thread.stop()
         thread.join(_CLOSE_DRAIN + 5)
         log.info("nats_bridge_stopped", **self.stats.as_dict(), queued=len(self._queue))
 
     # -- bridge thread -------------------------------------------------------------------------
 
     def _thread_main(self) -> None:
+        """The bridge's loop; a bug raises out of it and the supervisor restarts it."""
         try:
             asyncio.run(self._main())
-        except Exception as exc:  # the bridge must never take the relay down
-            log.exception("nats_bridge_failed", error=repr(exc))
         finally:
             self._ready.set()
 
