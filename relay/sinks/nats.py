@@ -180,6 +180,14 @@ class NatsBridge:
         return cls(config.bridge.nats, max_message_bytes=config.publish.max_message_bytes,
                    supervisor=supervisor)
 
+    def counters(self) -> Dict[str, int]:
+        """Counters for the metrics endpoint (``nats_*``; ``nats_queue`` is the queue depth)."""
+        st = self.stats
+        return {"nats_messages": st.messages, "nats_acked": st.acked,
+                "nats_unacked": st.unacked, "nats_dropped": st.dropped,
+                "nats_errors": st.errors, "nats_latest": st.latest,
+                "nats_disconnects": st.disconnects, "nats_queue": len(self._queue)}
+
     # -- sink protocol (relay's event loop) --------------------------------------------------
 
     @property

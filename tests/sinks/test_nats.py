@@ -297,6 +297,7 @@ def test_bridge_without_a_server_counts_drops_and_never_blocks() -> None:
         thread.join(10)
     assert bridge.stats.dropped >= 46
     assert 0 == bridge.stats.batches
+    assert bridge.stats.dropped == bridge.counters()["nats_dropped"]  # the metrics endpoint
     assert 1 == sum(1 for e in logs if e["event"] == "nats_bridge_dropping")
     assert any(e["event"] == "nats_unreachable" for e in logs)
 
