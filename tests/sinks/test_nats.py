@@ -18,7 +18,15 @@ from structlog.testing import capture_logs
 
 from relay.app import Relay, State
 from relay.client import Batch, Gap, Subscriber, fetch_snapshot
-from relay.config import BridgeConfig, Config, NatsConfig, PublishConfig, parse_config
+from relay.config import (
+    BridgeConfig,
+    Config,
+    HistoryConfig,
+    MetricsConfig,
+    NatsConfig,
+    PublishConfig,
+    parse_config,
+)
 from relay.errors import ConfigError
 from relay.records import SpotRecord
 
@@ -88,6 +96,7 @@ def bridged_config(stream: str, snapshot: str, nats_url: str) -> Config:
                               max_message_bytes=8192, heartbeat_interval=0.2),
         bridge=BridgeConfig(nats=NatsConfig(url=(nats_url,), latest_interval=0.1,
                                             storage="memory")),
+        metrics=MetricsConfig(address=None), history=HistoryConfig(address=None),
     )
 
 
@@ -161,6 +170,10 @@ bridge:
   nats:
     latest_interval: 0.2
     reconnect_wait: 0.2
+metrics:
+  address: null
+history:
+  address: null
 logging:
   format: json
   stats_interval: 60
@@ -283,7 +296,8 @@ def test_bridge_without_a_server_counts_drops_and_never_blocks() -> None:
     sink = CollectingSink()
     source = ScriptedSource(scripted_batches(1))
     relay = Relay(Config(publish=PublishConfig(addresses=(tcp_address(),),
-                                               snapshot_address=None)),
+                                               snapshot_address=None),
+                         metrics=MetricsConfig(address=None), history=HistoryConfig(address=None)),
                   source=source, sinks=[sink])
     thread = threading.Thread(target=lambda: asyncio.run(relay.serve()), daemon=True)
     with capture_logs() as logs:
