@@ -104,6 +104,22 @@ def connect_options(config: NatsConfig) -> Dict[str, Any]:
     return opts
 
 
+def _redact(url: str) -> str:
+    """``nats://user:secret@host:4222`` -> ``nats://user:***@host:4222``."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}{sep}{user}:***@{host}"
+
+
+def _server_of(nc: Any) -> Optional[str]:
+    """``host:port`` of the server ``nc`` is connected to (without credentials)."""
+    url = getattr(nc, "connected_url", None)
+    return f"{url.hostname}:{url.port}" if url is not None else None
+
+
 class _Stats:
     __slots__ = ("acked", "batches", "connects", "disconnects", "dropped", "errors", "latest",
                  "messages", "unacked")
@@ -141,6 +157,7 @@ class NatsBridge:
             raise ValueError("bridge.nats.url is empty")
         self.config = config
         self.subjects = NatsSubjects(config.subject_prefix, config.stream)
+        self._shown_urls = [_redact(u) for u in config.url]  # logs never show a password
         self._max = max_message_bytes
         self._queue: Deque[_Item] = deque()
         self._limit = config.queue_size
@@ -211,7 +228,7 @@ class NatsBridge:
         self._stop.clear()
         self._thread = self._supervisor.thread("nats", self._thread_main)
         self._ready.wait(5)
-        log.info("nats_bridge_started", servers=list(self.config.url),
+        log.info("nats_bridge_started", servers=self._shown_urls,
                  prefix=self.config.subject_prefix, stream=self.config.stream)
 
     def write(self, batch: PublishedBatch) -> None:
@@ -299,7 +316,7 @@ class NatsBridge:
                 return False
             exc = task.exception()
             if exc is not None:  # rejected (authorization, TLS): retry with backoff
-                log.error("nats_connect_failed", servers=list(self.config.url), error=repr(exc))
+                log.error("nats_connect_failed", servers=self._shown_urls, error=repr(exc))
                 with contextlib.suppress(Exception):
                     await nc.close()
                 await self._sleep(wait * random.uniform(0.5, 1.0))
@@ -308,8 +325,7 @@ class NatsBridge:
             self._nc, self._js = nc, nc.jetstream()
             self._connected = True
             self.stats.connects += 1
-            log.info("nats_connected", server=str(nc.connected_url.netloc)
-                     if nc.connected_url else None)
+            log.info("nats_connected", server=_server_of(nc))
             await self._ensure_streams()
             return True
         return False
@@ -370,7 +386,7 @@ class NatsBridge:
     async def _on_error(self, exc: Exception) -> None:
         if self._nc is None and not self._unreachable_logged:  # before the first connection
             self._unreachable_logged = True
-            log.warning("nats_unreachable", servers=list(self.config.url), error=repr(exc))
+            log.warning("nats_unreachable", servers=self._shown_urls, error=repr(exc))
         else:
             log.debug("nats_client_error", error=repr(exc))
 
@@ -384,8 +400,7 @@ class NatsBridge:
         self._connected = True
         self.stats.connects += 1
         nc = self._nc
-        log.info("nats_reconnected", server=str(nc.connected_url.netloc)
-                 if nc is not None and nc.connected_url else None)
+        log.info("nats_reconnected", server=_server_of(nc))
         self._streams_ok = False  # a restarted server may have lost them: check again
         self._streams_retry = 0.0
 

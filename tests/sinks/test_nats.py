@@ -100,9 +100,11 @@ def bridged_config(stream: str, snapshot: str, nats_url: str) -> Config:
     )
 
 
-@pytest.fixture
-def quiet_relay(nats_server: NatsServer) -> Iterator[Tuple[Relay, CollectingSink, str, str]]:
+@pytest.fixture(scope="module")
+def quiet_relay(tmp_path_factory: Any) -> Iterator[Tuple[Relay, CollectingSink, str, str]]:
     """An in-process relay that publishes 12 scripted batches, then stays quiet."""
+    nats_server = NatsServer(tmp_path_factory.mktemp("quiet") / "jetstream")
+    nats_server.start()
     stream, snapshot = tcp_address(), tcp_address()
     sink = CollectingSink()
     relay = Relay(bridged_config(stream, snapshot, nats_server.url),
@@ -122,6 +124,7 @@ def quiet_relay(nats_server: NatsServer) -> Iterator[Tuple[Relay, CollectingSink
     finally:
         relay.request_stop()
         thread.join(15)
+        nats_server.stop()
 
 
 def test_late_joiner_snapshot_over_nats_equals_the_nng_snapshot(
