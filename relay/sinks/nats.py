@@ -176,6 +176,7 @@ class NatsBridge:
         self._streams_retry = 0.0       # monotonic time of the next attempt
         self._connected = False
         self._unreachable_logged = False
+        self._failing = False           # inside a publish-failure episode (logged once)
         # latest records changed since the last round: (market, code) -> (the batch's columns
         # or records, index there, seq of the message holding it, run_id)
         self._dirty: Dict[Tuple[str, str], Tuple[Union[SpotColumns, List[SpotRecord]], int,
@@ -426,11 +427,18 @@ class NatsBridge:
                         await self._nc.publish(self.subjects.heartbeat, item[_HB_LEN:])
                     else:
                         await self._publish_batch(item)
-                except Exception as exc:  # outbound buffer full while disconnected, ...
+                except Exception as exc:  # buffer full while disconnected, too large, ...
                     self.stats.errors += 1
                     if not isinstance(item, bytes):
                         self.stats.dropped += 1
-                    log.debug("nats_publish_failed", error=repr(exc))
+                    if not self._failing:
+                        self._failing = True
+                        log.warning("nats_publish_failed", error=repr(exc),
+                                    connected=self._connected)
+                else:
+                    if self._failing and not isinstance(item, bytes):
+                        self._failing = False
+                        log.info("nats_publish_recovered", errors=self.stats.errors)
                 await asyncio.sleep(0)  # let acknowledgements and pings through
             self._expire_acks()
             now = time.monotonic()

@@ -366,3 +366,34 @@ def test_columns_record_equals_the_built_records() -> None:
     singles = [one.columns.record(i) for i in range(len(one))]
     assert other.columns.records == singles
     assert [type(v) for v in other.columns.records[0]] == [type(v) for v in singles[0]]
+
+
+def test_a_message_the_server_refuses_is_counted_and_the_bridge_goes_on(
+        nats_server: NatsServer) -> None:
+    """A message over the server's max_payload: logged once, counted; the next batch goes."""
+    from relay.encode import SpotEncoder
+    from relay.normalise import Normaliser
+    from relay.sinks import PublishedBatch
+    from relay.sinks.nats import NatsBridge
+
+    result = Normaliser().normalise_batch(scripted_batches(1)[0])
+    assert result.columns is not None
+    messages, counts = SpotEncoder("run-a", "simulator").encode_chunks(
+        result.columns, first_seq=2, publish_time_ms=1)
+    huge = PublishedBatch(result, [b":spot:" + bytes(2 << 20)], [len(result)], 1, 1, "run-a",
+                          "simulator")
+    normal = PublishedBatch(result, messages, counts, 2, 1, "run-a", "simulator")
+    bridge = NatsBridge(NatsConfig(url=(nats_server.url,), storage="memory"))
+    with capture_logs() as logs:
+        bridge.start()
+        try:
+            wait_for(lambda: bridge.connected, what="connected")
+            bridge.write(huge)
+            bridge.write(normal)
+            wait_for(lambda: bridge.stats.acked == len(messages), what="the normal batch acked")
+        finally:
+            bridge.close()
+    assert (1, 1) == (bridge.stats.errors, bridge.stats.dropped)
+    events = [e["event"] for e in logs]
+    assert 1 == events.count("nats_publish_failed")
+    assert "nats_publish_recovered" in events
