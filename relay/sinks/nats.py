@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Deque, Dict, Iterable, List, Optional, Tu
 import structlog
 
 from relay.encode import SpotEncoder
-from relay.errors import ConfigError
+from relay.errors import ConfigError, RelayError
 from relay.records import SpotColumns, SpotRecord
 from relay.sinks import PublishedBatch
 from relay.supervise import ServiceHandle, Supervisor
@@ -118,6 +118,13 @@ def _server_of(nc: Any) -> Optional[str]:
     """``host:port`` of the server ``nc`` is connected to (without credentials)."""
     url = getattr(nc, "connected_url", None)
     return f"{url.hostname}:{url.port}" if url is not None else None
+
+
+class _BufferFull(RelayError):
+    """The client's reconnect buffer cannot take a batch (NATS has been down a while)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(f"reconnect buffer full ({size} bytes more)")
 
 
 class _Stats:
@@ -417,6 +424,11 @@ class NatsBridge:
                 stop_at = time.monotonic() + _CLOSE_DRAIN
             if stop_at is not None and (not self._queue or time.monotonic() > stop_at):
                 break
+            if self._nc.is_closed and stop_at is None:  # closed under us: start afresh
+                log.warning("nats_connection_closed")
+                self._connected = False
+                if not await self._connect():
+                    break
             if (not self._streams_ok and self._connected
                     and time.monotonic() >= self._streams_retry):
                 await self._ensure_streams()
@@ -431,6 +443,7 @@ class NatsBridge:
                     self.stats.errors += 1
                     if not isinstance(item, bytes):
                         self.stats.dropped += 1
+                        self._fold(item)  # its records still count as the latest
                     if not self._failing:
                         self._failing = True
                         log.warning("nats_publish_failed", error=repr(exc),
@@ -453,6 +466,12 @@ class NatsBridge:
         js, subject = self._js, self.subjects.spot
         first = batch.first_seq
         last = first + len(batch.messages) - 1
+        if not self._connected:
+            # nats-py buffers while it reconnects; never let it overflow (a publish that
+            # fails there would also leak one of its in-flight slots)
+            size = sum(map(len, batch.messages))
+            if self._nc.pending_data_size + size > self.config.pending_bytes:
+                raise _BufferFull(size)
         fixed = {HDR_RUN_ID: batch.run_id, HDR_BATCH_FIRST: str(first),
                  HDR_BATCH_LAST: str(last), HDR_SOURCE: batch.source}
         for i, (message, count) in enumerate(zip(batch.messages, batch.counts)):
