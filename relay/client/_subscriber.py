@@ -361,7 +361,8 @@ class Subscriber:
     def _on_connected(self) -> None:
         self._connected = True
         self.stats.connects += 1
-        self._in_batch, self._parts = False, []
+        if not isinstance(self._transport, NatsSub):  # JetStream resumes mid-batch
+            self._in_batch, self._parts = False, []
         self._emit(Connected(self.url))
         if self._snapshot and not (self._snapshot_loaded and isinstance(self._transport, NatsSub)):
             self._load_snapshot()

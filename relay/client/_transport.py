@@ -243,15 +243,20 @@ class PynngSub:
         return msg
 
     def take_events(self) -> Deque[Tuple[str, str]]:
-        out: Deque[Tuple[str, str]] = deque()
-        while self._events:
-            out.append(self._events.popleft())
-        return out
+        return take_all(self._events)
 
     def close(self) -> None:
         sock, self._sock = self._sock, None
         if sock is not None:
             sock.close()
+
+
+def take_all(events: Deque[Tuple[str, str]]) -> Deque[Tuple[str, str]]:
+    """Move the ``(kind, reason)`` events another thread queued into a new deque."""
+    out: Deque[Tuple[str, str]] = deque()
+    while events:
+        out.append(events.popleft())
+    return out
 
 
 class Requester:
