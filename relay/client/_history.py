@@ -18,6 +18,7 @@ import importlib
 import json
 import re
 import struct
+import time
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from relay.client._transport import Requester
@@ -256,7 +257,8 @@ def _decode(buf: bytes) -> Reply:
         for t in root.tables(3)
     ]
     for cat in catalogues:
-        if not len(cat.codes) == len(cat.rows) == len(cat.first) == len(cat.last):
+        if not len(cat.rows) == len(cat.first) == len(cat.last) or (
+                cat.rows and len(cat.rows) != len(cat.codes)):
             raise DecodeError("catalogue columns differ in length")
     tables = []
     for t in root.tables(6):
@@ -556,12 +558,13 @@ def list_files(req: Requester) -> List[CatalogueSlice]:
 
 
 def catalogue_pages(req: Requester, *, markets: Optional[Sequence[str]] = None,
-                    periods: Optional[Sequence[str]] = None,
+                    periods: Optional[Sequence[str]] = None, codes_only: bool = False,
                     attempts: int = 5) -> Iterator[CatalogueSlice]:
     """Each file's whole catalogue, page by page merged into one slice per file.
 
     A file that changes between pages (an import running on the relay) is listed again from
-    its start, up to ``attempts`` times.
+    its start, up to ``attempts`` times. ``codes_only`` leaves ``rows``, ``first`` and
+    ``last`` empty (the relay then reads no table).
 
     Raises:
         HistoryRequestError: the file kept changing, or the relay refused.
@@ -573,16 +576,18 @@ def catalogue_pages(req: Requester, *, markets: Optional[Sequence[str]] = None,
                 wanted_p is not None and file.period not in wanted_p):
             continue
         for _ in range(attempts):
-            merged = _whole_catalogue(req, file.market, file.period)
+            merged = _whole_catalogue(req, file.market, file.period, codes_only)
             if merged is not None:
                 yield merged
                 break
+            time.sleep(0.5)   # an import is writing the file: give it a moment
         else:
             raise HistoryRequestError(f"the {file.market} {file.period} file kept changing while "
                                "its catalogue was read")
 
 
-def _whole_catalogue(req: Requester, market: str, period: str) -> Optional[CatalogueSlice]:
+def _whole_catalogue(req: Requester, market: str, period: str,
+                     codes_only: bool) -> Optional[CatalogueSlice]:
     codes: List[str] = []
     rows: List[int] = []
     first: List[int] = []
@@ -591,8 +596,12 @@ def _whole_catalogue(req: Requester, market: str, period: str) -> Optional[Catal
     indexes: Tuple[str, ...] = ()
     total = 0
     while True:
-        reply = checked(decode_reply(req.request(encode_request(
-            "catalogue", market=market, period=period, offset=len(codes)))), KIND_CATALOGUE)
+        reply = decode_reply(req.request(encode_request(
+            "catalogue", market=market, period=period, offset=len(codes),
+            codes_only=codes_only)))
+        if reply.error.startswith("busy"):
+            return None   # the file changed between pages: list it again
+        checked(reply, KIND_CATALOGUE)
         if len(reply.catalogues) != 1:
             raise DecodeError("a catalogue reply must carry exactly one catalogue")
         page = reply.catalogues[0]

@@ -105,7 +105,7 @@ def sync(url: str, directory: str, *, periods: Optional[Sequence[str]] = None,
     os.makedirs(directory, exist_ok=True)
     with DirectoryLock(directory), Requester(url, timeout=timeout,
                                              max_message_bytes=1 << 30) as req:
-        for cat in catalogue_pages(req, markets=markets, periods=periods):
+        for cat in catalogue_pages(req, markets=markets, periods=periods, codes_only=True):
             keep = [i for i, code in enumerate(cat.codes) if wanted.keeps(code, cat.market)]
             if not keep:
                 continue
