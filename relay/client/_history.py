@@ -99,6 +99,7 @@ class TableSlice(NamedTuple):
     records: int
     complete: bool
     derived: bool = False
+    tail: str = ""
 
 
 class CatalogueSlice(NamedTuple):
@@ -273,7 +274,7 @@ def _decode(buf: bytes) -> Reply:
         tables.append(TableSlice(t.string(0), t.string(1), t.scalar(2, _u8, 1, STATUS_OK),
                                  t.scalar(3, _u64, 8, 0), t.scalar(4, _u64, 8, 0), data,
                                  bars or entries, bool(t.scalar(7, _u8, 1, 1)),
-                                 bool(t.scalar(8, _u8, 1, 0))))
+                                 bool(t.scalar(8, _u8, 1, 0)), t.string(9)))
     return Reply(version, root.scalar(1, _u8, 1, KIND_ERROR), root.string(2), catalogues,
                  root.string(4), root.string(5), tables, root.scalar(7, _u32, 4, 0),
                  bool(root.scalar(8, _u8, 1, 0)), root.scalar(9, _u64, 8, 0))

@@ -310,13 +310,16 @@ def tables_reply(kind: int, market: str, period: str, tables: Sequence[TableSlic
                 raise ValueError("table data is not count records")
             data_ref = _raw_vector(b, t.data, width, t.records, 8)
         code, group = b.CreateString(t.code), b.CreateString(t.group)
-        b.StartObject(9)
+        tail = b.CreateString(t.tail) if t.tail else 0
+        b.StartObject(10)
         b.PrependUint64Slot(3, t.rows, 0)
         b.PrependUint64Slot(4, t.start, 0)
         b.PrependUOffsetTRelativeSlot(0, code, 0)
         b.PrependUOffsetTRelativeSlot(1, group, 0)
         if data_ref:
             b.PrependUOffsetTRelativeSlot(5 if t.group == "data" else 6, data_ref, 0)
+        if tail:
+            b.PrependUOffsetTRelativeSlot(9, tail, 0)
         b.PrependUint8Slot(2, t.status, 0)
         b.PrependBoolSlot(7, t.complete, True)
         b.PrependBoolSlot(8, t.derived, False)

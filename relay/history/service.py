@@ -385,8 +385,10 @@ class HistoryService:
         data = canonical(ds[have - window:stop], dtype) if stop > have - window else b""
         if window and digest_rows(data[:window * width]) != digest:
             return TableSlice(code, group, STATUS_CHANGED, rows, 0, b"", 0, True)
+        # the digest the requester's next sync request will carry (it may keep it)
+        tail = digest_rows(data[-min(SYNC_WINDOW, stop) * width:]) if stop else ""
         return TableSlice(code, group, STATUS_OK, rows, have, data[window * width:],
-                          stop - have, stop >= rows)
+                          stop - have, stop >= rows, tail=tail)
 
 
 

@@ -17,6 +17,7 @@ derived ones where they differ, so the mirror's index tables are the relay's.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -33,6 +34,7 @@ from relay.client._history import (
     KIND_SYNC,
     STATUS_CHANGED,
     STATUS_MISSING,
+    STATUS_OK,
     SYNC_WINDOW,
     CatalogueSlice,
     TableSlice,
@@ -49,6 +51,7 @@ from relay.history.store import (
     INDEX_DTYPE,
     DirectoryLock,
     HistoryFile,
+    file_name,
     open_file,
 )
 
@@ -57,6 +60,7 @@ __all__ = ["SyncSummary", "sync"]
 log = structlog.get_logger("relay.history.sync")
 
 _TABLES_PER_REQUEST = 3000      # about 200 KB of JSON
+_TAILS_NAME = ".qmt-relay-sync.json"
 _BUSY_RETRIES = 20
 _BUSY_PAUSE = 0.5
 
@@ -107,14 +111,60 @@ def sync(url: str, directory: str, *, periods: Optional[Sequence[str]] = None,
     os.makedirs(directory, exist_ok=True)
     with DirectoryLock(directory), Requester(url, timeout=timeout,
                                              max_message_bytes=1 << 30) as req:
+        tails = _Tails(directory)
         for cat in catalogue_pages(req, markets=markets, periods=periods, codes_only=True):
             keep = [i for i, code in enumerate(cat.codes) if wanted.keeps(code, cat.market)]
             if not keep:
                 continue
             summary.files += 1
-            _sync_file(req, directory, cat, keep, summary, max_reply_bytes, progress)
+            name = file_name(cat.market, cat.period)
+            known = tails.get(name)
+            _sync_file(req, directory, cat, keep, summary, max_reply_bytes, progress, known)
+            tails.put(name, known)
     summary.elapsed = time.monotonic() - began
     return summary
+
+
+class _Tails:
+    """What the mirror knows of its own tables without reading them: per file, each data
+    table's rows and the digest of its last rows, as the relay reported them when they were
+    written. Kept in ``DIR/.qmt-relay-sync.json`` with the file's size and modification time
+    after the sync closed it; a file changed since (another writer, a killed sync) is read
+    again instead."""
+
+    def __init__(self, directory: str) -> None:
+        self._dir = directory
+        self._path = os.path.join(directory, _TAILS_NAME)
+        try:
+            with open(self._path, encoding="utf-8") as f:
+                loaded = json.load(f)
+        except (OSError, ValueError):
+            loaded = {}
+        self._data: Dict[str, Any] = loaded if isinstance(loaded, dict) else {}
+
+    def _stat(self, name: str) -> Optional[List[int]]:
+        try:
+            st = os.stat(os.path.join(self._dir, name))
+        except OSError:
+            return None
+        return [st.st_mtime_ns, st.st_size, st.st_ino]
+
+    def get(self, name: str) -> Dict[str, List[Any]]:
+        """The tables of file ``name`` (empty unless the file is as the last sync left it)."""
+        entry = self._data.get(name)
+        stat = self._stat(name)
+        if isinstance(entry, dict) and stat is not None and entry.get("stat") == stat and (
+                isinstance(entry.get("tables"), dict)):
+            return dict(entry["tables"])
+        return {}
+
+    def put(self, name: str, tables: Dict[str, List[Any]]) -> None:
+        """Record ``tables`` for file ``name`` as it is now (after it was closed)."""
+        self._data[name] = {"stat": self._stat(name), "tables": tables}
+        tmp = self._path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self._data, f, separators=(",", ":"))
+        os.replace(tmp, self._path)
 
 
 class _CodeSet:
@@ -135,7 +185,7 @@ class _CodeSet:
 
 def _sync_file(req: Requester, directory: str, cat: CatalogueSlice, keep: List[int],
                summary: SyncSummary, max_reply: Optional[int],
-               progress: Optional[Progress]) -> None:
+               progress: Optional[Progress], known: Dict[str, List[Any]]) -> None:
     label = f"{cat.market.lower()}_{cat.period}"
     groups = ("data", *cat.indexes)
     with open_file(directory, cat.market, cat.period, "a", recover_corrupt=True) as hf:
@@ -147,7 +197,7 @@ def _sync_file(req: Requester, directory: str, cat: CatalogueSlice, keep: List[i
         state = _FileState(label, len(keep), progress)
 
         def fetch(batch: List[Tuple[str, str]]) -> Tuple[List[_Entry], Any]:
-            entries = _entries(raw, cat.market, groups, batch, refetch)
+            entries = _entries(raw, cat.market, groups, batch, refetch, known)
             return entries, _request(req, cat, entries, max_reply, summary)
 
         # First pass over the /data tables, pipelined: the next request is under way (on a
@@ -167,7 +217,7 @@ def _sync_file(req: Requester, directory: str, cat: CatalogueSlice, keep: List[i
                 batch = _take(queue, size)
                 future = pool.submit(fetch, batch) if batch else None
                 later += state.applied(hf, raw, cat.market, groups, entries, reply, refetch,
-                                       summary)
+                                       summary, known)
         # What is left (changed tables, a table longer than a page, foreign index tables):
         # one request after the other, each built from what the previous one wrote.
         while later:
@@ -176,7 +226,7 @@ def _sync_file(req: Requester, directory: str, cat: CatalogueSlice, keep: List[i
             tables = _check(reply, entries)
             rest = [(e[0], e[1]) for e in entries[len(tables):]]
             later = state.applied(hf, raw, cat.market, groups, entries, reply, refetch,
-                                  summary) + rest + later
+                                  summary, known) + rest + later
 
 
 _Entry = Tuple[str, str, int, str]
@@ -194,11 +244,19 @@ def _check(reply: Any, entries: List[_Entry]) -> List[TableSlice]:
 
 
 def _entries(raw: h5py.File, market: str, groups: Sequence[str],
-             batch: List[Tuple[str, str]], refetch: Set[Tuple[str, str]]) -> List[_Entry]:
+             batch: List[Tuple[str, str]], refetch: Set[Tuple[str, str]],
+             known: Dict[str, List[Any]]) -> List[_Entry]:
     present = {g: set(raw[g].keys()) if g in raw else set() for g in groups}
-    return [_entry(raw, market, code, group,
-                   (code, group) in refetch or market + code not in present[group])
-            for code, group in batch]
+    out: List[_Entry] = []
+    for code, group in batch:
+        name = market + code
+        if (code, group) in refetch or name not in present[group]:
+            out.append((code, group, 0, ""))
+            continue
+        tail = known.get(name) if group == "data" else None
+        out.append((code, group, int(tail[0]), str(tail[1])) if tail else
+                   _entry(raw, market, code, group))
+    return out
 
 
 class _FileState:
@@ -213,11 +271,17 @@ class _FileState:
 
     def applied(self, hf: HistoryFile, raw: h5py.File, market: str, groups: Sequence[str],
                 entries: List[_Entry], reply: Any, refetch: Set[Tuple[str, str]],
-                summary: SyncSummary) -> List[Tuple[str, str]]:
+                summary: SyncSummary, known: Dict[str, List[Any]]) -> List[Tuple[str, str]]:
         """Write one reply; returns the tables to ask for again (changed tables whole, a
         partial one from where it stopped, the index tables of foreign securities)."""
         tables: List[TableSlice] = reply.tables
+        for table in tables:   # forget first: a failed write below must not leave them
+            if table.group == "data":
+                known.pop(market + table.code, None)
         again, foreign = _apply(hf, raw, market, entries, tables, refetch, summary)
+        for table in tables:
+            if table.group == "data" and table.status == STATUS_OK and table.tail:
+                known[market + table.code] = [table.start + table.records, table.tail]
         for key in again:
             self.refetches[key] = self.refetches.get(key, 0) + 1
             if self.refetches[key] > 3:
@@ -230,10 +294,8 @@ class _FileState:
         return sorted(again) + partial + [(code, g) for code in foreign for g in groups[1:]]
 
 
-def _entry(raw: h5py.File, market: str, code: str, group: str, whole: bool) -> _Entry:
+def _entry(raw: h5py.File, market: str, code: str, group: str) -> _Entry:
     """``[code, group, rows held, digest of the last rows]`` for a sync request."""
-    if whole:
-        return code, group, 0, ""
     ds = raw.get(f"{group}/{market}{code}")
     if not isinstance(ds, h5py.Dataset):
         return code, group, 0, ""
