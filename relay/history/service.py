@@ -72,7 +72,8 @@ __all__ = ["HistoryService", "digest_rows"]
 log = structlog.get_logger("relay.history.service")
 
 _POLL_MS = 200
-_INDEXED_ATTR = "relay_indexed"  # the store's mark: index tables derived up to this row
+_ROWS_ATTR = "relay_rows"        # the store's marks: rows committed, ...
+_INDEXED_ATTR = "relay_indexed"  # ... and rows its index tables are derived from
 _TABLE_OVERHEAD = 96            # bytes a Table costs beyond its records, roughly
 _CATALOGUE_ENTRY = 64           # bytes a catalogue entry costs, at most for 16-letter codes
 _CATALOGUE_READS = 1000         # tables per catalogue page with ranges (two reads each)
@@ -349,16 +350,12 @@ class HistoryService:
         out: List[TableSlice] = []
         answered = 0
         file, generation = self._open(path)
-        derived: Dict[str, bool] = {}
         with file:
             for code, group, have, digest in request.tables:
                 if out and budget < _TABLE_OVERHEAD + BAR_SIZE:
                     break
                 table = self._sync_table(file, request.market, code, group, have, digest,
                                          budget)
-                if table.status == STATUS_OK:
-                    table = table._replace(derived=_derived(file, request.market + code,
-                                                            derived))
                 budget -= _TABLE_OVERHEAD + len(table.data)
                 out.append(table)
                 if not table.complete:
@@ -376,7 +373,16 @@ class HistoryService:
             return TableSlice(code, group, STATUS_MISSING, 0, 0, b"", 0, True)
         is_data = group == "data"
         dtype, width = (BAR_DTYPE, BAR_SIZE) if is_data else (INDEX_DTYPE, INDEX_SIZE)
-        rows = _committed(ds) if is_data else int(ds.shape[0])
+        derived = False
+        if is_data:
+            attrs = ds.attrs
+            mark, indexed = attrs.get(_ROWS_ATTR), attrs.get(_INDEXED_ATTR)
+            n = int(ds.shape[0])
+            rows = n if mark is None else min(n, int(mark))
+            # the store keeps this security's index tables derived from its data
+            derived = indexed is not None and int(indexed) == rows
+        else:
+            rows = int(ds.shape[0])
         if have > rows:
             return TableSlice(code, group, STATUS_CHANGED, rows, 0, b"", 0, True)
         window = min(SYNC_WINDOW, have)
@@ -388,19 +394,8 @@ class HistoryService:
         # the digest the requester's next sync request will carry (it may keep it)
         tail = digest_rows(data[-min(SYNC_WINDOW, stop) * width:]) if stop else ""
         return TableSlice(code, group, STATUS_OK, rows, have, data[window * width:],
-                          stop - have, stop >= rows, tail=tail)
+                          stop - have, stop >= rows, derived, tail)
 
-
-
-def _derived(file: h5py.File, name: str, seen: Dict[str, bool]) -> bool:
-    """Whether the store keeps the index tables of ``name`` derived from its data (its
-    ``relay_indexed`` mark covers every committed row)."""
-    known = seen.get(name)
-    if known is None:
-        ds = file.get(f"data/{name}")
-        mark = ds.attrs.get(_INDEXED_ATTR) if isinstance(ds, h5py.Dataset) else None
-        known = seen[name] = mark is not None and int(mark) == _committed(ds)
-    return known
 
 
 # The store's own readings of a table (committed rows; binary search reading few chunks).
