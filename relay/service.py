@@ -57,6 +57,8 @@ _STATES = {1: "stopped", 2: "start pending", 3: "stop pending", 4: "running",
            5: "continue pending", 6: "pause pending", 7: "paused"}
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+ERROR_SERVICE_SPECIFIC_ERROR = 1066   # winerror: "the service has returned a service-specific
+                                      # error code" (the exit code), a stop as a failure
 
 
 def _win32() -> Dict[str, Any]:
@@ -100,7 +102,19 @@ class ServiceRunner:
         Returns 0 after a requested stop, 2 for a bad config, 3 if startup failed, 1 if the
         relay failed while running. Whatever went wrong is logged (to the log file when it
         could be opened) and kept in :attr:`failure` for the event log.
+
+        The work runs on a thread of its own: pythonservice.exe calls SvcDoRun on the SCM's
+        thread, which ``threading`` takes for the main thread although it is not the
+        interpreter's, and asyncio's Windows loop then fails on ``signal.set_wakeup_fd``.
         """
+        result: List[int] = []
+        worker = threading.Thread(target=lambda: result.append(self._run()),
+                                  name="qmt-relay-service", daemon=True)
+        worker.start()
+        worker.join()
+        return result[0] if result else EXIT_FAILURE
+
+    def _run(self) -> int:
         from relay.cli import EXIT_CONFIG, EXIT_STARTUP  # noqa: PLC0415
         from relay.config import LoggingConfig, load_config  # noqa: PLC0415
         from relay.errors import ConfigError, PublishError, RelayError  # noqa: PLC0415
@@ -381,16 +395,28 @@ def build_service_class(modules: Optional[Dict[str, Any]] = None) -> type:
             self.ReportServiceStatus(svc.SERVICE_STOP_PENDING)
             self.runner.stop()
 
-        def SvcDoRun(self) -> None:  # noqa: N802 - pywin32's name
+        def SvcRun(self) -> None:  # noqa: N802 - pywin32's name
+            # pywin32's own SvcRun reports a plain stop even after a failure; a failed run
+            # must stop with an error code, which is what the failure actions act on.
+            self.ReportServiceStatus(svc.SERVICE_RUNNING)
+            code = self.SvcDoRun()
+            if code == EXIT_OK:
+                self.ReportServiceStatus(svc.SERVICE_STOPPED)
+            else:
+                self.ReportServiceStatus(svc.SERVICE_STOPPED,
+                                         win32ExitCode=ERROR_SERVICE_SPECIFIC_ERROR,
+                                         svcExitCode=code)
+
+        def SvcDoRun(self) -> int:  # noqa: N802 - pywin32's name
             manager.LogInfoMsg(f"{SERVICE_NAME}: starting (config: {self.runner.config_path})")
             code = self.runner.run()
             if code != EXIT_OK:
-                # In the event log before the service reports stopped; raising reports the
-                # stop as a failure, so the failure actions restart it.
+                # In the event log before the service reports stopped.
                 manager.LogErrorMsg(failure_message(code, self.runner.failure,
                                                     self.runner.log_file))
-                raise RuntimeError(f"qmt-relay exited with code {code}")
-            manager.LogInfoMsg(f"{SERVICE_NAME}: stopped")
+            else:
+                manager.LogInfoMsg(f"{SERVICE_NAME}: stopped")
+            return code
 
     QmtRelayService.__module__ = __name__
     return QmtRelayService

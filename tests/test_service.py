@@ -51,10 +51,13 @@ def fake_win32(state: int = 4, *, refuse: Sequence[int] = ()) -> Dict[str, Any]:
     class ServiceFramework:
         def __init__(self, args: Any) -> None:
             self.args = args
-            self.reported: List[int] = []
+            self.reported: List[Any] = []
 
-        def ReportServiceStatus(self, status: int) -> None:  # noqa: N802
-            self.reported.append(status)
+        def ReportServiceStatus(self, status: int, waitHint: int = 5000,  # noqa: N802, N803
+                                win32ExitCode: int = 0, svcExitCode: int = 0) -> None:  # noqa: N803
+            self.reported.append(status if not win32ExitCode
+                                 else (status, win32ExitCode, svcExitCode))
+            calls.append(("ReportServiceStatus", (status,), {}))
 
     util = types.SimpleNamespace(
         InstallService=rec("InstallService"), RemoveService=rec("RemoveService"),
@@ -66,7 +69,7 @@ def fake_win32(state: int = 4, *, refuse: Sequence[int] = ()) -> Dict[str, Any]:
     )
     svc = types.SimpleNamespace(
         SERVICE_AUTO_START=2, SERVICE_STOPPED=1, SERVICE_START_PENDING=2,
-        SERVICE_STOP_PENDING=3,
+        SERVICE_STOP_PENDING=3, SERVICE_RUNNING=4,
         SC_MANAGER_ALL_ACCESS=0xF003F, SERVICE_ALL_ACCESS=0xF01FF, SC_ACTION_RESTART=1,
         SERVICE_CONFIG_DESCRIPTION=1, SERVICE_CONFIG_FAILURE_ACTIONS=2,
         SERVICE_CONFIG_FAILURE_ACTIONS_FLAG=4,
@@ -390,7 +393,8 @@ def test_failure_message_names_reason_and_log_file() -> None:
 
 
 def test_service_class_maps_stop_and_failures() -> None:
-    """SvcStop reports stop-pending and stops the runner; a failed run raises for restart."""
+    """SvcStop reports stop-pending and stops the runner; a failed run is in the event log,
+    then stops with an error code (so failure actions restart it)."""
     win = fake_win32()
     win["options"]["config"] = "C:/qmt-relay/relay.yaml"
     cls = service.build_service_class(win)
@@ -414,12 +418,19 @@ def test_service_class_maps_stop_and_failures() -> None:
     instance.runner = Runner()
     instance.SvcStop()
     assert [3] == instance.reported and instance.runner.stopped
-    with pytest.raises(RuntimeError, match="code 3"):
-        instance.SvcDoRun()
+    instance.reported.clear()
+    instance.SvcRun()
+    # running, then stopped with the service-specific error code (what recovery acts on)
+    assert [4, (1, 1066, 3)] == instance.reported
     [error] = [c[1][0] for c in win["calls"] if c[0] == "LogErrorMsg"]
     assert Runner.failure in error and Runner.log_file in error
+    order = names(win)
+    assert order.index("LogErrorMsg") < len(order) - 1 - order[::-1].index(
+        "ReportServiceStatus")   # in the event log before the service reports stopped
+    instance.reported.clear()
     instance.runner.code = 0
-    instance.SvcDoRun()
+    instance.SvcRun()
+    assert [4, 1] == instance.reported
     assert 1 == names(win).count("LogErrorMsg")
 
 
