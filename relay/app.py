@@ -31,13 +31,16 @@ from typing import (
 
 import structlog
 
-from relay.config import Config
+from relay.config import Config, service_addresses
 from relay.encode import Records, SpotEncoder
-from relay.errors import RelayError, SourceError
+from relay.errors import RelayError, ServiceError, SourceError
 from relay.normalise import Normaliser
+from relay.ops.monitor import Operations, ReportsCounters
 from relay.publish import Publisher
-from relay.sinks import PublishedBatch, Sink, sinks_from_config
+from relay.security import Security
+from relay.sinks import HeartbeatSink, PublishedBatch, Sink, sinks_from_config
 from relay.sources import Batch, Source, create_source
+from relay.supervise import ServiceHandle, Supervisor, capture_crashes, loop_exception_handler
 from relay.wire import encode_heartbeat
 
 __all__ = ["PublishedBatch", "Relay", "Sink", "State"]  # sinks re-exported for convenience
@@ -78,6 +81,9 @@ class Relay:
         source: a source to use instead of the one ``config.source.kind`` names.
         sinks: extra consumers of every published batch.
         clock: epoch seconds; publish times and stats use it.
+        supervisor: runs the relay's threads and tasks (and those of its sinks); by default
+            one made from ``config.supervision``. A service that fails too often stops the
+            relay with :class:`~relay.errors.ServiceError`.
     """
 
     def __init__(
@@ -87,14 +93,25 @@ class Relay:
         source: Optional[Source] = None,
         sinks: Sequence[Sink] = (),
         clock: Callable[[], float] = time.time,
+        supervisor: Optional[Supervisor] = None,
     ) -> None:
         self.config = config
         self.run_id = uuid.uuid4().hex[:16]
         self.state = State.NEW
         self._clock = clock
         self._source = source
-        self._sinks = [*sinks_from_config(config), *sinks]
-        self._publisher = Publisher(config.publish.addresses)
+        self._owns_source = source is None  # a source made from config is remade on restart
+        sup = config.supervision
+        self.supervisor = supervisor or Supervisor(
+            max_failures=sup.max_failures, window=sup.window, backoff_min=sup.backoff_min,
+            backoff_max=sup.backoff_max)
+        self.supervisor.set_fatal_handler(self._service_gave_up)
+        # Opens every listening socket (allow-list, TLS); the metrics service asks its
+        # is_allowed(ip) too.
+        self.security = Security.from_config(config.security)
+        self._sinks = [*sinks_from_config(config, supervisor=self.supervisor,
+                                         security=self.security), *sinks]
+        self._publisher = Publisher(config.publish.addresses, security=self.security)
         norm = config.normalise
         self._normaliser = Normaliser(
             units=norm.units,
@@ -111,7 +128,19 @@ class Relay:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._wake: Optional[asyncio.Event] = None
         self._started_sinks: List[Sink] = []
+        self._heartbeat_sinks = [s for s in self._sinks if isinstance(s, HeartbeatSink)]
         self._failure: Optional[BaseException] = None  # why the source stopped, if it broke
+        # Operations (metrics endpoint, health, alerts): decided once, built at startup.
+        self._ops_wanted = bool(service_addresses(config).metrics or config.alerts.webhooks)
+        self._ops: Optional[Operations] = None
+        self._last_batch_at: Optional[float] = None
+        self._last_lag_ms: Optional[int] = None
+        self._pump_failed = False
+
+    @property
+    def ops(self) -> Optional[Operations]:
+        """The operations side (metrics, health, alerts), once started; None when off."""
+        return self._ops
 
     # -- stopping --------------------------------------------------------------------------
 
@@ -123,6 +152,12 @@ class Relay:
         if loop is not None and wake is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):  # loop closing concurrently
                 loop.call_soon_threadsafe(wake.set)
+
+    def _service_gave_up(self, error: ServiceError) -> None:
+        """The supervisor's fatal handler (any thread): stop, and exit non-zero."""
+        if self._failure is None:
+            self._failure = error
+        self.request_stop()
 
     @property
     def subscribers(self) -> int:
@@ -166,7 +201,7 @@ class Relay:
             RelayError: startup failed (bad address, source unavailable), or the source
                 broke while running (after a graceful shutdown of everything else).
         """
-        with self.capture_signals():
+        with self.capture_signals(), capture_crashes():
             asyncio.run(self.serve())
         if self._failure is not None:
             # The source broke (not a stop request): report it, so that a service manager
@@ -177,6 +212,7 @@ class Relay:
 
     async def serve(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._loop.set_exception_handler(loop_exception_handler)
         self._wake = asyncio.Event()
         if self._stop_requested:
             self._wake.set()
@@ -194,8 +230,13 @@ class Relay:
             self._source = create_source(cfg, clock=self._clock)
         source = self._source
         self._encoder = SpotEncoder(self.run_id, source.kind, cfg.publish.max_message_bytes)
+        if self._ops_wanted:
+            self._ops = Operations(cfg, run_id=self.run_id, source=source.kind,
+                                   clock=self._clock)
         self._publisher.start()
         log.info("publishing", addresses=list(cfg.publish.addresses), run_id=self.run_id)
+        if self._ops is not None:
+            self._ops.start()
         for sink in self._sinks:
             sink.start()
             self._started_sinks.append(sink)
@@ -209,27 +250,42 @@ class Relay:
             securities=len(source.names),
         )
         self.state = State.RUNNING
+        if self._ops is not None:
+            self._ops.started(len(source.names))
+            self._sample()
 
     async def main_loop(self) -> None:
         assert self._wake is not None
-        pump = asyncio.ensure_future(self._pump())
+        sup = self.supervisor
+        handle = sup.task("source", self._pump)
+        pump = handle.task
+        assert pump is not None
+        interval = self.config.publish.heartbeat_interval
         helpers = [
-            asyncio.ensure_future(self._every(self.config.publish.heartbeat_interval,
-                                              self._heartbeat)),
-            asyncio.ensure_future(self._every(self.config.logging.stats_interval, self._log_stats)),
+            sup.task("heartbeat", lambda: self._every(interval, self._heartbeat)),
+            sup.task("stats", lambda: self._every(self.config.logging.stats_interval,
+                                                  self._log_stats)),
         ]
+        if self._ops is not None:
+            sample = self.config.metrics.sample_interval
+            helpers.append(sup.task("metrics_sample", lambda: self._every(sample, self._sample)))
         wake = asyncio.ensure_future(self._wake.wait())
         try:
             await asyncio.wait([pump, wake], return_when=asyncio.FIRST_COMPLETED)
         finally:
             wake.cancel()
-            for task in helpers:
-                task.cancel()
+            tasks = []
+            for helper in helpers:
+                helper.stop()
+                if helper.task is not None:
+                    helper.task.cancel()
+                    tasks.append(helper.task)
             self.state = State.STOPPING
-            await self._stop_pump(pump)
-            await asyncio.gather(*helpers, wake, return_exceptions=True)
+            await self._stop_pump(handle, pump)
+            await asyncio.gather(*tasks, wake, return_exceptions=True)
 
-    async def _stop_pump(self, pump: asyncio.Future[None]) -> None:
+    async def _stop_pump(self, handle: ServiceHandle, pump: asyncio.Future[None]) -> None:
+        handle.stop()  # no restart from here on
         source = self._source
         if source is not None:
             await source.close()  # ends the batch iterator; releases subscriptions
@@ -246,6 +302,15 @@ class Relay:
                 self._failure = exc[0]
 
     async def _pump(self) -> None:
+        """Feed every source batch through :meth:`process` (supervised as ``source``).
+
+        Called again by the supervisor after an unexpected error: a source the relay made
+        from the config is closed and made anew; a source given to the relay is iterated
+        again.
+        """
+        if self._pump_failed:
+            await self._renew_source()
+        self._pump_failed = True  # cleared when the source ends normally
         assert self._source is not None
         async for batch in self._source.batches():
             try:
@@ -255,14 +320,30 @@ class Relay:
                 log.exception("batch_failed", error=repr(exc), size=len(batch))
             if self._stop_requested:
                 break
+        self._pump_failed = False
         if not self._stop_requested:
             log.info("source_finished", source=self._source.kind)
             self.request_stop()
+
+    async def _renew_source(self) -> None:
+        if not self._owns_source or self._stop_requested:
+            return
+        old = self._source
+        if old is not None:
+            try:
+                await old.close()
+            except Exception as exc:  # it already failed; the new one matters
+                log.error("source_close_failed", error=repr(exc))
+        source = self._source = create_source(self.config, clock=self._clock)
+        await source.start()
+        self._normaliser.set_names(source.names)
+        log.info("source_renewed", source=source.kind)
 
     def process(self, batch: Batch) -> Optional[PublishedBatch]:
         """Normalise, encode and publish one source batch; returns what was published."""
         encoder, source = self._encoder, self._source
         assert encoder is not None and source is not None
+        started = time.perf_counter()
         result = self._normaliser.normalise_batch(batch)
         stats = self._stats
         for reason, n in result.dropped.items():
@@ -296,9 +377,10 @@ class Relay:
             times = columns.time_ms if columns is not None else [r.time_ms for r in result.records]
             newest = int(max(filter(None, times), default=0))  # numpy column: plain int
         if newest:
-            lag = publish_ms - newest
+            lag = self._last_lag_ms = publish_ms - newest
             if stats.lag_ms_max is None or lag > stats.lag_ms_max:
                 stats.lag_ms_max = lag
+        self._last_batch_at = publish_ms / 1000.0
         published = PublishedBatch(result, messages, counts, first_seq, publish_ms,
                                    self.run_id, source.kind)
         for sink in self._started_sinks:
@@ -307,6 +389,15 @@ class Relay:
             except Exception as exc:  # a failing sink must not stop publishing
                 stats.errors += 1
                 log.error("sink_failed", sink=type(sink).__name__, error=repr(exc))
+        ops = self._ops
+        if ops is not None:
+            if columns is not None:
+                codes, markets = columns.code, columns.market
+            else:
+                codes = [r.code for r in result.records]
+                markets = [r.market for r in result.records]
+            ops.observe_batch(codes, markets, publish_ms / 1000.0,
+                              time.perf_counter() - started)
         return published
 
     async def _every(self, interval: float, action: Callable[[], None]) -> None:
@@ -320,14 +411,48 @@ class Relay:
     def _heartbeat(self) -> None:
         source = self._source
         connected = bool(source is not None and source.connected)
-        self._publisher.send(encode_heartbeat({
+        last = self._last_batch_at
+        message = encode_heartbeat({
             "run_id": self.run_id,
             "source": source.kind if source is not None else None,
             "simulated": source is not None and source.kind == "simulator",
             "status": "up" if connected else "down",
             "seq": self._seq,
             "time_ms": int(self._clock() * 1000),
-        }))
+            "last_data_ms": None if last is None else int(last * 1000),
+            "subscribers": self._publisher.subscribers,
+            **self.supervisor.summary(),
+        })
+        self._publisher.send(message)
+        for sink in self._heartbeat_sinks:
+            sink.heartbeat(message)
+
+    def _counters(self) -> Dict[str, int]:
+        """Counters the source and the sinks report (reconnects, recorder rows, queues...)."""
+        counters: Dict[str, int] = {}
+        for part in (self._source, *self._started_sinks):
+            if isinstance(part, ReportsCounters):
+                counters.update(part.counters())
+        return counters
+
+    def _sample(self) -> None:
+        """Hand the operations side a snapshot of what the relay knows (every few seconds)."""
+        ops, source = self._ops, self._source
+        if ops is None:
+            return
+        s, t = self._stats, self._totals
+        dropped = dict(t.dropped)
+        for reason, n in s.dropped.items():
+            dropped[reason] = dropped.get(reason, 0) + n
+        ops.sample(
+            state=self.state.value,
+            connected=bool(source is not None and source.connected),
+            last_batch_at=self._last_batch_at, lag_ms=self._last_lag_ms, seq=self._seq,
+            subscribers=self._publisher.subscribers,
+            totals={"batches": t.batches + s.batches, "records": t.records + s.records,
+                    "messages": t.messages + s.messages, "bytes": t.bytes + s.bytes,
+                    "errors": t.errors + s.errors},
+            dropped=dropped, counters=self._counters())
 
     def _log_stats(self) -> None:
         s, t = self._stats, self._totals
@@ -343,6 +468,7 @@ class Relay:
             subscribers=self._publisher.subscribers,
             lag_ms_max=s.lag_ms_max,
             seq=self._seq,
+            service_failures=self.supervisor.failures,
         )
         t.batches += s.batches
         t.records += s.records
@@ -369,10 +495,18 @@ class Relay:
                 sink.close()
             except Exception as exc:  # keep releasing the rest
                 log.error("sink_close_failed", sink=type(sink).__name__, error=repr(exc))
-        self._started_sinks.clear()
         self._publisher.close()
+        self._sample()
+        self._started_sinks.clear()
         self._log_stats()
         t = self._totals
+        ops, self._ops = self._ops, None
+        if ops is not None:
+            try:
+                ops.close(stopped={"batches": t.batches, "records": t.records,
+                                   "last_seq": self._seq, "errors": t.errors})
+            except Exception as exc:  # keep releasing the rest
+                log.error("ops_close_failed", error=repr(exc))
         log.info("relay_stopped", run_id=self.run_id, batches=t.batches, records=t.records,
                  messages=t.messages, dropped=dict(sorted(t.dropped.items())), errors=t.errors,
                  last_seq=self._seq)

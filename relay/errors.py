@@ -1,6 +1,7 @@
 """The relay's error hierarchy.
 
-Library code raises these; only :mod:`relay.cli` turns them into messages and exit codes.
+Library code raises these; only :mod:`relay.cli` (and the Windows service shell, which is a
+command of its own) turns them into messages and the exit codes named here.
 Each subclass stores its data as attributes and builds its message in ``__init__``.
 Stdlib only (the subscriber library raises :class:`DecodeError`).
 """
@@ -8,13 +9,30 @@ Stdlib only (the subscriber library raises :class:`DecodeError`).
 from __future__ import annotations
 
 __all__ = [
+    "EXIT_CONFIG",
+    "EXIT_FAILURE",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_STARTUP",
     "BadTick",
     "ConfigError",
     "DecodeError",
+    "HistoryError",
+    "HistoryLockedError",
+    "HistoryUnavailableError",
     "PublishError",
     "RelayError",
+    "ServiceError",
     "SourceError",
 ]
+
+
+EXIT_OK = 0
+EXIT_FAILURE = 1          # the relay failed while running
+EXIT_CONFIG = 2           # bad configuration or command line
+EXIT_STARTUP = 3          # could not start: address in use, source unavailable
+EXIT_INTERRUPTED = 130    # tail stopped by Ctrl-C
+EXIT_UNREACHABLE = 2      # qmt-relay status: no relay reachable (1 = unhealthy)
 
 
 class RelayError(Exception):
@@ -56,6 +74,18 @@ class PublishError(RelayError):
         super().__init__(f"cannot publish on {address}: {reason}")
 
 
+class ServiceError(RelayError):
+    """A supervised thread or task of the relay kept failing; the relay stops (exit 1)."""
+
+    def __init__(self, service: str, failures: int, window: float, reason: str) -> None:
+        self.service = service
+        self.failures = failures
+        self.window = window
+        self.reason = reason
+        super().__init__(f"service {service} failed {failures} times within {window:g} s; "
+                         f"last error: {reason}")
+
+
 class DecodeError(RelayError, ValueError):
     """A message could not be decoded (truncated, malformed or not a SpotList)."""
 
@@ -73,3 +103,28 @@ class BadTick(RelayError, ValueError):
         self.code = code
         self.reason = reason
         super().__init__(f"bad tick {code}: {reason}")
+
+
+class HistoryError(RelayError):
+    """A K-line history file cannot be opened, read or written as asked."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+class HistoryLockedError(HistoryError):
+    """Another process is writing the history directory (its lock file is held)."""
+
+    def __init__(self, directory: str) -> None:
+        super().__init__(directory, "locked by another running import (one writer at a time)")
+        self.directory = directory
+
+
+class HistoryUnavailableError(HistoryError):
+    """A history source cannot start (xtquant missing, MiniQMT unreachable)."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(f"source {source}", reason)
+        self.source = source

@@ -4,6 +4,10 @@ One socket listens on all addresses (IPC for the same host, TCP for others), so 
 handed to NNG once. Pub/sub never waits for a slow subscriber: NNG drops messages for a peer
 whose queue is full, and the sequence numbers in every ``SpotList`` make such drops visible to
 that subscriber.
+
+The socket is opened by :meth:`relay.security.Security.listen`, like every listening socket
+of the relay (allow-list, TLS). A subscriber never sends anything: the socket's receive limit
+is tiny, so whatever a hostile peer writes to it cannot make the relay buffer much.
 """
 
 from __future__ import annotations
@@ -13,27 +17,35 @@ from typing import Iterable, List, Optional, Sequence
 
 import pynng
 
-from relay.errors import PublishError
+from relay.security import Security
 from relay.wire import END, START
 
 __all__ = ["Publisher"]
+
+_RECV_MAX = 4096  # a subscriber sends nothing; NNG drops a peer that sends more than this
 
 
 class Publisher:
     """Publishes framed spot batches and relay messages.
 
     Args:
-        addresses: ``ipc://`` and ``tcp://`` URLs to listen on.
+        addresses: ``ipc://``, ``tcp://`` and ``tls+tcp://`` URLs to listen on.
         send_buffer: messages NNG queues per subscriber before dropping for that subscriber.
             A full-market batch is a few messages, so the default holds several batches.
+            Queued messages are shared between subscribers (NNG counts references), so a
+            subscriber that stops reading costs at most this many messages, plus its kernel
+            socket buffer.
+        security: allow-list and TLS; ``Security()`` (everyone, no TLS) by default.
     """
 
-    __slots__ = ("_addresses", "_lock", "_send_buffer", "_socket", "_subscribers", "bytes_sent",
-                 "messages_sent")
+    __slots__ = ("_addresses", "_lock", "_security", "_send_buffer", "_socket", "_subscribers",
+                 "bytes_sent", "messages_sent")
 
-    def __init__(self, addresses: Sequence[str], *, send_buffer: int = 256) -> None:
+    def __init__(self, addresses: Sequence[str], *, send_buffer: int = 256,
+                 security: Optional[Security] = None) -> None:
         self._addresses = tuple(addresses)
         self._send_buffer = send_buffer
+        self._security = security or Security()
         self._socket: Optional[pynng.Pub0] = None
         self._subscribers = 0
         self._lock = threading.Lock()  # pipe callbacks run on NNG's threads
@@ -55,17 +67,13 @@ class Publisher:
         Raises:
             PublishError: an address is invalid, in use, or not permitted; nothing stays open.
         """
-        sock = pynng.Pub0()
-        sock.send_buffer_size = self._send_buffer
-        sock.add_post_pipe_connect_cb(self._on_connect)
-        sock.add_post_pipe_remove_cb(self._on_remove)
-        for address in self._addresses:
-            try:
-                sock.listen(address)
-            except pynng.exceptions.NNGException as exc:
-                sock.close()
-                raise PublishError(address, _describe(exc)) from None
-        self._socket = sock
+        def prepare(sock: pynng.Socket) -> None:
+            sock.add_post_pipe_connect_cb(self._on_connect)
+            sock.add_post_pipe_remove_cb(self._on_remove)
+
+        self._socket = self._security.listen(
+            pynng.Pub0, self._addresses, service="publish", prepare=prepare,
+            send_buffer_size=self._send_buffer, recv_max_size=_RECV_MAX)
 
     def _on_connect(self, _pipe: pynng.Pipe) -> None:
         with self._lock:
@@ -106,12 +114,3 @@ class Publisher:
         if sock is not None:
             sock.close()
 
-
-def _describe(exc: Exception) -> str:
-    if isinstance(exc, pynng.exceptions.AddressInUse):
-        return "address in use (is another relay or hikyuu producer running?)"
-    if isinstance(exc, pynng.exceptions.PermissionDenied):
-        return "permission denied"
-    if isinstance(exc, pynng.exceptions.AddressInvalid):
-        return "invalid address"
-    return str(exc) or exc.__class__.__name__

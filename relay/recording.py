@@ -1,6 +1,6 @@
 """Recorded days: the HDF5 layout the recorder writes, and the API that reads it.
 
-One file per trading day (``DIR/YYYY-MM-DD.h5``), written by :mod:`relay.recorder` in
+One file per trading day (``DIR/YYYY-MM-DD.h5``), written by :mod:`relay.sinks.recorder` in
 HDF5's SWMR mode, so it can be read while it is being written and survives a killed writer.
 Every group below is a set of column datasets of equal length (chunked, gzip + shuffle);
 book columns are 2-D, ``(rows, levels)``.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import threading
 import time
@@ -15,8 +16,8 @@ from structlog.testing import capture_logs
 
 from relay.app import Relay, State
 from relay.client import decode_spot_list
-from relay.config import Config, PublishConfig
-from relay.errors import PublishError, SourceError
+from relay.config import Config, PublishConfig, SupervisionConfig
+from relay.errors import PublishError, ServiceError
 from relay.publish import Publisher
 from relay.wire import END, HEARTBEAT_PREFIX, START, decode_heartbeat
 
@@ -200,7 +201,7 @@ def test_failing_sink_does_not_stop_publishing() -> None:
 
 
 def test_broken_source_stops_relay_with_an_error() -> None:
-    """A source that raises ends the run with SourceError after a clean shutdown."""
+    """A source that keeps raising ends the run with ServiceError after a clean shutdown."""
 
     class Broken(ScriptedSource):
         async def batches(self) -> Any:  # type: ignore[override]
@@ -208,8 +209,10 @@ def test_broken_source_stops_relay_with_an_error() -> None:
             raise RuntimeError("push thread died")
 
     sink = CollectingSink()
-    relay = Relay(config_for(tcp_address()), source=Broken([]), sinks=[sink])
-    with pytest.raises(SourceError, match="push thread died"):
+    config = dataclasses.replace(config_for(tcp_address()), supervision=SupervisionConfig(
+        max_failures=1, backoff_min=0.01, backoff_max=0.01))
+    relay = Relay(config, source=Broken([]), sinks=[sink])
+    with pytest.raises(ServiceError, match="push thread died"):
         relay.run()
     assert ["start", "close"] == sink.calls
     assert 1 == len(sink.batches)

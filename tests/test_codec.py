@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relay._flatgen import load
-from relay.bench import builder_decode
+from relay.bench.spot import builder_decode
 from relay.client import DecodeError, decode_spot_list
 from relay.encode import SpotEncoder, encode_spot_list
 from relay.records import SpotRecord
@@ -332,7 +332,7 @@ def test_cpp_verifier_accepts_our_messages(cpp_reader: str, tmp_path: Any) -> No
 def _normalised_market() -> Any:
     """A simulated full-market snapshot through the normaliser's fast path (numpy columns,
     per-symbol wire strings): what the relay really encodes."""
-    from relay.bench import simulated_ticks
+    from relay.bench.spot import simulated_ticks
     from relay.normalise import Normaliser
 
     batch, names = simulated_ticks(1500, seed=11)

@@ -205,7 +205,7 @@ def test_messages(tmp_path: Path) -> None:
         "logging:\n  format: xml\n": "logging.format: expected one of 'auto', 'json', "
         "'console'; got 'xml'",
         "publish:\n  addresses: [ipc:///a, htp://x]\n": "publish.addresses[1]: expected "
-        "ipc://PATH or tcp://HOST:PORT, got 'htp://x'",
+        "ipc://PATH, tcp://HOST:PORT or tls+tcp://HOST:PORT, got 'htp://x'",
         "normalise:\n  drop_auction: 0\n": "normalise.drop_auction: expected boolean "
         "(true or false), got integer 0",
         "a: [1\n": "invalid YAML at line 2, column 1",

@@ -15,9 +15,9 @@ import pytest
 from relay import cli
 from relay.config import SimulatorConfig
 from relay.normalise import Normaliser
-from relay.recorder import Recorder
 from relay.recording import BOOKS, open_day, to_records
 from relay.records import SpotRecord
+from relay.sinks.recorder import Recorder
 from relay.sources.simulator import SimulatorSource
 
 

@@ -8,9 +8,9 @@ imported when the ``qmt`` source is picked.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Dict, Mapping, Optional, Protocol
 
+from relay._registry import load
 from relay.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -66,7 +66,6 @@ def create_source(config: Config, *, clock: Optional[Clock] = None) -> Source:
     if target is None:
         valid = ", ".join(sorted(SOURCES))
         raise ConfigError("<config>", "source.kind", f"unknown source {kind!r}; valid: {valid}")
-    module_name, _, attr = target.partition(":")
-    factory: Any = getattr(importlib.import_module(module_name), attr)
+    factory: Any = load(target)
     source: Source = factory.from_config(config, clock=clock)
     return source

@@ -16,9 +16,9 @@ from relay.client import Subscriber
 from relay.config import Config, ReplayConfig, SimulatorConfig, SourceConfig
 from relay.errors import SourceError
 from relay.normalise import Normaliser
-from relay.recorder import Recorder
 from relay.recording import open_day
 from relay.records import SpotRecord
+from relay.sinks.recorder import Recorder
 from relay.sources import create_source
 from relay.sources.replay import ReplaySource, _invert, tick_dicts
 from relay.sources.simulator import SimulatorSource

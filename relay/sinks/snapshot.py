@@ -23,16 +23,20 @@ from relay.client._snapshot import (
     SNAPSHOT_REQUEST,
     encode_snapshot_reply,
 )
+from relay.config import Config, service_addresses
 from relay.encode import SpotEncoder
-from relay.errors import PublishError
 from relay.records import SpotRecord
+from relay.security import Security
 from relay.sinks import PublishedBatch
+from relay.supervise import ServiceHandle, Supervisor
 
 __all__ = ["SnapshotService"]
 
-log = structlog.get_logger("relay.snapshot")
+log = structlog.get_logger("relay.sinks.snapshot")
 
 _POLL_MS = 200
+_SEND_TIMEOUT_MS = 5000
+_REQUEST_MAX = 1024  # requests are a few bytes; NNG drops a peer that sends a bigger one
 
 
 class SnapshotService:
@@ -42,10 +46,14 @@ class SnapshotService:
         address: where the REP socket listens (``tcp://`` or ``ipc://``).
         max_message_bytes: size limit of each ``SpotList`` inside a reply.
         clock: epoch seconds, for the reply's ``time_ms``.
+        supervisor: runs the serving thread (restarted if it dies); a private one if None.
+        security: allow-list and TLS for the REP socket; ``Security()`` by default.
     """
 
     def __init__(self, address: str, *, max_message_bytes: int = 512 * 1024,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 supervisor: Optional[Supervisor] = None,
+                 security: Optional[Security] = None) -> None:
         self.address = address
         self._max = max_message_bytes
         self._clock = clock
@@ -56,11 +64,27 @@ class SnapshotService:
         self._run_id = ""
         self._source = ""
         self._socket: Optional[pynng.Rep0] = None
-        self._thread: Optional[threading.Thread] = None
+        self._supervisor = supervisor or Supervisor()
+        self._security = security or Security()
+        self._thread: Optional[ServiceHandle] = None
         self._stop = threading.Event()
         self.requests = 0
 
+    @classmethod
+    def from_config(cls, config: Config, *, supervisor: Optional[Supervisor] = None,
+                    security: Optional[Security] = None) -> SnapshotService:
+        """The service at the port plan's snapshot address (see ``service_addresses``)."""
+        address = service_addresses(config).snapshot
+        if address is None:
+            raise ValueError("the snapshot service is turned off in this config")
+        return cls(address, max_message_bytes=config.publish.max_message_bytes,
+                   supervisor=supervisor, security=security)
+
     # -- sink protocol ---------------------------------------------------------------------
+
+    def counters(self) -> Dict[str, int]:
+        """Counters for the metrics endpoint."""
+        return {"snapshot_requests": self.requests}
 
     def start(self) -> None:
         """Listen and start the serving thread.
@@ -68,16 +92,11 @@ class SnapshotService:
         Raises:
             PublishError: the address is invalid or in use.
         """
-        sock = pynng.Rep0(recv_timeout=_POLL_MS, send_timeout=5000)
-        try:
-            sock.listen(self.address)
-        except pynng.exceptions.NNGException as exc:
-            sock.close()
-            raise PublishError(self.address, f"snapshot service: {exc}") from None
-        self._socket = sock
+        self._socket = self._security.listen(
+            pynng.Rep0, [self.address], service="snapshot", recv_timeout=_POLL_MS,
+            send_timeout=_SEND_TIMEOUT_MS, recv_max_size=_REQUEST_MAX)
         self._stop.clear()
-        self._thread = threading.Thread(target=self._serve, name="relay-snapshot", daemon=True)
-        self._thread.start()
+        self._thread = self._supervisor.thread("snapshot", self._serve)
         log.info("snapshot_serving", address=self.address)
 
     def write(self, batch: PublishedBatch) -> None:
@@ -89,6 +108,7 @@ class SnapshotService:
         self._stop.set()
         thread, self._thread = self._thread, None
         if thread is not None:
+            thread.stop()
             thread.join(5)
         sock, self._socket = self._socket, None
         if sock is not None:

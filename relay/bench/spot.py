@@ -246,7 +246,8 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m relay.bench", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m relay.bench [spot]",
+                                 description=__doc__.split("\n")[0])
     ap.add_argument("--records", type=int, default=8000, help="securities per snapshot")
     ap.add_argument("--bursts", type=int, default=60, help="end-to-end bursts (>= 50)")
     ap.add_argument("--repeat", type=int, default=7,

@@ -11,8 +11,9 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import pytest
 
-from relay import cli, service
+from relay import cli
 from relay.config import Config, LoggingConfig, load_config
+from relay.ops import service
 
 
 class FakeWinError(Exception):
@@ -103,7 +104,7 @@ def test_install_registers_class_config_and_failure_actions(tmp_path: Path) -> N
                                    platform="win32", modules=win)
     assert 0 == code
     install = next(c for c in win["calls"] if c[0] == "InstallService")
-    assert ("relay.service.QmtRelayService", "qmt-relay", "QMT Relay") == install[1]
+    assert ("relay.ops.service.QmtRelayService", "qmt-relay", "QMT Relay") == install[1]
     assert 2 == install[2]["startType"] and r".\trader" == install[2]["userName"]
     assert "description" not in install[2]   # set apart, so a refusal cannot fail install
     assert str(cfg) == win["options"]["config"]
@@ -436,7 +437,8 @@ def test_service_class_maps_stop_and_failures() -> None:
 
 def test_shipped_systemd_unit_and_production_config_are_valid() -> None:
     """config/qmt-relay.service runs `qmt-relay run`; production-qmt.yaml loads."""
-    root = Path(__file__).resolve().parent.parent
-    unit = (root / "config" / "qmt-relay.service").read_text()
+    from helpers import REPO
+
+    unit = (REPO / "config" / "qmt-relay.service").read_text()
     assert "ExecStart=" in unit and " run " in unit and "KillSignal=SIGTERM" in unit
-    assert "qmt" == load_config(root / "config" / "production-qmt.yaml").source.kind
+    assert "qmt" == load_config(REPO / "config" / "production-qmt.yaml").source.kind

@@ -19,7 +19,6 @@ import contextlib
 import datetime as _dt
 import os
 import queue
-import threading
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -39,14 +38,16 @@ from relay.recording import (
     open_file,
 )
 from relay.records import SpotColumns, SpotRecord
+from relay.supervise import ServiceHandle, Supervisor
 
 if TYPE_CHECKING:
     from relay.config import Config
+    from relay.security import Security
     from relay.sinks import PublishedBatch
 
 __all__ = ["Recorder", "day_of"]
 
-log = structlog.get_logger("relay.recorder")
+log = structlog.get_logger("relay.sinks.recorder")
 
 _CN_MS = 8 * 3_600_000
 _DAY_MS = 86_400_000
@@ -321,6 +322,7 @@ class Recorder:
         units: the units of the records (``hikyuu`` or ``raw``), kept for replay.
         levels: book depth stored; ``None`` takes the first batch's.
         clock: monotonic seconds (periods and retries).
+        supervisor: runs the writer thread (restarted if it dies); a private one if None.
     """
 
     def __init__(
@@ -335,6 +337,7 @@ class Recorder:
         units: str = "hikyuu",
         levels: Optional[int] = None,
         clock: Any = time.monotonic,
+        supervisor: Optional[Supervisor] = None,
     ) -> None:
         self.directory = os.fspath(directory)
         self.flush_interval = flush_interval
@@ -346,7 +349,8 @@ class Recorder:
         self._rollover = parse_hhmm(rollover)
         self._clock = clock
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
-        self._thread: Optional[threading.Thread] = None
+        self._supervisor = supervisor or Supervisor()
+        self._thread: Optional[ServiceHandle] = None
         self._day: Optional[_DayFile] = None
         self._dropping = 0          # batches dropped in the current episode
         self._retry_at: Optional[float] = None
@@ -357,13 +361,23 @@ class Recorder:
         self.failures = 0
 
     @classmethod
-    def from_config(cls, config: Config) -> Recorder:
-        """The recorder ``config.recorder`` describes, in ``config.normalise`` units."""
+    def from_config(cls, config: Config, *, supervisor: Optional[Supervisor] = None,
+                    security: Optional[Security] = None) -> Recorder:
+        """The recorder ``config.recorder`` describes, in ``config.normalise`` units.
+
+        ``security`` is unused (the recorder listens on nothing).
+        """
         rc = config.recorder
         return cls(rc.dir, flush_interval=rc.flush_interval, queue_size=rc.queue_size,
                    rollover=rc.rollover, index_interval=rc.index_interval,
                    retry_interval=rc.retry_interval, units=config.normalise.units,
-                   levels=config.normalise.book_levels)
+                   levels=config.normalise.book_levels, supervisor=supervisor)
+
+    def counters(self) -> Dict[str, int]:
+        """Counters for the metrics endpoint."""
+        return {"recorder_rows": self.written, "recorder_dropped": self.dropped,
+                "recorder_lost": self.lost, "recorder_failures": self.failures,
+                "recorder_queue": self._queue.qsize()}
 
     # -- the sink interface (event loop side) -----------------------------------------------
 
@@ -371,8 +385,7 @@ class Recorder:
         """Start the writer thread."""
         if self._thread is not None:
             return
-        self._thread = threading.Thread(target=self._run, name="relay-recorder", daemon=True)
-        self._thread.start()
+        self._thread = self._supervisor.thread("recorder", self._run)
         log.info("recorder_started", dir=self.directory, flush_interval=self.flush_interval)
 
     def write(self, batch: PublishedBatch) -> None:
@@ -427,6 +440,7 @@ class Recorder:
         self._thread = None
         self._queue.put(_STOP)
         thread.join()
+        thread.stop()
         log.info("recorder_closed", written=self.written, dropped=self.dropped,
                  lost=self.lost, failures=self.failures)
 

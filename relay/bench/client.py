@@ -1,4 +1,4 @@
-"""Subscriber-side benchmark: ``python -m relay.client._bench [--records N] [--repeat N]``.
+"""Subscriber-side benchmark: ``python -m relay.bench client [--records N] [--repeat N]``.
 
 On one simulated full-market batch (default 8,000 records) it measures, best of ``repeat``:
 
@@ -43,14 +43,14 @@ def _subscriber_proc(url: str, bursts: int, ready: Any, results: Any) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m relay.client._bench",
+    ap = argparse.ArgumentParser(prog="python -m relay.bench client",
                                  description=__doc__.split("\n")[0])
     ap.add_argument("--records", type=int, default=8000, help="securities per batch")
     ap.add_argument("--repeat", type=int, default=7, help="timing repeats (best is kept)")
     ap.add_argument("--bursts", type=int, default=60, help="end-to-end bursts (0 = skip)")
     args = ap.parse_args(argv)
 
-    from relay.bench import (  # noqa: PLC0415 - relay side, not the library
+    from relay.bench.spot import (  # noqa: PLC0415 - relay side, not the library
         best_time,
         measure_e2e,
         percentile,

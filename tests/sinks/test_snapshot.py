@@ -14,10 +14,10 @@ from helpers import ScriptedSource, ipc_address, real_tick, tcp_address
 from relay.app import Relay, State
 from relay.client import Batch, Subscriber, fetch_snapshot
 from relay.client._snapshot import SNAPSHOT_REQUEST, decode_snapshot_reply
-from relay.config import Config, PublishConfig, parse_config
+from relay.config import Config, PublishConfig, parse_config, service_addresses
 from relay.errors import ConfigError, PublishError
 from relay.sinks import sinks_from_config
-from relay.snapshot import SnapshotService
+from relay.sinks.snapshot import SnapshotService
 
 
 def config_for(stream: str, snapshot: Any) -> Config:
@@ -178,7 +178,8 @@ def test_address_in_use_is_a_publish_error() -> None:
 def test_config_enables_and_disables_the_service() -> None:
     """Default config adds the sink; null or "" removes it; a bad URL is a ConfigError."""
     assert ["SnapshotService"] == [type(s).__name__ for s in sinks_from_config(Config())]
-    assert "tcp://127.0.0.1:9201" == Config().publish.snapshot_address
+    assert "tcp://127.0.0.1:9201" == service_addresses(Config()).snapshot
+    assert ["tcp://127.0.0.1:9201"] == [s.address for s in sinks_from_config(Config())]
     for off in (None, ""):
         cfg = parse_config({"publish": {"snapshot_address": off}})
         assert [] == sinks_from_config(cfg)

@@ -22,9 +22,9 @@ from structlog.testing import capture_logs
 
 from relay.app import Relay
 from relay.config import Config, PublishConfig, RecorderConfig
-from relay.recorder import Recorder, day_of
 from relay.recording import open_day
 from relay.records import SpotRecord
+from relay.sinks.recorder import Recorder, day_of
 
 DAY_MS = 1733118954000  # 2024-12-02 13:55:54 China time
 

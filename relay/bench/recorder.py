@@ -1,8 +1,8 @@
 """Recorder benchmark: sustained records/second absorbed, file bytes per record, read times.
 
-Run ``python -m relay.recorder_bench [--securities N] [--batches N]``. It normalises a
+Run ``python -m relay.bench recorder [--securities N] [--batches N]``. It normalises a
 simulated full market (the first batch is every security, later ones the usual 20-60 %
-changes), then feeds the batches to a :class:`~relay.recorder.Recorder` as fast as
+changes), then feeds the batches to a :class:`~relay.sinks.recorder.Recorder` as fast as
 ``write()`` accepts them, with a queue large enough that nothing is dropped, and times from
 the first write to ``close()`` returning (everything committed). Prints figures; asserts
 nothing.
@@ -18,8 +18,8 @@ from datetime import date
 from typing import List, Optional, Sequence
 
 from relay.normalise import BatchResult, Normaliser
-from relay.recorder import Recorder
 from relay.recording import open_day
+from relay.sinks.recorder import Recorder
 from relay.sources.simulator import SimulatedMarket, china_ms
 
 
@@ -38,7 +38,7 @@ def _batches(securities: int, count: int) -> List[BatchResult]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m relay.recorder_bench")
+    parser = argparse.ArgumentParser(prog="python -m relay.bench recorder")
     parser.add_argument("--securities", type=int, default=5200)
     parser.add_argument("--batches", type=int, default=200)
     parser.add_argument("--flush-interval", type=float, default=1.0)

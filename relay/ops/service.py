@@ -45,7 +45,7 @@ __all__ = [
 SERVICE_NAME = "qmt-relay"
 DISPLAY_NAME = "QMT Relay"
 DESCRIPTION = "Relays MiniQMT full-push ticks over NNG pub/sub (hikyuu spot format)."
-CLASS_PATH = "relay.service.QmtRelayService"
+CLASS_PATH = "relay.ops.service.QmtRelayService"
 CONFIG_OPTION = "config"
 DEFAULT_LOG_FILE = os.path.join(
     os.environ.get("PROGRAMDATA", r"C:\ProgramData"), "qmt-relay", "logs", "relay.log")
@@ -115,9 +115,14 @@ class ServiceRunner:
         return result[0] if result else EXIT_FAILURE
 
     def _run(self) -> int:
-        from relay.cli import EXIT_CONFIG, EXIT_STARTUP  # noqa: PLC0415
         from relay.config import LoggingConfig, load_config  # noqa: PLC0415
-        from relay.errors import ConfigError, PublishError, RelayError  # noqa: PLC0415
+        from relay.errors import (  # noqa: PLC0415
+            EXIT_CONFIG,
+            EXIT_STARTUP,
+            ConfigError,
+            PublishError,
+            RelayError,
+        )
         from relay.logs import configure_logging  # noqa: PLC0415
 
         try:
@@ -160,7 +165,7 @@ class ServiceRunner:
         import structlog  # noqa: PLC0415
 
         self.failure = str(exc) or repr(exc)
-        log = structlog.get_logger("relay.service")
+        log = structlog.get_logger("relay.ops.service")
         log.error(event, error=self.failure, exit_code=code, exc_info=exc if trace else None)
         return code
 
@@ -423,7 +428,7 @@ def build_service_class(modules: Optional[Dict[str, Any]] = None) -> type:
 
 
 def __getattr__(name: str) -> Any:
-    """``relay.service.QmtRelayService``, built on first access (pywin32 needed then)."""
+    """``relay.ops.service.QmtRelayService``, built on first access (pywin32 needed then)."""
     if name == "QmtRelayService":
         return build_service_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
