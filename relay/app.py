@@ -242,7 +242,8 @@ class Relay:
         if self._ops_wanted:
             self._ops = Operations(cfg, run_id=self.run_id, source=source.kind,
                                    clock=self._clock, supervisor=self.supervisor,
-                                   allow=self.security.is_allowed, refuse=self.security.refuse)
+                                   allow=self.security.is_allowed, refuse=self.security.refuse,
+                                   tls=self.security.tls)
         self._publisher.start()
         log.info("publishing", addresses=list(cfg.publish.addresses), run_id=self.run_id)
         if self._ops is not None:

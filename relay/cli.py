@@ -105,6 +105,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="metrics endpoint (default: the stream's TCP port + 3)")
     status.add_argument("--timeout", type=float, default=3.0, metavar="S",
                         help="seconds to wait for a heartbeat and per request (default 3)")
+    status.add_argument("--ca", metavar="FILE",
+                        help="CA certificate of an https:// metrics endpoint")
     status.add_argument("--json", action="store_true", help="one JSON object, for scripts")
 
     service = sub.add_parser("service", help="manage the Windows service (Windows only)")
@@ -213,7 +215,7 @@ def _status(args: argparse.Namespace) -> int:
     if not args.timeout > 0:
         _error("--timeout must be > 0")
         return EXIT_CONFIG
-    report = gather(args.url, metrics_url=args.metrics_url, timeout=args.timeout)
+    report = gather(args.url, metrics_url=args.metrics_url, timeout=args.timeout, ca=args.ca)
     if args.json:
         _write_json(json.dumps(report.as_dict(), ensure_ascii=False, indent=2) + "\n")
     else:
