@@ -225,37 +225,37 @@ def batch_arrays(parts: Sequence[MessageColumns],
         col = np.concatenate([part.strings[k] for part in parts])
         width = max(int(part.chars[k].max()) for part in parts) or 1
         out[name] = col if col.dtype.itemsize == 4 * width else col.astype(f"<U{width}")
+    # Allocate every numeric column, then fill them message by message: all fields of a
+    # message are gathered while its buffer is in the CPU cache.
+    numeric: List[Tuple[Any, int, Any]] = []  # (output, kind, fill for an absent field)
     for k, name in enumerate(_DOUBLE_NAMES):
-        col = np.empty(total)
-        at = 0
-        for part in parts:
-            view = part.doubles[k]
-            col[at:at + part.n] = 0.0 if view is None else view
-            at += part.n
-        out[name] = col
+        out[name] = np.empty(total)
+        numeric.append((out[name], k, 0.0))
     for k, name in enumerate(_BOOK_NAMES):
         levels = max((part.books[k].shape[1] for part in parts), default=0)
-        book = np.empty((total, levels))
-        at = 0
-        for part in parts:
-            view = part.books[k]
-            depth = view.shape[1]
-            book[at:at + part.n, :depth] = view
-            if depth < levels:
-                book[at:at + part.n, depth:] = np.nan
-            at += part.n
-        out[name] = book
+        out[name] = np.empty((total, levels))
+        numeric.append((out[name], 7 + k, np.nan))
     for k, name in enumerate(_OPTIONAL_NAMES):
-        views = [part.optional[k] for part in parts]
-        carried = [view is not None for view in views]
-        if not any(carried):
-            continue  # no record carries it: left out, as from records
-        col = np.empty(total, np.int64) if all(carried) else np.empty(total)
-        at = 0
-        for part, view in zip(parts, views):
-            col[at:at + part.n] = np.nan if view is None else view
-            at += part.n
-        out[name] = col
+        carried = [part.optional[k] is not None for part in parts]
+        if any(carried):  # else no record carries it: left out, as from records
+            out[name] = np.empty(total, np.int64) if all(carried) else np.empty(total)
+            numeric.append((out[name], 11 + k, np.nan))
+    at = 0
+    for part in parts:
+        end = at + part.n
+        views = part.doubles + part.books + part.optional
+        for col, k, fill in numeric:
+            view = views[k]
+            if view is None:
+                col[at:end] = fill
+            elif col.ndim == 1:
+                col[at:end] = view
+            else:
+                depth = view.shape[1]
+                col[at:end, :depth] = view
+                if depth < col.shape[1]:
+                    col[at:end, depth:] = fill
+        at = end
     return out
 
 
