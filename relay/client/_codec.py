@@ -14,6 +14,7 @@ the decoder allocate more than the buffer holds.
 from __future__ import annotations
 
 import struct
+import sys
 from functools import lru_cache
 from operator import itemgetter
 from typing import (
@@ -392,6 +393,13 @@ class _Decoder:
         if first_plan is not None:
             n = len(buf)
             if count > 1 and self._uniform:
+                if sys.modules.get("numpy") is not None:  # loaded by the application: use it
+                    from relay.client._columns import spot_columns  # noqa: PLC0415
+
+                    columns = spot_columns(buf, base, count, first_plan.table_size,
+                                           first_plan.present)
+                    if columns is not None:
+                        return columns, head
                 columns = uniform_columns(buf, base, count, first_plan.table_size,
                                           first_plan.present)
                 if columns is not None:

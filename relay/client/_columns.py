@@ -25,9 +25,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from relay.records import FIELDS, SpotRecord
+from relay.records import FIELDS, SpotColumns, SpotRecord
 
-__all__ = ["MessageColumns", "batch_arrays", "message_columns", "records_arrays"]
+__all__ = ["MessageColumns", "batch_arrays", "message_columns", "records_arrays",
+           "spot_columns"]
 
 # Field kinds, as in _codec: string, vector of double, double, long, int, ulong.
 _STR, _VEC, _F64, _I64, _I32, _U64 = range(6)
@@ -57,11 +58,12 @@ class MessageColumns:
         optional: time_ms, status, trade_count views, ``None`` where absent.
     """
 
-    __slots__ = ("books", "chars", "doubles", "n", "optional", "strings")
+    __slots__ = ("books", "chars", "doubles", "exact", "n", "optional", "strings")
 
     def __init__(self, n: int, strings: List[Any], chars: List[Any], doubles: List[Any],
-                 books: List[Any], optional: List[Any]) -> None:
+                 books: List[Any], optional: List[Any], exact: bool = True) -> None:
         self.n = n
+        self.exact = exact  # False: a string ends in NUL, which its str array element lacks
         self.strings = strings
         self.chars = chars
         self.doubles = doubles
@@ -74,7 +76,8 @@ class MessageColumns:
             return [None if view is None else view[index] for view in views]
 
         return MessageColumns(len(index), pick(self.strings), pick(self.chars),
-                              pick(self.doubles), pick(self.books), pick(self.optional))
+                              pick(self.doubles), pick(self.books), pick(self.optional),
+                              self.exact)
 
 
 def _empty(n: int) -> MessageColumns:
@@ -126,6 +129,7 @@ def message_columns(buf: bytes, base: int, count: int, table_size: int,
     books: List[Any] = [None] * 4
     optional: List[Any] = [None] * 3
     pieces: List[Tuple[int, int]] = []  # (start, end) of every payload, relative to a record
+    exact = True
     for off, fid, kind in present:
         if kind in _SCALAR_DTYPE:
             view = _strided(buf, first + off, count, size, _SCALAR_DTYPE[kind])
@@ -157,7 +161,8 @@ def message_columns(buf: bytes, base: int, count: int, table_size: int,
             text = _text(matrix, lengths)
             if text is None:
                 return None
-            strings[fid], chars[fid] = text
+            strings[fid], chars[fid], whole = text
+            exact = exact and whole
         pieces.append((rel, end))
     pieces.sort()
     for (_, end), (start, _) in zip(pieces, pieces[1:]):
@@ -169,20 +174,23 @@ def message_columns(buf: bytes, base: int, count: int, table_size: int,
             chars[k] = np.zeros(count, np.int64)
         if books[k] is None:
             books[k] = np.zeros((count, 0))
-    return MessageColumns(count, strings, chars, doubles, books, optional)
+    return MessageColumns(count, strings, chars, doubles, books, optional, exact)
 
 
-def _text(matrix: Any, lengths: Any) -> Optional[Tuple[Any, Any]]:
+def _text(matrix: Any, lengths: Any) -> Optional[Tuple[Any, Any, bool]]:
     """A ``(count, width)`` matrix of UTF-8 bytes (``lengths`` of them used) as a str array,
-    and the length of each value in characters; ``None`` if a value is not valid UTF-8."""
+    the length of each value in characters, and whether no value ends in a NUL character
+    (which the str array cannot hold); ``None`` if a value is not valid UTF-8."""
     count, width = matrix.shape
     if not width:
-        return np.zeros(count, _EMPTY_STR), np.zeros(count, np.int64)
+        return np.zeros(count, _EMPTY_STR), np.zeros(count, np.int64), True
     data = np.array(matrix)  # contiguous copy
     if int(lengths.min()) < width:  # bytes past a value's length are not part of it
         data *= np.arange(width) < lengths[:, None]
+    ends = data[np.arange(count), np.maximum(lengths, 1) - 1]
+    whole = not ((ends == 0) & (lengths > 0)).any()
     if int(data.max()) < 0x80:  # ASCII: each byte is its code point
-        return data.astype(_U32).view(f"<U{width}").reshape(count), lengths
+        return data.astype(_U32).view(f"<U{width}").reshape(count), lengths, whole
     # UTF-8: one decode for the whole column. A zero byte after every value keeps each value
     # apart, so the column decodes if and only if every value does on its own.
     padded = np.zeros((count, width + 1), _U8)
@@ -202,7 +210,25 @@ def _text(matrix: Any, lengths: Any) -> Optional[Tuple[Any, Any]]:
     index = np.arange(most)
     out = points.take(starts[:, None] + index, mode="clip")
     out *= index < chars[:, None]
-    return out.view(f"<U{most}").reshape(count), chars
+    return out.view(f"<U{most}").reshape(count), chars, whole
+
+
+def spot_columns(buf: bytes, base: int, count: int, table_size: int,
+                 present: Sequence[Tuple[int, int, int]]) -> Optional[SpotColumns]:
+    """:func:`message_columns` as :class:`~relay.records.SpotColumns` (which builds records
+    with plain Python values), or ``None`` where :func:`message_columns` gives ``None``, the
+    book depths differ or a string ends in NUL."""
+    cols = message_columns(buf, base, count, table_size, present)
+    if cols is None or not cols.exact:
+        return None
+    depths = {book.shape[1] for book in cols.books}
+    if len(depths) != 1:
+        return None
+    columns: List[Any] = [text.tolist() for text in cols.strings]
+    columns += [[0.0] * count if view is None else view for view in cols.doubles]
+    columns += [np.ascontiguousarray(book).reshape(-1) for book in cols.books]
+    columns += [[None] * count if view is None else view for view in cols.optional]
+    return SpotColumns(count, depths.pop(), columns)
 
 
 def batch_arrays(parts: Sequence[MessageColumns],
