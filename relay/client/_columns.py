@@ -58,12 +58,11 @@ class MessageColumns:
         optional: time_ms, status, trade_count views, ``None`` where absent.
     """
 
-    __slots__ = ("books", "chars", "doubles", "exact", "n", "optional", "strings")
+    __slots__ = ("books", "chars", "doubles", "n", "optional", "strings")
 
     def __init__(self, n: int, strings: List[Any], chars: List[Any], doubles: List[Any],
-                 books: List[Any], optional: List[Any], exact: bool = True) -> None:
+                 books: List[Any], optional: List[Any]) -> None:
         self.n = n
-        self.exact = exact  # False: a string ends in NUL, which its str array element lacks
         self.strings = strings
         self.chars = chars
         self.doubles = doubles
@@ -76,8 +75,7 @@ class MessageColumns:
             return [None if view is None else view[index] for view in views]
 
         return MessageColumns(len(index), pick(self.strings), pick(self.chars),
-                              pick(self.doubles), pick(self.books), pick(self.optional),
-                              self.exact)
+                              pick(self.doubles), pick(self.books), pick(self.optional))
 
 
 def _empty(n: int) -> MessageColumns:
@@ -129,7 +127,6 @@ def message_columns(buf: bytes, base: int, count: int, table_size: int,
     books: List[Any] = [None] * 4
     optional: List[Any] = [None] * 3
     pieces: List[Tuple[int, int]] = []  # (start, end) of every payload, relative to a record
-    exact = True
     for off, fid, kind in present:
         if kind in _SCALAR_DTYPE:
             view = _strided(buf, first + off, count, size, _SCALAR_DTYPE[kind])
@@ -161,8 +158,7 @@ def message_columns(buf: bytes, base: int, count: int, table_size: int,
             text = _text(matrix, lengths)
             if text is None:
                 return None
-            strings[fid], chars[fid], whole = text
-            exact = exact and whole
+            strings[fid], chars[fid] = text
         pieces.append((rel, end))
     pieces.sort()
     for (_, end), (start, _) in zip(pieces, pieces[1:]):
@@ -174,23 +170,21 @@ def message_columns(buf: bytes, base: int, count: int, table_size: int,
             chars[k] = np.zeros(count, np.int64)
         if books[k] is None:
             books[k] = np.zeros((count, 0))
-    return MessageColumns(count, strings, chars, doubles, books, optional, exact)
+    return MessageColumns(count, strings, chars, doubles, books, optional)
 
 
-def _text(matrix: Any, lengths: Any) -> Optional[Tuple[Any, Any, bool]]:
+def _text(matrix: Any, lengths: Any) -> Optional[Tuple[Any, Any]]:
     """A ``(count, width)`` matrix of UTF-8 bytes (``lengths`` of them used) as a str array,
-    the length of each value in characters, and whether no value ends in a NUL character
-    (which the str array cannot hold); ``None`` if a value is not valid UTF-8."""
+    and the length of each value in characters; ``None`` if a value is not valid UTF-8."""
     count, width = matrix.shape
     if not width:
-        return np.zeros(count, _EMPTY_STR), np.zeros(count, np.int64), True
-    data = np.array(matrix)  # contiguous copy
-    if int(lengths.min()) < width:  # bytes past a value's length are not part of it
-        data *= np.arange(width) < lengths[:, None]
-    ends = data[np.arange(count), np.maximum(lengths, 1) - 1]
-    whole = not ((ends == 0) & (lengths > 0)).any()
+        return np.zeros(count, _EMPTY_STR), np.zeros(count, np.int64)
+    # Bytes past a value's length are not part of it; when every value fills the width
+    # (codes, dates) there is nothing to mask.
+    data = (matrix if int(lengths.min()) == width
+            else matrix * (np.arange(width) < lengths[:, None]))
     if int(data.max()) < 0x80:  # ASCII: each byte is its code point
-        return data.astype(_U32).view(f"<U{width}").reshape(count), lengths, whole
+        return data.astype(_U32, order="C").view(f"<U{width}").reshape(count), lengths
     # UTF-8: one decode for the whole column. A zero byte after every value keeps each value
     # apart, so the column decodes if and only if every value does on its own.
     padded = np.zeros((count, width + 1), _U8)
@@ -210,7 +204,7 @@ def _text(matrix: Any, lengths: Any) -> Optional[Tuple[Any, Any, bool]]:
     index = np.arange(most)
     out = points.take(starts[:, None] + index, mode="clip")
     out *= index < chars[:, None]
-    return out.view(f"<U{most}").reshape(count), chars, whole
+    return out.view(f"<U{most}").reshape(count), chars
 
 
 def spot_columns(buf: bytes, base: int, count: int, table_size: int,
@@ -219,11 +213,16 @@ def spot_columns(buf: bytes, base: int, count: int, table_size: int,
     with plain Python values), or ``None`` where :func:`message_columns` gives ``None``, the
     book depths differ or a string ends in NUL."""
     cols = message_columns(buf, base, count, table_size, present)
-    if cols is None or not cols.exact:
+    if cols is None:
         return None
     depths = {book.shape[1] for book in cols.books}
     if len(depths) != 1:
         return None
+    for text, chars in zip(cols.strings, cols.chars):
+        points = text.view(_U32).reshape(count, -1)
+        last = points[np.arange(count), np.maximum(chars, 1) - 1]
+        if ((last == 0) & (chars > 0)).any():
+            return None  # a value ends in NUL, which its str array element has lost
     columns: List[Any] = [text.tolist() for text in cols.strings]
     columns += [[0.0] * count if view is None else view for view in cols.doubles]
     columns += [np.ascontiguousarray(book).reshape(-1) for book in cols.books]
