@@ -417,7 +417,7 @@ class Subscriber:
                 self._last_seq is None or batch.last_seq > self._last_seq):
             self._last_seq = batch.last_seq
         self._snapshot_loaded = True
-        self._emit(SnapshotLoaded(len(batch.records), batch.last_seq, batch.run_id))
+        self._emit(SnapshotLoaded(len(batch), batch.last_seq, batch.run_id))
         self._items.append(batch)
         self.stats.batches += 1
 

@@ -146,7 +146,9 @@ class TcpConnection:
             raise TransportError(f"message of {size} bytes exceeds the {self._max}-byte limit")
         if not self._fill(8 + size, timeout):
             return None
-        out = bytes(self._buf[8:8 + size])
+        view = memoryview(self._buf)
+        out = bytes(view[8:8 + size])  # one copy (a bytearray slice would make two)
+        view.release()
         del self._buf[:8 + size]
         return out
 

@@ -235,6 +235,7 @@ _COUNTERS: Mapping[str, Tuple[str, str]] = {
     "alerts_suppressed": ("alerts_suppressed", "Alerts suppressed by the per-kind rate limit."),
 }
 _REQUESTS_SUFFIX = "_requests"   # "snapshot_requests" -> requests_total{service="snapshot"}
+_ERRORS_SUFFIX = "_errors"       # "history_errors" -> request_errors_total{service="history"}
 _QUEUE_SUFFIX = "_queue"         # "recorder_queue" -> queue_depth{queue="recorder"}
 
 
@@ -277,6 +278,8 @@ class _StatusCollector:
         yield by_market
         requests = CounterMetricFamily(p + "requests", "Requests served, per service.",
                                        labels=["service"])
+        request_errors = CounterMetricFamily(p + "request_errors", "Requests answered with an "
+                                             "error, per service.", labels=["service"])
         queues = GaugeMetricFamily(p + "queue_depth", "Items waiting in a queue.",
                                    labels=["queue"])
         for key, value in sorted(s.counters.items()):
@@ -285,9 +288,12 @@ class _StatusCollector:
                 yield counter(known[0], known[1], value)
             elif key.endswith(_REQUESTS_SUFFIX):
                 requests.add_metric([key[: -len(_REQUESTS_SUFFIX)]], value)
+            elif key.endswith(_ERRORS_SUFFIX):
+                request_errors.add_metric([key[: -len(_ERRORS_SUFFIX)]], value)
             elif key.endswith(_QUEUE_SUFFIX):
                 queues.add_metric([key[: -len(_QUEUE_SUFFIX)]], value)
         yield requests
+        yield request_errors
         yield queues
         yield gauge("source_up", "1 while the source has a live feed.", float(s.connected))
         yield gauge("healthy", "1 while /healthz answers 200.", float(s.health.healthy))
