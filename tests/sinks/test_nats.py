@@ -117,9 +117,8 @@ def quiet_relay(tmp_path_factory: Any) -> Iterator[Tuple[Relay, CollectingSink, 
         last = sink.batches[-1]
         last_seq = last.first_seq + len(last.messages) - 1
         wait_for(lambda: bridge.stats.acked == last_seq, what="every message acknowledged")
-        wait_for(lambda: bridge._acked is not None and bridge._acked[1] == last_seq
-                 and not bridge._dirty, what="latest records published")
-        time.sleep(0.3)  # one more latest round writes the marker for last_seq
+        wait_for(lambda: bridge._marked is not None and bridge._marked[1] == last_seq
+                 and not bridge._dirty, what="latest records and marker published")
         yield relay, sink, nats_server.url, snapshot
     finally:
         relay.request_stop()
