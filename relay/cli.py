@@ -11,6 +11,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import sys
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, TextIO, Union
 
@@ -235,9 +236,14 @@ def _check_config(path: str) -> int:
         return EXIT_CONFIG
     import yaml  # noqa: PLC0415
 
+    shown = config_to_dict(config)
+    nats = shown["bridge"]["nats"]  # never print the bridge's secrets
+    for key in ("password", "token"):
+        if nats[key]:
+            nats[key] = "***"
+    nats["url"] = [re.sub(r"://([^:/@]*):[^@/]*@", r"://\1:***@", u) for u in nats["url"]]
     _say(f"# {path}: OK")
-    write_text(sys.stdout, yaml.safe_dump(config_to_dict(config), sort_keys=False,
-                                          allow_unicode=True))
+    write_text(sys.stdout, yaml.safe_dump(shown, sort_keys=False, allow_unicode=True))
     return EXIT_OK
 
 
