@@ -220,10 +220,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--gap", type=float, default=0.25,
                     help="seconds between batches in the cost blocks (QMT pushes the whole "
                          "market about every 3 s)")
+    ap.add_argument("--latest-interval", type=float, default=5.0,
+                    help="bridge.nats.latest_interval of the bridge under test")
     args = ap.parse_args(argv)
 
     from relay.app import Relay  # noqa: PLC0415
-    from relay.config import Config, LoggingConfig, NatsConfig, PublishConfig  # noqa: PLC0415
+    from relay.config import (  # noqa: PLC0415
+        Config,
+        HistoryConfig,
+        LoggingConfig,
+        MetricsConfig,
+        NatsConfig,
+        PublishConfig,
+    )
     from relay.logs import configure_logging  # noqa: PLC0415
     from relay.sinks import PublishedBatch  # noqa: PLC0415
     from relay.sinks.nats import NatsBridge  # noqa: PLC0415
@@ -233,10 +242,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     server = _Server()
     try:
         nng_url = f"tcp://127.0.0.1:{_free_port()}"
-        nats_cfg = NatsConfig(url=(server.url,), queue_size=1024)
+        nats_cfg = NatsConfig(url=(server.url,), queue_size=1024,
+                              latest_interval=args.latest_interval)
         toggle = _Toggle(NatsBridge(nats_cfg))
         publish = PublishConfig(addresses=(nng_url,), snapshot_address=None)
-        relay = Relay(Config(publish=publish), source=_Idle(names), sinks=[toggle])
+        relay = Relay(Config(publish=publish, metrics=MetricsConfig(address=None),
+                             history=HistoryConfig(address=None)),
+                      source=_Idle(names), sinks=[toggle])
         asyncio.run(relay.startup())
         try:
             deadline = time.monotonic() + 20

@@ -25,8 +25,7 @@ from typing import (
     Union,
 )
 
-from relay.client._batch import Batch
-from relay.client._codec import SpotList, decode_spot_list
+from relay.client._batch import Batch, Message, numpy_available
 from relay.client._events import (
     Connected,
     DecodeFailed,
@@ -53,7 +52,6 @@ from relay.client._transport import (
     request,
 )
 from relay.errors import DecodeError
-from relay.records import SpotRecord
 from relay.wire import END, HEARTBEAT_PREFIX, SPOT_PREFIX, START, decode_heartbeat
 
 __all__ = ["Batch", "Subscriber"]
@@ -120,6 +118,11 @@ class Subscriber:
         reconnect_wait_max: cap of that delay (a random 50-100 % of it is used).
         connect_timeout: seconds allowed to connect and for the snapshot reply.
         max_message_bytes: a longer message breaks the connection (it cannot be ours).
+        columns: deliver batches that build no record objects until :attr:`Batch.records`
+            is read: :meth:`Batch.to_numpy` and :meth:`Batch.to_pandas` read the relay's
+            messages column by column straight out of their buffers (needs NumPy; without
+            it, :attr:`Batch.columns` still works). Messages are still checked on arrival:
+            a malformed one is reported and skipped exactly as in the default mode.
     """
 
     def __init__(
@@ -137,6 +140,7 @@ class Subscriber:
         reconnect_wait_max: float = 5.0,
         connect_timeout: float = 5.0,
         max_message_bytes: int = 256 * 1024 * 1024,
+        columns: bool = False,
     ) -> None:
         nats = is_nats_url(url)
         if replay_from is not None and not nats:
@@ -156,6 +160,8 @@ class Subscriber:
         self._wait_max = reconnect_wait_max
         self._connect_timeout = connect_timeout
         self._max = max_message_bytes
+        self._columns = columns
+        self._numpy = columns and numpy_available()
         self._transport: Union[TcpSub, PynngSub, NatsSub]
         if scheme == "tcp":
             self._transport = TcpSub(host, port, connect_timeout=connect_timeout,
@@ -184,7 +190,7 @@ class Subscriber:
         self._silent = False
         # stream state
         self._in_batch = False
-        self._parts: List[SpotList] = []
+        self._parts: List[Message] = []
         self._run_id: Optional[str] = None
         self._last_seq: Optional[int] = None
         self._snap_run: Optional[str] = None
@@ -355,7 +361,8 @@ class Subscriber:
     def _on_connected(self) -> None:
         self._connected = True
         self.stats.connects += 1
-        self._in_batch, self._parts = False, []
+        if not isinstance(self._transport, NatsSub):  # JetStream resumes mid-batch
+            self._in_batch, self._parts = False, []
         self._emit(Connected(self.url))
         if self._snapshot and not (self._snapshot_loaded and isinstance(self._transport, NatsSub)):
             self._load_snapshot()
@@ -398,7 +405,8 @@ class Subscriber:
                 assert self.snapshot_url is not None
                 body = request(self.snapshot_url, SNAPSHOT_REQUEST,
                                timeout=self._connect_timeout, max_message_bytes=1 << 30)
-            batch = snapshot_batch(body, self._keep)
+            batch = snapshot_batch(body, self._keep, columns=self._columns,
+                                   numpy=self._numpy)
         except (TransportError, DecodeError, ValueError) as exc:
             self._emit(SnapshotFailed(str(exc)))
             return
@@ -409,7 +417,7 @@ class Subscriber:
                 self._last_seq is None or batch.last_seq > self._last_seq):
             self._last_seq = batch.last_seq
         self._snapshot_loaded = True
-        self._emit(SnapshotLoaded(len(batch.records), batch.last_seq, batch.run_id))
+        self._emit(SnapshotLoaded(len(batch), batch.last_seq, batch.run_id))
         self._items.append(batch)
         self.stats.batches += 1
 
@@ -437,7 +445,10 @@ class Subscriber:
             self._in_batch = False
         else:
             try:
-                part = decode_spot_list(msg, _PREFIX_LEN)
+                if self._columns:
+                    part = Message.read(msg, _PREFIX_LEN, numpy=self._numpy)
+                else:
+                    part = Message.decode(msg, _PREFIX_LEN)
             except DecodeError as exc:
                 self._decode_failed(exc)
                 return
@@ -459,7 +470,7 @@ class Subscriber:
             self._emit(Restart(old, run_id))
         self._run_id = run_id
 
-    def _fresh(self, part: SpotList) -> bool:
+    def _fresh(self, part: Message) -> bool:
         """Track sequence numbers; False for a message already seen or in the snapshot."""
         if part.run_id is not None:
             self._note_run(part.run_id)
@@ -484,15 +495,5 @@ class Subscriber:
         parts, self._parts = self._parts, []
         if not parts:
             return
-        records: List[SpotRecord] = []
-        if len(parts) == 1:
-            records = parts[0].records
-        else:
-            for part in parts:
-                records.extend(part.records)
-        if self._keep is not None:
-            records = self._keep.filter(records)
-        first, last = parts[0], parts[-1]
         self.stats.batches += 1
-        self._items.append(Batch(records, first.seq, last.seq, first.run_id, first.source,
-                                 first.publish_time_ms))
+        self._items.append(Batch.of_messages(parts, self._keep, records=not self._columns))

@@ -25,6 +25,7 @@ __all__ = [
     "PROTO_REP",
     "PROTO_REQ",
     "PROTO_SUB",
+    "Requester",
     "TransportError",
     "parse_url",
     "request",
@@ -145,7 +146,9 @@ class TcpConnection:
             raise TransportError(f"message of {size} bytes exceeds the {self._max}-byte limit")
         if not self._fill(8 + size, timeout):
             return None
-        out = bytes(self._buf[8:8 + size])
+        view = memoryview(self._buf)
+        out = bytes(view[8:8 + size])  # one copy (a bytearray slice would make two)
+        view.release()
         del self._buf[:8 + size]
         return out
 
@@ -242,15 +245,79 @@ class PynngSub:
         return msg
 
     def take_events(self) -> Deque[Tuple[str, str]]:
-        out: Deque[Tuple[str, str]] = deque()
-        while self._events:
-            out.append(self._events.popleft())
-        return out
+        return take_all(self._events)
 
     def close(self) -> None:
         sock, self._sock = self._sock, None
         if sock is not None:
             sock.close()
+
+
+def take_all(events: Deque[Tuple[str, str]]) -> Deque[Tuple[str, str]]:
+    """Move the ``(kind, reason)`` events another thread queued into a new deque."""
+    out: Deque[Tuple[str, str]] = deque()
+    while events:
+        out.append(events.popleft())
+    return out
+
+
+class Requester:
+    """A REQ connection kept open for several requests (one at a time).
+
+    Pure-Python TCP for ``tcp://``, pynng for ``ipc://``. A broken connection is dropped and
+    the next request connects again; a request that fails is not retried.
+
+    Args:
+        url: the REP socket's address.
+        timeout: seconds allowed to connect and for each reply.
+        max_message_bytes: refuse larger replies.
+    """
+
+    __slots__ = ("_conn", "_host", "_max", "_port", "_scheme", "_timeout", "_url")
+
+    def __init__(self, url: str, *, timeout: float, max_message_bytes: int) -> None:
+        self._scheme, self._host, self._port = parse_url(url)
+        self._url = url
+        self._timeout = timeout
+        self._max = max_message_bytes
+        self._conn: Optional[TcpConnection] = None
+
+    def __enter__(self) -> Requester:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def request(self, body: bytes) -> bytes:
+        """Send one request and return the reply body.
+
+        Raises:
+            TransportError: unreachable, timed out, or a protocol violation.
+        """
+        if self._scheme == "ipc":
+            return _pynng_request(self._url, body, self._timeout, self._max)
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = TcpConnection(self._host, self._port, PROTO_REQ, PROTO_REP,
+                                              timeout=self._timeout,
+                                              max_message_bytes=self._max + 4)
+        try:
+            req_id = int.from_bytes(os.urandom(4), "big") | 0x80000000
+            conn.send(_REQ_ID.pack(req_id) + body)
+            reply = conn.recv(self._timeout)
+            if reply is None:
+                raise TransportError(f"no reply from {self._url} within {self._timeout} s")
+            if len(reply) < 4 or _REQ_ID.unpack_from(reply)[0] != req_id:
+                raise TransportError("reply does not answer our request")
+        except BaseException:
+            self.close()  # a late reply must not answer the next request
+            raise
+        return reply[4:]
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
 
 
 def request(url: str, body: bytes, *, timeout: float, max_message_bytes: int) -> bytes:
@@ -262,22 +329,8 @@ def request(url: str, body: bytes, *, timeout: float, max_message_bytes: int) ->
         TransportError: unreachable, timed out, or a protocol violation.
         ValueError: an unsupported URL.
     """
-    scheme, host, port = parse_url(url)
-    if scheme == "ipc":
-        return _pynng_request(url, body, timeout, max_message_bytes)
-    conn = TcpConnection(host, port, PROTO_REQ, PROTO_REP, timeout=timeout,
-                         max_message_bytes=max_message_bytes + 4)
-    try:
-        req_id = int.from_bytes(os.urandom(4), "big") | 0x80000000
-        conn.send(_REQ_ID.pack(req_id) + body)
-        reply = conn.recv(timeout)
-        if reply is None:
-            raise TransportError(f"no reply from {url} within {timeout} s")
-        if len(reply) < 4 or _REQ_ID.unpack_from(reply)[0] != req_id:
-            raise TransportError("reply does not answer our request")
-        return reply[4:]
-    finally:
-        conn.close()
+    with Requester(url, timeout=timeout, max_message_bytes=max_message_bytes) as req:
+        return req.request(body)
 
 
 def _pynng_request(url: str, body: bytes, timeout: float, max_message_bytes: int) -> bytes:

@@ -28,6 +28,7 @@ from relay.encode import SpotEncoder
 from relay.records import SpotRecord
 from relay.security import Security
 from relay.sinks import PublishedBatch
+from relay.sinks._rep import recv_request
 from relay.supervise import ServiceHandle, Supervisor
 
 __all__ = ["SnapshotService"]
@@ -165,7 +166,7 @@ class SnapshotService:
         while not self._stop.is_set():
             self.fold()
             try:
-                request = sock.recv()
+                request = recv_request(sock)
             except pynng.Timeout:
                 continue
             except pynng.exceptions.NNGException:
