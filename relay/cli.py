@@ -80,6 +80,20 @@ def _parser() -> argparse.ArgumentParser:
                       help="start with the relay's snapshot (latest record of every security)")
     tail.add_argument("--snapshot-url", metavar="URL",
                       help="snapshot address (default: the stream's TCP port + 1)")
+    tail.add_argument("--ca", metavar="FILE",
+                      help="tls+tcp://: CA certificate (PEM) that verifies the relay")
+    tail.add_argument("--cert", metavar="FILE",
+                      help="tls+tcp://: our client certificate (PEM), if the relay wants one")
+    tail.add_argument("--key", metavar="FILE", help="tls+tcp://: the client certificate's key")
+
+    tls = sub.add_parser("tls", help="TLS helpers (needs the tls extra: cryptography)")
+    tls.add_argument("action", choices=["make-test-ca"],
+                     help="make-test-ca: a test CA, a server and a client certificate in DIR")
+    tls.add_argument("dir", metavar="DIR")
+    tls.add_argument("--host", action="append", metavar="NAME",
+                     help="host name or IP the server certificate is for; repeat "
+                          "(default: localhost, 127.0.0.1, ::1)")
+    tls.add_argument("--days", type=int, default=365, help="validity (default 365 days)")
 
     service = sub.add_parser("service", help="manage the Windows service (Windows only)")
     service.add_argument("action", choices=["install", "remove", "start", "stop", "status"])
@@ -103,6 +117,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         return service_command(args.action, args.config, username=args.username,
                                password=args.password)
+    if args.command == "tls":
+        return _tls(args)
     if args.command == "record":
         return _record(args)
     if args.command == "export":
@@ -216,8 +232,14 @@ def _tail(args: argparse.Namespace) -> int:
     out = sys.stdout
     seen = 0
     try:
-        with Subscriber(args.url, codes=codes, snapshot=args.snapshot,
-                        snapshot_url=args.snapshot_url, on_event=_tail_event) as sub:
+        try:
+            sub = Subscriber(args.url, codes=codes, snapshot=args.snapshot,
+                             snapshot_url=args.snapshot_url, on_event=_tail_event,
+                             ca=args.ca, cert=args.cert, key=args.key)
+        except (OSError, ValueError) as exc:  # bad URL, unreadable or invalid PEM file
+            _error(str(exc))
+            return EXIT_CONFIG
+        with sub:
             if not args.json:
                 out.write(_TABLE_HEAD + "\n")
             for batch in sub:
@@ -238,6 +260,26 @@ def _tail(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # `qmt-relay tail | head`
         return EXIT_OK
+    return EXIT_OK
+
+
+def _tls(args: argparse.Namespace) -> int:
+    try:
+        from relay.tls import make_test_ca  # noqa: PLC0415
+
+        paths = make_test_ca(args.dir, hosts=args.host or ("localhost", "127.0.0.1", "::1"),
+                             days=args.days)
+    except ImportError:
+        _error('the tls helper needs cryptography: pip install "qmt-relay[tls]"')
+        return EXIT_CONFIG
+    except OSError as exc:
+        _error(f"cannot write {args.dir}: {exc}")
+        return EXIT_FAILURE
+    for name, path in paths.items():
+        print(f"{name:<11} {path}")
+    cert, key = paths["server"], paths["server_key"]
+    print(f"relay config:  security: {{tls: {{cert: {cert}, key: {key}}}}}")
+    print(f"subscriber:    Subscriber('tls+tcp://HOST:PORT', ca={paths['ca']!r})")
     return EXIT_OK
 
 

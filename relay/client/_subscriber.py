@@ -48,6 +48,7 @@ from relay.client._transport import (
     PynngSub,
     TcpSub,
     TransportError,
+    client_tls_context,
     parse_url,
     request,
 )
@@ -113,6 +114,10 @@ class Subscriber:
         reconnect_wait_max: cap of that delay (a random 50-100 % of it is used).
         connect_timeout: seconds allowed to connect and for the snapshot reply.
         max_message_bytes: a longer message breaks the connection (it cannot be ours).
+        ca: for ``tls+tcp://``: PEM file of the CA that issued the relay's certificate
+            (``None``: the system's trust store). The certificate is always verified.
+        cert: PEM file of our client certificate, for a relay that requires one.
+        key: its private key (``None``: in ``cert``).
     """
 
     def __init__(
@@ -129,8 +134,12 @@ class Subscriber:
         reconnect_wait_max: float = 5.0,
         connect_timeout: float = 5.0,
         max_message_bytes: int = 256 * 1024 * 1024,
+        ca: Optional[str] = None,
+        cert: Optional[str] = None,
+        key: Optional[str] = None,
     ) -> None:
         scheme, host, port = parse_url(url)
+        self._tls = client_tls_context(ca, cert, key) if scheme == "tls+tcp" else None
         self.url = url
         self._keep = CodeFilter.of(list(codes) if codes is not None else None)
         self._snapshot = snapshot
@@ -143,12 +152,12 @@ class Subscriber:
         self._connect_timeout = connect_timeout
         self._max = max_message_bytes
         self._transport: Union[TcpSub, PynngSub]
-        if scheme == "tcp":
+        if scheme != "ipc":
             self._transport = TcpSub(host, port, connect_timeout=connect_timeout,
-                                     max_message_bytes=max_message_bytes)
+                                     max_message_bytes=max_message_bytes, tls=self._tls)
         else:
             self._transport = PynngSub(url, _TOPICS, max_message_bytes=max_message_bytes)
-        self._pure = scheme == "tcp"
+        self._pure = scheme != "ipc"
         self._rng = random.Random()
         self._lock = threading.Lock()
         self._closed = threading.Event()
@@ -369,7 +378,7 @@ class Subscriber:
         assert self.snapshot_url is not None
         try:
             body = request(self.snapshot_url, SNAPSHOT_REQUEST, timeout=self._connect_timeout,
-                           max_message_bytes=1 << 30)
+                           max_message_bytes=1 << 30, tls=self._tls)
             batch = snapshot_batch(body, self._keep)
         except (TransportError, DecodeError, ValueError) as exc:
             self._emit(SnapshotFailed(str(exc)))
