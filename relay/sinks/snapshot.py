@@ -26,7 +26,7 @@ from relay.client._snapshot import (
 from relay.config import Config, service_addresses
 from relay.encode import SpotEncoder
 from relay.records import SpotRecord
-from relay.security import Security
+from relay.security import Security, receive
 from relay.sinks import PublishedBatch
 from relay.supervise import ServiceHandle, Supervisor
 
@@ -69,6 +69,7 @@ class SnapshotService:
         self._thread: Optional[ServiceHandle] = None
         self._stop = threading.Event()
         self.requests = 0
+        self.bad_requests = 0
 
     @classmethod
     def from_config(cls, config: Config, *, supervisor: Optional[Supervisor] = None,
@@ -161,19 +162,20 @@ class SnapshotService:
         while not self._stop.is_set():
             self.fold()
             try:
-                request = sock.recv()
-            except pynng.Timeout:
-                continue
+                request = receive(sock)
             except pynng.exceptions.NNGException:
                 if self._stop.is_set():
                     return
                 log.exception("snapshot_recv_failed")
+                continue
+            if request is None:
                 continue
             try:
                 if request == SNAPSHOT_REQUEST:
                     self.requests += 1
                     answer = self.reply()
                 else:
+                    self.bad_requests += 1  # hostile or confused peer: answered, counted
                     answer = ERROR_PREFIX + b"unknown request"
                 sock.send(answer)
             except pynng.exceptions.NNGException as exc:
