@@ -18,4 +18,6 @@ BENCHES: Dict[str, str] = {
     "spot": "relay.bench.spot:main",          # normalise + encode, decode, end to end
     "recorder": "relay.bench.recorder:main",  # HDF5 recorder throughput and size
     "client": "relay.bench.client:main",      # subscriber library decode paths
+    "load": "relay.bench.load:main",          # 50 subscribers, a stalled one: CPU, memory
+    "abuse": "relay.bench.abuse:main",        # requests/s and stream latency under abuse
 }
