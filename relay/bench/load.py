@@ -124,10 +124,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for _ in range(max(1, int(args.stall))):
             pump(subs, 1.0)
             rss.append(stats.rss_mib())
+        quarters = " ".join(f"{rss[min(len(rss) - 1, i * len(rss) // 4)]:.0f}"
+                            for i in range(4))
         print(f"  1 stalled + {len(keep)} reading for {len(rss)} s "
-              f"(send_buffer {args.send_buffer}): relay RSS "
-              f"first {rss[0]:.0f} / max {max(rss):.0f} / last {rss[-1]:.0f} MiB; "
-              f"others {_summary(keep)}")
+              f"(send_buffer {args.send_buffer}): relay RSS by quarter {quarters}, "
+              f"max {max(rss):.0f}, last {rss[-1]:.0f} MiB; others {_summary(keep)}")
         stalled.reading = True
         stalled.gaps = stalled.missed = 0
         pump([stalled], 3.0)
