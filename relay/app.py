@@ -31,13 +31,14 @@ from typing import (
 
 import structlog
 
-from relay.config import Config
+from relay.config import Config, service_addresses
 from relay.encode import Records, SpotEncoder
 from relay.errors import RelayError, ServiceError, SourceError
 from relay.normalise import Normaliser
+from relay.ops.monitor import Operations, ReportsCounters
 from relay.publish import Publisher
 from relay.security import Security
-from relay.sinks import PublishedBatch, Sink, sinks_from_config
+from relay.sinks import HeartbeatSink, PublishedBatch, Sink, sinks_from_config
 from relay.sources import Batch, Source, create_source
 from relay.supervise import ServiceHandle, Supervisor, capture_crashes, loop_exception_handler
 from relay.wire import encode_heartbeat
@@ -129,8 +130,19 @@ class Relay:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._wake: Optional[asyncio.Event] = None
         self._started_sinks: List[Sink] = []
+        self._heartbeat_sinks = [s for s in self._sinks if isinstance(s, HeartbeatSink)]
         self._failure: Optional[BaseException] = None  # why the source stopped, if it broke
+        # Operations (metrics endpoint, health, alerts): decided once, built at startup.
+        self._ops_wanted = bool(service_addresses(config).metrics or config.alerts.webhooks)
+        self._ops: Optional[Operations] = None
+        self._last_batch_at: Optional[float] = None
+        self._last_lag_ms: Optional[int] = None
         self._pump_failed = False
+
+    @property
+    def ops(self) -> Optional[Operations]:
+        """The operations side (metrics, health, alerts), once started; None when off."""
+        return self._ops
 
     # -- stopping --------------------------------------------------------------------------
 
@@ -214,8 +226,13 @@ class Relay:
             self._source = create_source(cfg, clock=self._clock)
         source = self._source
         self._encoder = SpotEncoder(self.run_id, source.kind, cfg.publish.max_message_bytes)
+        if self._ops_wanted:
+            self._ops = Operations(cfg, run_id=self.run_id, source=source.kind,
+                                   clock=self._clock, security=self.security)
         self._publisher.start()
         log.info("publishing", addresses=list(cfg.publish.addresses), run_id=self.run_id)
+        if self._ops is not None:
+            self._ops.start()
         for sink in self._sinks:
             sink.start()
             self._started_sinks.append(sink)
@@ -229,6 +246,9 @@ class Relay:
             securities=len(source.names),
         )
         self.state = State.RUNNING
+        if self._ops is not None:
+            self._ops.started(len(source.names))
+            self._sample()
 
     async def main_loop(self) -> None:
         assert self._wake is not None
@@ -242,6 +262,9 @@ class Relay:
             sup.task("stats", lambda: self._every(self.config.logging.stats_interval,
                                                   self._log_stats)),
         ]
+        if self._ops is not None:
+            sample = self.config.metrics.sample_interval
+            helpers.append(sup.task("metrics_sample", lambda: self._every(sample, self._sample)))
         wake = asyncio.ensure_future(self._wake.wait())
         try:
             await asyncio.wait([pump, wake], return_when=asyncio.FIRST_COMPLETED)
@@ -316,6 +339,7 @@ class Relay:
         """Normalise, encode and publish one source batch; returns what was published."""
         encoder, source = self._encoder, self._source
         assert encoder is not None and source is not None
+        started = time.perf_counter()
         result = self._normaliser.normalise_batch(batch)
         stats = self._stats
         for reason, n in result.dropped.items():
@@ -349,9 +373,10 @@ class Relay:
             times = columns.time_ms if columns is not None else [r.time_ms for r in result.records]
             newest = int(max(filter(None, times), default=0))  # numpy column: plain int
         if newest:
-            lag = publish_ms - newest
+            lag = self._last_lag_ms = publish_ms - newest
             if stats.lag_ms_max is None or lag > stats.lag_ms_max:
                 stats.lag_ms_max = lag
+        self._last_batch_at = publish_ms / 1000.0
         published = PublishedBatch(result, messages, counts, first_seq, publish_ms,
                                    self.run_id, source.kind)
         for sink in self._started_sinks:
@@ -360,6 +385,15 @@ class Relay:
             except Exception as exc:  # a failing sink must not stop publishing
                 stats.errors += 1
                 log.error("sink_failed", sink=type(sink).__name__, error=repr(exc))
+        ops = self._ops
+        if ops is not None:
+            if columns is not None:
+                codes, markets = columns.code, columns.market
+            else:
+                codes = [r.code for r in result.records]
+                markets = [r.market for r in result.records]
+            ops.observe_batch(codes, markets, publish_ms / 1000.0,
+                              time.perf_counter() - started)
         return published
 
     async def _every(self, interval: float, action: Callable[[], None]) -> None:
@@ -373,15 +407,48 @@ class Relay:
     def _heartbeat(self) -> None:
         source = self._source
         connected = bool(source is not None and source.connected)
-        self._publisher.send(encode_heartbeat({
+        last = self._last_batch_at
+        message = encode_heartbeat({
             "run_id": self.run_id,
             "source": source.kind if source is not None else None,
             "simulated": source is not None and source.kind == "simulator",
             "status": "up" if connected else "down",
             "seq": self._seq,
             "time_ms": int(self._clock() * 1000),
+            "last_data_ms": None if last is None else int(last * 1000),
+            "subscribers": self._publisher.subscribers,
             **self.supervisor.summary(),
-        }))
+        })
+        self._publisher.send(message)
+        for sink in self._heartbeat_sinks:
+            sink.heartbeat(message)
+
+    def _counters(self) -> Dict[str, int]:
+        """Counters the source and the sinks report (reconnects, recorder rows, queues...)."""
+        counters: Dict[str, int] = {}
+        for part in (self._source, *self._started_sinks):
+            if isinstance(part, ReportsCounters):
+                counters.update(part.counters())
+        return counters
+
+    def _sample(self) -> None:
+        """Hand the operations side a snapshot of what the relay knows (every few seconds)."""
+        ops, source = self._ops, self._source
+        if ops is None:
+            return
+        s, t = self._stats, self._totals
+        dropped = dict(t.dropped)
+        for reason, n in s.dropped.items():
+            dropped[reason] = dropped.get(reason, 0) + n
+        ops.sample(
+            state=self.state.value,
+            connected=bool(source is not None and source.connected),
+            last_batch_at=self._last_batch_at, lag_ms=self._last_lag_ms, seq=self._seq,
+            subscribers=self._publisher.subscribers,
+            totals={"batches": t.batches + s.batches, "records": t.records + s.records,
+                    "messages": t.messages + s.messages, "bytes": t.bytes + s.bytes,
+                    "errors": t.errors + s.errors},
+            dropped=dropped, counters=self._counters())
 
     def _log_stats(self) -> None:
         s, t = self._stats, self._totals
@@ -424,10 +491,18 @@ class Relay:
                 sink.close()
             except Exception as exc:  # keep releasing the rest
                 log.error("sink_close_failed", sink=type(sink).__name__, error=repr(exc))
-        self._started_sinks.clear()
         self._publisher.close()
+        self._sample()
+        self._started_sinks.clear()
         self._log_stats()
         t = self._totals
+        ops, self._ops = self._ops, None
+        if ops is not None:
+            try:
+                ops.close(stopped={"batches": t.batches, "records": t.records,
+                                   "last_seq": self._seq, "errors": t.errors})
+            except Exception as exc:  # keep releasing the rest
+                log.error("ops_close_failed", error=repr(exc))
         log.info("relay_stopped", run_id=self.run_id, batches=t.batches, records=t.records,
                  messages=t.messages, dropped=dict(sorted(t.dropped.items())), errors=t.errors,
                  last_seq=self._seq)

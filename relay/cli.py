@@ -6,10 +6,11 @@ Only this module turns errors into messages and exit codes.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
-from typing import List, Optional, Sequence, TextIO
+from typing import Any, Dict, List, Optional, Sequence, TextIO, Union
 
 from relay import __version__
 from relay.errors import (
@@ -18,12 +19,13 @@ from relay.errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_STARTUP,
+    EXIT_UNREACHABLE,
     ConfigError,
     PublishError,
     RelayError,
 )
 
-__all__ = ["EXIT_CONFIG", "EXIT_FAILURE", "EXIT_OK", "EXIT_STARTUP", "main"]
+__all__ = ["EXIT_CONFIG", "EXIT_FAILURE", "EXIT_OK", "EXIT_STARTUP", "EXIT_UNREACHABLE", "main"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--file", metavar="DAY.h5", help="recorded day for --source replay")
     run.add_argument("--speed", type=float, metavar="X",
                      help="replay speed factor (replay source)")
+    run.add_argument("--nats", metavar="URL", action="append",
+                     help="bridge onto this NATS server (nats://HOST:PORT), replaces "
+                          "bridge.nats.url; repeat for a cluster")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
     check = sub.add_parser("check-config", help="validate a config file and print it")
@@ -94,6 +99,21 @@ def _parser() -> argparse.ArgumentParser:
                      help="host name or IP the server certificate is for; repeat "
                           "(default: localhost, 127.0.0.1, ::1)")
     tls.add_argument("--days", type=int, default=365, help="validity (default 365 days)")
+    tail.add_argument("--replay-from", metavar="SEQ|TIME",
+                      help="nats:// only: start with stored messages, after relay sequence "
+                           "SEQ or from a China time YYYY-MM-DDTHH:MM[:SS]")
+
+    status = sub.add_parser(
+        "status", help="report a running relay's health (exit 0 healthy, 1 unhealthy, "
+                       "2 unreachable)")
+    status.add_argument("url", metavar="URL", nargs="?", default="tcp://127.0.0.1:9200",
+                        help="stream address (heartbeats) or the metrics endpoint "
+                             "http://HOST:PORT (default tcp://127.0.0.1:9200)")
+    status.add_argument("--metrics-url", metavar="URL",
+                        help="metrics endpoint (default: the stream's TCP port + 3)")
+    status.add_argument("--timeout", type=float, default=3.0, metavar="S",
+                        help="seconds to wait for a heartbeat and per request (default 3)")
+    status.add_argument("--json", action="store_true", help="one JSON object, for scripts")
 
     service = sub.add_parser("service", help="manage the Windows service (Windows only)")
     service.add_argument("action", choices=["install", "remove", "start", "stop", "status"])
@@ -102,6 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     service.add_argument("--username", metavar="USER",
                          help=r"run as this Windows account, e.g. .\trader (install)")
     service.add_argument("--password", metavar="PASSWORD", help="that account's password")
+    _history_parser(sub)
     return p
 
 
@@ -123,6 +144,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _record(args)
     if args.command == "export":
         return _export(args)
+    if args.command == "history":
+        return _history(args)
+    if args.command == "status":
+        return _status(args)
     return _tail(args)
 
 
@@ -142,6 +167,7 @@ def _run(args: argparse.Namespace) -> int:
             replay_file=args.file,
             replay_speed=args.speed,
             log_level=args.log_level,
+            nats=args.nats,
         )
     except ConfigError as exc:
         _error(str(exc))
@@ -171,6 +197,22 @@ def _run(args: argparse.Namespace) -> int:
         _error(f"the relay crashed: {exc!r} (traceback in the log)")
         return EXIT_FAILURE
     return EXIT_OK
+
+
+def _status(args: argparse.Namespace) -> int:
+    from relay.ops.status import format_report, gather  # noqa: PLC0415
+
+    if not args.timeout > 0:
+        _error("--timeout must be > 0")
+        return EXIT_CONFIG
+    report = gather(args.url, metrics_url=args.metrics_url, timeout=args.timeout)
+    if args.json:
+        print(json.dumps(report.as_dict(), ensure_ascii=False, indent=2))
+    else:
+        print(format_report(report), end="")
+    if not report.reachable:
+        return EXIT_UNREACHABLE
+    return EXIT_OK if report.healthy else EXIT_FAILURE
 
 
 def _check_config(path: str) -> int:
@@ -229,16 +271,25 @@ def _tail(args: argparse.Namespace) -> int:
     if args.count is not None and args.count < 1:
         _error("--count must be at least 1")
         return EXIT_CONFIG
+    replay_from: Union[int, datetime.datetime, None] = None
+    if args.replay_from:
+        text = args.replay_from.strip()
+        try:
+            replay_from = int(text) if text.isdigit() else datetime.datetime.fromisoformat(text)
+        except ValueError:
+            _error(f"--replay-from: expected a sequence number or YYYY-MM-DDTHH:MM, got {text!r}")
+            return EXIT_CONFIG
     out = sys.stdout
     seen = 0
     try:
-        try:
-            sub = Subscriber(args.url, codes=codes, snapshot=args.snapshot,
-                             snapshot_url=args.snapshot_url, on_event=_tail_event,
-                             ca=args.ca, cert=args.cert, key=args.key)
-        except (OSError, ValueError) as exc:  # bad URL, unreadable or invalid PEM file
-            _error(str(exc))
-            return EXIT_CONFIG
+        sub = Subscriber(args.url, codes=codes, snapshot=args.snapshot,
+                         snapshot_url=args.snapshot_url, replay_from=replay_from,
+                         on_event=_tail_event, ca=args.ca, cert=args.cert, key=args.key)
+    except (OSError, ValueError, ImportError) as exc:  # bad URL or PEM file, no nats-py
+        _error("nats:// needs nats-py: pip install 'qmt-relay[nats]'"
+               if isinstance(exc, ImportError) else str(exc))
+        return EXIT_CONFIG
+    try:
         with sub:
             if not args.json:
                 out.write(_TABLE_HEAD + "\n")
@@ -306,7 +357,12 @@ def _record(args: argparse.Namespace) -> int:
                         units=args.units or config.normalise.units)
     codes = [c.strip() for c in args.codes.split(",") if c.strip()] if args.codes else None
     stopping: List[bool] = []
-    sub = Subscriber(args.url, codes=codes)
+    try:
+        sub = Subscriber(args.url, codes=codes)
+    except (ValueError, ImportError) as exc:
+        _error(str(exc) if isinstance(exc, ValueError)
+               else "nats:// needs nats-py: pip install 'qmt-relay[nats]'")
+        return EXIT_CONFIG
 
     def on_signal(_signum: int, _frame: object) -> None:
         stopping.append(True)
@@ -360,4 +416,143 @@ def _export(args: argparse.Namespace) -> int:
     except OSError as exc:
         _error(f"cannot write {out_path}: {exc}")
         return EXIT_FAILURE
+    return EXIT_OK
+
+
+# -- history (K-line history in hikyuu's HDF5 layout) ---------------------------------------
+
+def _history_parser(sub: Any) -> None:
+    history = sub.add_parser("history", help="K-line history in hikyuu's HDF5 layout")
+    actions = history.add_subparsers(dest="history_command", metavar="ACTION")
+    actions.required = True
+    imp = actions.add_parser("import", help="download (or simulate) K-lines into DIR")
+    imp.add_argument("--dir", metavar="DIR", help="hikyuu data directory (default: history.dir)")
+    imp.add_argument("--source", choices=["qmt", "simulator"],
+                     help="history source (default: history.source, else source.kind)")
+    imp.add_argument("--periods", metavar="LIST", help="comma-separated: day,1min,5min")
+    imp.add_argument("--markets", metavar="LIST", help="comma-separated: SH,SZ,BJ")
+    imp.add_argument("--codes", metavar="LIST", help="only these, e.g. 600000.SH,000001.SZ")
+    imp.add_argument("--start", metavar="YYYYMMDD",
+                     help="first day (default: day bars from listing, minutes one year back)")
+    imp.add_argument("--end", metavar="YYYYMMDD", help="last day (default: the latest)")
+    imp.add_argument("--config", "-c", metavar="FILE", help="YAML config (history: section)")
+    imp.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    show = actions.add_parser("show", help="print stored bars of one security")
+    show.add_argument("symbol", metavar="SYMBOL", help="e.g. 600000.SH")
+    show.add_argument("--dir", metavar="DIR", help="hikyuu data directory (default: history.dir)")
+    show.add_argument("--period", default="day", choices=["day", "1min", "5min"])
+    show.add_argument("--tail", type=int, default=10, metavar="N", help="last N bars (default 10)")
+    show.add_argument("--start", metavar="WHEN", help="from YYYYMMDD[hhmm]")
+    show.add_argument("--end", metavar="WHEN", help="to YYYYMMDD[hhmm]")
+    show.add_argument("--config", "-c", metavar="FILE", help="YAML config (history.dir)")
+
+
+_HISTORY_OPTIONS = {"dir": "--dir", "source": "--source", "periods": "--periods",
+                    "markets": "--markets", "codes": "--codes", "start": "--start"}
+
+
+def _history_config(args: argparse.Namespace) -> Any:
+    """The config with the history options of the command line applied (checked alike)."""
+    from relay.config import config_to_dict, load_config, parse_config  # noqa: PLC0415
+
+    config = load_config(args.config)
+    data = config_to_dict(config)
+    given: Dict[str, Any] = {}
+    for key in _HISTORY_OPTIONS:
+        value = getattr(args, key, None)
+        if value is None:
+            continue
+        if key in ("periods", "markets", "codes"):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        given[key] = value
+    if not given:
+        return config
+    data["history"].update(given)
+    try:
+        return parse_config(data, path="<command line>")
+    except ConfigError as exc:
+        name = exc.key.split(".")[1].split("[")[0] if exc.key.startswith("history.") else ""
+        if name in _HISTORY_OPTIONS:
+            raise ConfigError("<command line>", _HISTORY_OPTIONS[name], exc.reason) from None
+        raise
+
+
+def _history(args: argparse.Namespace) -> int:
+    try:
+        config = _history_config(args)
+        if args.history_command == "show":
+            return _history_show(args, config)
+        end = None
+        if getattr(args, "end", None):
+            from relay.config import _yyyymmdd  # noqa: PLC0415
+
+            reason = _yyyymmdd(args.end)
+            if reason is not None:
+                raise ConfigError("<command line>", "--end", reason)
+            end = int(args.end)
+    except ConfigError as exc:
+        _error(str(exc))
+        return EXIT_CONFIG
+    import dataclasses  # noqa: PLC0415
+
+    from relay.errors import (  # noqa: PLC0415
+        HistoryError,
+        HistoryLockedError,
+        HistoryUnavailableError,
+    )
+    from relay.history.importer import ImportRequest, run_import  # noqa: PLC0415
+    from relay.history.source import create_history_source  # noqa: PLC0415
+    from relay.logs import configure_logging  # noqa: PLC0415
+
+    if args.log_level:
+        config = dataclasses.replace(
+            config, logging=dataclasses.replace(config.logging, level=args.log_level))
+    configure_logging(config.logging)
+    try:
+        source = create_history_source(config, config.history.source)
+        request = ImportRequest.from_config(config.history, end=end)
+        summary = run_import(config, request, source)
+    except ConfigError as exc:
+        _error(str(exc))
+        return EXIT_CONFIG
+    except (HistoryLockedError, HistoryUnavailableError) as exc:
+        _error(str(exc))
+        return EXIT_STARTUP
+    except HistoryError as exc:
+        _error(str(exc))
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        _error("interrupted: what was committed is kept; run again to complete")
+        return EXIT_INTERRUPTED
+    for line in summary.lines():
+        print(line, file=sys.stderr)
+    return summary.exit_code
+
+
+def _history_show(args: argparse.Namespace, config: Any) -> int:
+    from relay.errors import HistoryError  # noqa: PLC0415
+    from relay.history.reader import open_dir  # noqa: PLC0415
+
+    if args.tail is not None and args.tail < 1:
+        _error("--tail must be at least 1")
+        return EXIT_CONFIG
+    directory = args.dir or config.history.dir
+    try:
+        with open_dir(directory) as hist:
+            bars = hist.bars(args.symbol, args.period, args.start, args.end)
+    except (HistoryError, ValueError) as exc:
+        _error(str(exc))
+        return EXIT_FAILURE
+    if args.tail:
+        bars = bars[-args.tail:]
+    out = sys.stdout
+    out.write(f"{args.symbol} {args.period}: {len(bars)} bars\n")
+    out.write(f"{'datetime':<16} {'open':>10} {'high':>10} {'low':>10} {'close':>10} "
+              f"{'volume':>14} {'amount':>16}\n")
+    for row in bars:
+        when = str(row["datetime"]).replace("T", " ")
+        if args.period == "day":
+            when = when[:10]
+        out.write(f"{when:<16} {row['open']:>10.3f} {row['high']:>10.3f} {row['low']:>10.3f} "
+                  f"{row['close']:>10.3f} {row['volume']:>14,.0f} {row['amount']:>16,.0f}\n")
     return EXIT_OK

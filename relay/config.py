@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import ipaddress
+import json
 import math
 import os
 import re
@@ -25,6 +26,7 @@ from typing import (
     Literal,
     Mapping,
     NamedTuple,
+    NewType,
     Optional,
     Sequence,
     Tuple,
@@ -39,10 +41,14 @@ import yaml
 from relay.errors import ConfigError
 
 __all__ = [
+    "AlertsConfig",
+    "BridgeConfig",
     "Config",
     "HistoryConfig",
+    "JsonText",
     "LoggingConfig",
     "MetricsConfig",
+    "NatsConfig",
     "NormaliseConfig",
     "PublishConfig",
     "QmtConfig",
@@ -54,6 +60,7 @@ __all__ = [
     "SourceConfig",
     "SupervisionConfig",
     "TlsConfig",
+    "WebhookConfig",
     "apply_overrides",
     "config_to_dict",
     "load_config",
@@ -134,6 +141,44 @@ class RecorderConfig:
 
 
 @dataclass(**_DC)
+class NatsConfig:
+    """The NATS JetStream bridge sink (see :mod:`relay.sinks.nats`); off while ``url`` is empty.
+
+    The credential and TLS fields are handed to nats-py's ``connect()`` as they are.
+    """
+
+    url: Tuple[str, ...] = ()       # nats://HOST:PORT or tls://HOST:PORT; several = a cluster
+    name: str = "qmt-relay"         # connection name shown by the server's monitoring
+    user: str = ""
+    password: str = ""
+    token: str = ""
+    creds_file: str = ""            # a .creds file (JWT + NKey seed), nats-py user_credentials
+    nkeys_seed: str = ""            # a file holding an NKey seed
+    tls_ca: str = ""                # CA bundle that signed the server's certificate
+    tls_cert: str = ""              # client certificate (mutual TLS), with tls_key
+    tls_key: str = ""
+    tls_hostname: str = ""          # server name to verify when it differs from the URL's host
+    subject_prefix: str = "qmt"     # subjects PREFIX.spot, PREFIX.last.MARKET.CODE, ...
+    stream: str = "QMT"             # JetStream stream of the spot messages; STREAM_LAST: latest
+    max_age: float = 86400.0        # seconds a spot message is kept (the trading day and more)
+    max_bytes: int = 16 * 1024 ** 3    # size cap of the spot stream; the oldest go first
+    storage: Literal["file", "memory"] = "file"
+    replicas: int = 1               # stream replicas (a clustered server: 3)
+    latest_interval: float = 1.0    # seconds between updates of the latest-record subjects
+    queue_size: int = 256           # batches waiting for the bridge; beyond, dropped (counted)
+    pending_bytes: int = 64 * 1024 * 1024  # bytes nats-py buffers while disconnected
+    connect_timeout: float = 5.0    # seconds per connection attempt
+    reconnect_wait: float = 1.0     # seconds between the client's reconnect attempts
+
+
+@dataclass(**_DC)
+class BridgeConfig:
+    """Bridges of the published stream onto other messaging systems."""
+
+    nats: NatsConfig = field(default_factory=NatsConfig)
+
+
+@dataclass(**_DC)
 class SourceConfig:
     kind: SourceKind = "simulator"
     simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
@@ -171,19 +216,64 @@ class LoggingConfig:
     stats_interval: float = 10.0
 
 
+JsonText = NewType("JsonText", str)
+"""A YAML mapping or list in the file, kept as compact JSON text (alert body templates)."""
+
+
+@dataclass(**_DC)
+class MetricsConfig:
+    """The operations HTTP endpoint: /metrics, /healthz, /status and the page (relay.ops)."""
+
+    address: Optional[str] = AUTO   # http://HOST:PORT; auto = publish port + 3; null = off
+    sample_interval: float = 1.0    # seconds between status snapshots (health, alerts, page)
+    history_minutes: float = 10.0   # minutes of records/s the page's chart shows
+    quiet_after: float = 120.0      # silence (s) after which a security counts as quiet
+
+
+@dataclass(**_DC)
+class WebhookConfig:
+    """One alert webhook with a JSON body template ($event, $text, $run_id, ...)."""
+
+    url: str
+    template: Optional[JsonText] = None
+
+
+@dataclass(**_DC)
+class AlertsConfig:
+    """Webhook alerts (relay.ops.alerts): feed lost/stalled/recovered, recorder, start/stop."""
+
+    webhooks: Tuple[Union[str, WebhookConfig], ...] = ()  # URL strings or {url, template}
+    timeout: float = 5.0            # seconds per POST (and to deliver what is queued at stop)
+    retries: int = 3                # further attempts after a failed POST ...
+    backoff: float = 1.0            # ... after this many seconds, doubled each time ...
+    backoff_max: float = 30.0       # ... up to this cap
+    queue_size: int = 100           # alerts waiting for delivery; beyond, dropped (counted)
+    rate_limit: int = 5             # alerts of one kind per rate_window ...
+    rate_window: float = 600.0      # ... seconds; more are suppressed (counted, then reported)
+
+
 @dataclass(**_DC)
 class HistoryConfig:
     """K-line history: the hikyuu HDF5 directory and the service that serves it."""
 
     dir: str = "history"            # hikyuu data directory (sh_day.h5, sz_1min.h5, ...)
     address: Optional[str] = AUTO   # history service (NNG REQ/REP); auto = P+2; null = off
-
-
-@dataclass(**_DC)
-class MetricsConfig:
-    """The operations HTTP endpoint: /metrics, /healthz and the status page."""
-
-    address: Optional[str] = AUTO   # http://HOST:PORT; auto = P+3; null = off
+    # -- import (qmt-relay history import; see relay.history.importer) --
+    source: Optional[Literal["simulator", "qmt"]] = None   # None = follow source.kind
+    periods: Tuple[str, ...] = ("day", "1min", "5min")
+    markets: Tuple[str, ...] = ("SH", "SZ", "BJ")
+    codes: Tuple[str, ...] = ()     # only these securities ("600000.SH"); empty = the universe
+    start: Optional[str] = None     # YYYYMMDD; None = day bars from listing, minutes 1 year back
+    minute_days: int = 365          # default minute range (calendar days back from the end)
+    schedule: Tuple[str, ...] = ()  # China times the running relay imports on trading days
+    chunk_codes: int = 50           # securities per download / read call
+    chunk_days: int = 30            # calendar days per minute-bar call (bounds memory)
+    chunk_timeout: float = 600.0    # seconds one download call may take before it is retried
+    retries: int = 3                # further attempts of a failed or timed-out chunk
+    retry_min: float = 1.0          # first retry delay (seconds), doubled up to ...
+    retry_max: float = 60.0         # ... this cap, with jitter
+    progress_interval: float = 5.0  # seconds between history_progress log lines (no terminal)
+    compression: int = 4            # gzip level of new tables (1-9)
 
 
 @dataclass(**_DC)
@@ -223,8 +313,10 @@ class Config:
     recorder: RecorderConfig = field(default_factory=RecorderConfig)
     history: HistoryConfig = field(default_factory=HistoryConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
     supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    bridge: BridgeConfig = field(default_factory=BridgeConfig)
     shutdown_timeout: float = 5.0
 
 
@@ -319,6 +411,17 @@ def _at_least(low: int) -> _Check:
     return check
 
 
+def _yyyymmdd(value: str) -> Optional[str]:
+    if re.fullmatch(r"\d{8}", value, re.ASCII):
+        try:
+            _dt.date(int(value[:4]), int(value[4:6]), int(value[6:]))
+        except ValueError:
+            pass
+        else:
+            return None
+    return f"expected a date YYYYMMDD, got {value!r}"
+
+
 def _iso_date(value: str) -> Optional[str]:
     if re.fullmatch(r"\d{4}-\d{2}-\d{2}", value, re.ASCII):
         try:
@@ -374,6 +477,39 @@ def _addresses(value: Tuple[str, ...]) -> Optional[str]:
     return None
 
 
+def _webhook_url(value: str) -> Optional[str]:
+    if re.fullmatch(r"https?://[^\s/?#]+[^\s]*", value, re.ASCII):
+        return None
+    return f"expected an http:// or https:// URL, got {value!r}"
+
+
+def _template(value: str) -> Optional[str]:
+    import string  # noqa: PLC0415 - only configs with templates need it
+
+    placeholders = ("event", "text", "run_id", "source", "time", "host", "details")
+    unknown: List[str] = []
+
+    def walk(item: Any) -> None:
+        if isinstance(item, str):
+            for match in string.Template.pattern.finditer(item):
+                name = match.group("named") or match.group("braced")
+                if name and name not in placeholders and name not in unknown:
+                    unknown.append(name)
+        elif isinstance(item, list):
+            for element in item:
+                walk(element)
+        elif isinstance(item, dict):
+            for key, element in item.items():
+                walk(key)
+                walk(element)
+
+    walk(json.loads(value))
+    if unknown:
+        return (f"unknown placeholder ${unknown[0]}; valid: "
+                + ", ".join("$" + name for name in placeholders))
+    return None
+
+
 def _ip_network(value: str) -> Optional[str]:
     try:
         ipaddress.ip_network(value.strip(), strict=False)
@@ -382,8 +518,30 @@ def _ip_network(value: str) -> Optional[str]:
     return None
 
 
+_NATS_URL = re.compile(r"(nats|tls)://([^\s@/]+@)?[^\s:/@]+(:\d{1,5})?", re.ASCII)
+_SUBJECT = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*", re.ASCII)
+
 # Checks run after type checking, on non-null values, keyed by dotted path ("[]" = each item).
 _CHECKS: Mapping[str, _Check] = {
+    "history.periods": lambda v: None if v else "must list at least one period",
+    "history.periods[]": lambda v: None if v in ("day", "1min", "5min")
+    else f"expected one of day, 1min, 5min, got {v!r}",
+    "history.markets[]": lambda v: None if v in ("SH", "SZ", "BJ")
+    else f"expected one of SH, SZ, BJ, got {v!r}",
+    "history.codes[]": lambda v: None if re.fullmatch(r"[0-9A-Za-z]+\.(SH|SZ|BJ)", v, re.ASCII)
+    else f"expected CODE.MARKET such as 600000.SH, got {v!r}",
+    "history.start": _yyyymmdd,
+    "history.minute_days": _between(1, 100_000),
+    "history.schedule[]": lambda v: None if re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", v, re.ASCII)
+    else f"expected HH:MM (China time), got {v!r}",
+    "history.chunk_codes": _between(1, 10_000),
+    "history.chunk_days": _between(1, 100_000),
+    "history.chunk_timeout": _positive,
+    "history.retries": _between(0, 100),
+    "history.retry_min": _positive,
+    "history.retry_max": _positive,
+    "history.progress_interval": _positive,
+    "history.compression": _between(1, 9),
     "shutdown_timeout": _positive,
     "source.simulator.securities": _between(10, 20_000),
     "source.simulator.speed": _positive,
@@ -434,6 +592,19 @@ _CHECKS: Mapping[str, _Check] = {
     else f"expected HH:MM (China time), got {v!r}",
     "recorder.index_interval": _positive,
     "recorder.retry_interval": _positive,
+    "metrics.sample_interval": _positive,
+    "metrics.history_minutes": _positive,
+    "metrics.quiet_after": _positive,
+    "alerts.webhooks[]": lambda v: _webhook_url(v) if isinstance(v, str) else None,
+    "alerts.webhooks[].url": _webhook_url,
+    "alerts.webhooks[].template": _template,
+    "alerts.timeout": _positive,
+    "alerts.retries": _between(0, 20),
+    "alerts.backoff": _positive,
+    "alerts.backoff_max": _positive,
+    "alerts.queue_size": _between(1, 100_000),
+    "alerts.rate_limit": _between(1, 10_000),
+    "alerts.rate_window": _positive,
     "security.allow": lambda v: None if v else "must list at least one address (or be null)",
     "security.allow[]": _ip_network,
     "security.log_interval": _positive,
@@ -441,6 +612,20 @@ _CHECKS: Mapping[str, _Check] = {
     "supervision.window": _positive,
     "supervision.backoff_min": _positive,
     "supervision.backoff_max": _positive,
+    "bridge.nats.url[]": lambda v: None if _NATS_URL.fullmatch(v)
+    else f"expected nats://HOST:PORT or tls://HOST:PORT, got {v!r}",
+    "bridge.nats.subject_prefix": lambda v: None if _SUBJECT.fullmatch(v)
+    else f"expected subject tokens such as qmt or desk1.qmt (letters, digits, - and _), got {v!r}",
+    "bridge.nats.stream": lambda v: None if re.fullmatch(r"[A-Za-z0-9_-]{1,200}", v, re.ASCII)
+    else f"expected a stream name (letters, digits, - and _), got {v!r}",
+    "bridge.nats.max_age": _positive,
+    "bridge.nats.max_bytes": _at_least(1024 * 1024),
+    "bridge.nats.replicas": _between(1, 5),
+    "bridge.nats.latest_interval": _positive,
+    "bridge.nats.queue_size": _between(1, 1_000_000),
+    "bridge.nats.pending_bytes": _at_least(1024 * 1024),
+    "bridge.nats.connect_timeout": _positive,
+    "bridge.nats.reconnect_wait": _positive,
 }
 
 # apply_overrides() keyword -> (dotted config key, command-line option named in errors).
@@ -449,6 +634,7 @@ _OVERRIDES: Mapping[str, Tuple[str, str]] = {
     "publish": ("publish.addresses", "--publish"),
     "snapshot": ("publish.snapshot_address", "--snapshot"),
     "replay_file": ("source.replay.file", "--replay-file"),
+    "nats": ("bridge.nats.url", "--nats"),
     "replay_speed": ("source.replay.speed", "--replay-speed"),
     "log_level": ("logging.level", "--log-level"),
 }
@@ -487,6 +673,8 @@ def _describe(hint: Any) -> str:  # one return per kind of hint
         return f"list of {len(args)} items"
     if hint is bool:
         return "boolean (true or false)"
+    if hint is JsonText:
+        return "mapping or list (a JSON body)"
     return _TYPE_NAMES.get(hint, repr(hint))
 
 
@@ -526,6 +714,10 @@ def _convert_type(  # one branch per kind of hint, flat on purpose
         arms = [arg for arg in args if arg is not type(None)]
         if value is None and len(arms) < len(args):
             return None
+        if isinstance(value, abc.Mapping):
+            for arm in arms:
+                if dataclasses.is_dataclass(arm):   # its errors name the exact key
+                    return _convert(arm, value, path, key, rule)
         for arm in arms:
             try:
                 return _convert(arm, value, path, key, rule)
@@ -568,6 +760,12 @@ def _convert_type(  # one branch per kind of hint, flat on purpose
             if not math.isfinite(number):
                 raise ConfigError(path, key, f"expected a finite number, got {value!r}")
             return number
+    elif hint is JsonText:
+        if isinstance(value, (abc.Mapping, list, tuple)):
+            try:
+                return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(path, key, f"not representable as JSON: {exc}") from None
     elif hint is str:
         if isinstance(value, str):
             return value
@@ -585,7 +783,8 @@ def _build(cls: type, value: Any, path: str, key: str, rule: str) -> Any:
     if not isinstance(value, abc.Mapping):
         raise _mismatch(cls, value, path, key)
     hints = get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    names = [f.name for f in fields]
     kwargs: Dict[str, Any] = {}
     for name, item in value.items():
         child_key = f"{key}.{name}" if key else str(name)
@@ -594,6 +793,11 @@ def _build(cls: type, value: Any, path: str, key: str, rule: str) -> Any:
             raise ConfigError(path, child_key, f"unknown key {name!r}; valid: {valid}")
         child_rule = f"{rule}.{name}" if rule else name
         kwargs[name] = _convert(hints[name], item, path, child_key, child_rule)
+    for f in fields:
+        required = (f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING)
+        if required and f.name not in kwargs:
+            raise ConfigError(path, f"{key}.{f.name}" if key else f.name, "missing (required)")
     return cls(**kwargs)
 
 
@@ -704,6 +908,7 @@ def apply_overrides(
     replay_file: Optional[str] = None,
     replay_speed: Optional[float] = None,
     log_level: Optional[str] = None,
+    nats: Optional[Sequence[str]] = None,
 ) -> Config:
     """Return ``config`` with command-line values replacing the file's; ``None`` keeps it.
 
@@ -717,6 +922,7 @@ def apply_overrides(
         replay_file: ``source.replay.file``.
         replay_speed: ``source.replay.speed``.
         log_level: ``logging.level``.
+        nats: ``bridge.nats.url`` (replaces the whole list).
 
     Returns:
         A new config; ``config`` itself is unchanged.
@@ -733,6 +939,7 @@ def apply_overrides(
         "replay_file": replay_file,
         "replay_speed": replay_speed,
         "log_level": log_level,
+        "nats": nats if nats is None or isinstance(nats, str) else list(nats),
     }
     for name, value in given.items():
         if value is not None:
@@ -762,7 +969,13 @@ def config_to_dict(config: Config) -> Dict[str, Any]:
 
 def _plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        hints = get_type_hints(type(value))
+        out = {}
+        for f in dataclasses.fields(value):
+            item = getattr(value, f.name)
+            json_text = hints[f.name] in (JsonText, Optional[JsonText])
+            out[f.name] = json.loads(item) if json_text and item is not None else _plain(item)
+        return out
     if isinstance(value, tuple):
         return [_plain(item) for item in value]
     return value

@@ -17,6 +17,9 @@ __all__ = [
     "BadTick",
     "ConfigError",
     "DecodeError",
+    "HistoryError",
+    "HistoryLockedError",
+    "HistoryUnavailableError",
     "PublishError",
     "RelayError",
     "ServiceError",
@@ -29,6 +32,7 @@ EXIT_FAILURE = 1          # the relay failed while running
 EXIT_CONFIG = 2           # bad configuration or command line
 EXIT_STARTUP = 3          # could not start: address in use, source unavailable
 EXIT_INTERRUPTED = 130    # tail stopped by Ctrl-C
+EXIT_UNREACHABLE = 2      # qmt-relay status: no relay reachable (1 = unhealthy)
 
 
 class RelayError(Exception):
@@ -99,3 +103,28 @@ class BadTick(RelayError, ValueError):
         self.code = code
         self.reason = reason
         super().__init__(f"bad tick {code}: {reason}")
+
+
+class HistoryError(RelayError):
+    """A K-line history file cannot be opened, read or written as asked."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+class HistoryLockedError(HistoryError):
+    """Another process is writing the history directory (its lock file is held)."""
+
+    def __init__(self, directory: str) -> None:
+        super().__init__(directory, "locked by another running import (one writer at a time)")
+        self.directory = directory
+
+
+class HistoryUnavailableError(HistoryError):
+    """A history source cannot start (xtquant missing, MiniQMT unreachable)."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(f"source {source}", reason)
+        self.source = source

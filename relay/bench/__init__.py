@@ -20,4 +20,5 @@ BENCHES: Dict[str, str] = {
     "client": "relay.bench.client:main",      # subscriber library decode paths
     "load": "relay.bench.load:main",          # 50 subscribers, a stalled one: CPU, memory
     "abuse": "relay.bench.abuse:main",        # requests/s and stream latency under abuse
+    "nats": "relay.bench.nats:main",          # NATS bridge: throughput, e2e, cost to publishing
 }

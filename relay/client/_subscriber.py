@@ -38,6 +38,7 @@ from relay.client._events import (
     SnapshotFailed,
     SnapshotLoaded,
 )
+from relay.client._nats import NatsSub, ReplayFrom, is_nats_url
 from relay.client._snapshot import (
     SNAPSHOT_REQUEST,
     CodeFilter,
@@ -97,14 +98,20 @@ class Subscriber:
     batches and events together.
 
     Args:
-        url: the relay's stream address, ``tcp://HOST:PORT`` (pure Python) or
-            ``ipc://PATH`` (needs pynng).
+        url: the relay's stream address, ``tcp://HOST:PORT`` (pure Python),
+            ``ipc://PATH`` (needs pynng), or the NATS bridge's server,
+            ``nats://HOST:PORT[?prefix=qmt&stream=QMT]`` (needs nats-py, pure Python).
         codes: keep only these securities (``"600000.SH"`` or ``"600000"``); ``None`` = all.
         snapshot: fetch the relay's full-market snapshot after connecting (and after every
             reconnect) and deliver it first, as a batch with ``snapshot=True``; stream
             messages it already covers are skipped.
+            Over NATS the snapshot is read from JetStream once, at the first connect; after
+            a reconnect the stream resumes where it stopped.
         snapshot_url: the relay's ``publish.snapshot_address``; by default the stream's TCP
-            port + 1 (``tcp://127.0.0.1:9201`` for ``ipc://``).
+            port + 1 (``tcp://127.0.0.1:9201`` for ``ipc://``). Not used over NATS.
+        replay_from: NATS only: start with stored messages instead of new ones, from a
+            ``datetime`` (naive = China time) or after a relay sequence number of the newest
+            run (``replay_from=sub.last_seq`` resumes exactly where a previous one stopped).
         heartbeat_timeout: seconds without any message (the relay sends heartbeats every
             second by default) before reporting :class:`Silence` and reconnecting; ``None``
             disables the watchdog.
@@ -127,6 +134,7 @@ class Subscriber:
         codes: Optional[Iterable[str]] = None,
         snapshot: bool = False,
         snapshot_url: Optional[str] = None,
+        replay_from: Optional[ReplayFrom] = None,
         heartbeat_timeout: Optional[float] = 5.0,
         on_event: Optional[Callable[[Event], Any]] = None,
         on_error: Optional[Callable[[DecodeError], Any]] = None,
@@ -138,12 +146,18 @@ class Subscriber:
         cert: Optional[str] = None,
         key: Optional[str] = None,
     ) -> None:
-        scheme, host, port = parse_url(url)
+        nats = is_nats_url(url)
+        if replay_from is not None and not nats:
+            raise ValueError("replay_from= needs a nats:// URL (JetStream keeps the stream)")
+        if replay_from is not None and snapshot:
+            raise ValueError("use either snapshot=True or replay_from=, not both")
+        scheme, host, port = ("nats", "", 0) if nats else parse_url(url)
         self._tls = client_tls_context(ca, cert, key) if scheme == "tls+tcp" else None
         self.url = url
         self._keep = CodeFilter.of(list(codes) if codes is not None else None)
         self._snapshot = snapshot
-        self.snapshot_url = (snapshot_url or default_snapshot_url(url)) if snapshot else None
+        self.snapshot_url = (snapshot_url or default_snapshot_url(url)) if (
+            snapshot and not nats) else None
         self._heartbeat_timeout = heartbeat_timeout
         self._on_event = on_event
         self._on_error = on_error
@@ -151,13 +165,22 @@ class Subscriber:
         self._wait_max = reconnect_wait_max
         self._connect_timeout = connect_timeout
         self._max = max_message_bytes
-        self._transport: Union[TcpSub, PynngSub]
-        if scheme != "ipc":
+        self._transport: Union[TcpSub, PynngSub, NatsSub]
+        if scheme in ("tcp", "tls+tcp"):
             self._transport = TcpSub(host, port, connect_timeout=connect_timeout,
                                      max_message_bytes=max_message_bytes, tls=self._tls)
+        elif nats:
+            # JetStream's idle heartbeats: two missed ones recreate the consumer
+            idle = 2.0 if heartbeat_timeout is None else min(5.0, max(0.5, heartbeat_timeout / 2))
+            self._transport = NatsSub(url, snapshot=snapshot, replay_from=replay_from,
+                                      connect_timeout=connect_timeout, idle_heartbeat=idle)
         else:
             self._transport = PynngSub(url, _TOPICS, max_message_bytes=max_message_bytes)
-        self._pure = scheme != "ipc"
+        # tcp and nats connect synchronously; pynng reports its pipes as events
+        self._sync_connect = scheme in ("tcp", "tls+tcp", "nats")
+        # a half-open TCP connection never heals
+        self._redial_on_silence = scheme in ("tcp", "tls+tcp")
+        self._snapshot_loaded = False
         self._rng = random.Random()
         self._lock = threading.Lock()
         self._closed = threading.Event()
@@ -315,7 +338,7 @@ class Subscriber:
             self._opened = True
             self._last_message = time.monotonic()
             self._silent = False
-            if self._pure:
+            if self._sync_connect:
                 self._on_connected()
         try:
             msg = self._transport.recv(wait)
@@ -344,7 +367,7 @@ class Subscriber:
         self.stats.connects += 1
         self._in_batch, self._parts = False, []
         self._emit(Connected(self.url))
-        if self._snapshot:
+        if self._snapshot and not (self._snapshot_loaded and isinstance(self._transport, NatsSub)):
             self._load_snapshot()
 
     def _schedule_retry(self, reason: str) -> None:
@@ -370,15 +393,22 @@ class Subscriber:
             self._silent = True
             self.stats.silences += 1
             self._emit(Silence(round(quiet, 3)))
-            if self._pure:  # a half-open TCP connection only heals by reconnecting
+            if self._redial_on_silence:  # a half-open TCP connection heals by reconnecting
                 self._drop(f"no message for {quiet:.1f} s")
                 self._retry_at = 0.0
 
     def _load_snapshot(self) -> None:
-        assert self.snapshot_url is not None
+        transport = self._transport
         try:
-            body = request(self.snapshot_url, SNAPSHOT_REQUEST, timeout=self._connect_timeout,
-                           max_message_bytes=1 << 30, tls=self._tls)
+            if isinstance(transport, NatsSub):
+                body = transport.take_snapshot()
+                if body is None:
+                    return
+            else:
+                assert self.snapshot_url is not None
+                body = request(self.snapshot_url, SNAPSHOT_REQUEST,
+                               timeout=self._connect_timeout, max_message_bytes=1 << 30,
+                               tls=self._tls)
             batch = snapshot_batch(body, self._keep)
         except (TransportError, DecodeError, ValueError) as exc:
             self._emit(SnapshotFailed(str(exc)))
@@ -389,6 +419,7 @@ class Subscriber:
         if batch.run_id is not None and batch.last_seq is not None and (
                 self._last_seq is None or batch.last_seq > self._last_seq):
             self._last_seq = batch.last_seq
+        self._snapshot_loaded = True
         self._emit(SnapshotLoaded(len(batch.records), batch.last_seq, batch.run_id))
         self._items.append(batch)
         self.stats.batches += 1

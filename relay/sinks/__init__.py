@@ -16,7 +16,16 @@ the sink then makes a private default).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, List, Mapping, Optional, Protocol, Tuple
+from typing import (
+    TYPE_CHECKING,
+    Callable,
+    List,
+    Mapping,
+    Optional,
+    Protocol,
+    Tuple,
+    runtime_checkable,
+)
 
 from relay._registry import load
 from relay.config import service_addresses
@@ -28,7 +37,7 @@ if TYPE_CHECKING:
     from relay.security import Security
     from relay.supervise import Supervisor
 
-__all__ = ["SINKS", "PublishedBatch", "Sink", "sinks_from_config"]
+__all__ = ["SINKS", "HeartbeatSink", "PublishedBatch", "Sink", "sinks_from_config"]
 
 
 class PublishedBatch:
@@ -79,11 +88,23 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class HeartbeatSink(Sink, Protocol):
+    """A sink that also forwards the relay's heartbeats (the NATS bridge).
+
+    ``heartbeat`` gets every ``:relay:heartbeat:`` message the relay publishes, on the event
+    loop, and must not block either.
+    """
+
+    def heartbeat(self, message: bytes) -> None: ...
+
+
 SINKS: Mapping[str, Tuple[str, Callable[[Config], bool]]] = {
     # name: ("module:Class", enabled by this config?), in start order
     "snapshot": ("relay.sinks.snapshot:SnapshotService",
                  lambda config: service_addresses(config).snapshot is not None),
     "recorder": ("relay.sinks.recorder:Recorder", lambda config: config.recorder.enabled),
+    "nats": ("relay.sinks.nats:NatsBridge", lambda config: bool(config.bridge.nats.url)),
 }
 
 

@@ -373,6 +373,12 @@ class Recorder:
                    retry_interval=rc.retry_interval, units=config.normalise.units,
                    levels=config.normalise.book_levels, supervisor=supervisor)
 
+    def counters(self) -> Dict[str, int]:
+        """Counters for the metrics endpoint."""
+        return {"recorder_rows": self.written, "recorder_dropped": self.dropped,
+                "recorder_lost": self.lost, "recorder_failures": self.failures,
+                "recorder_queue": self._queue.qsize()}
+
     # -- the sink interface (event loop side) -----------------------------------------------
 
     def start(self) -> None:

@@ -83,6 +83,10 @@ class SnapshotService:
 
     # -- sink protocol ---------------------------------------------------------------------
 
+    def counters(self) -> Dict[str, int]:
+        """Counters for the metrics endpoint."""
+        return {"snapshot_requests": self.requests}
+
     def start(self) -> None:
         """Listen and start the serving thread.
 

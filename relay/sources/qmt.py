@@ -224,6 +224,14 @@ class QmtSource:
         self.dropped_pushes = 0
         self.callback_errors = 0
         self.reconnects = 0
+        self.stalls = 0
+
+    def counters(self) -> Dict[str, int]:
+        """Counters for the metrics endpoint."""
+        queue = self._queue
+        return {"reconnects": self.reconnects, "stalls": self.stalls,
+                "callback_errors": self.callback_errors, "dropped_pushes": self.dropped_pushes,
+                "source_queue": queue.qsize() if queue is not None else 0}
 
     @classmethod
     def from_config(cls, config: Config, *, clock: Optional[Clock] = None) -> QmtSource:
@@ -575,6 +583,7 @@ class QmtSource:
                 if now - quiet_from > cfg.stall_timeout:
                     log.warning("qmt_stall", silent_s=round(now - quiet_from, 3),
                                 stall_timeout_s=cfg.stall_timeout)
+                    self.stalls += 1
                     return "stall"
             for _ in self._calendar.due(now, self._seed_times, self._seeded):
                 try:

@@ -73,7 +73,17 @@ import time
 from bisect import bisect_right
 from datetime import date, datetime, timedelta, timezone
 from types import MappingProxyType
-from typing import TYPE_CHECKING, AsyncIterator, Dict, List, Mapping, Optional, Set, Tuple
+from typing import (
+    TYPE_CHECKING,
+    AsyncIterator,
+    Dict,
+    List,
+    Mapping,
+    NamedTuple,
+    Optional,
+    Set,
+    Tuple,
+)
 
 import structlog
 
@@ -87,9 +97,11 @@ __all__ = [
     "CHINA_TZ",
     "MAX_SECURITIES",
     "MIN_SECURITIES",
+    "SecurityProfile",
     "SimulatedMarket",
     "SimulatorSource",
     "china_ms",
+    "simulated_date",
 ]
 
 CHINA_TZ = timezone(timedelta(hours=8), "CST")
@@ -347,6 +359,20 @@ class _Security:
         }
 
 
+class SecurityProfile(NamedTuple):
+    """What a simulated security is, for models built on the same universe (history)."""
+
+    symbol: str
+    name: str
+    board: str                # main, st, star, chinext, bj, etf, index
+    tick_divisor: int         # 100: prices on a 0.01 tick; 1000: on a 0.001 tick
+    limit_pct: int            # daily price limit in percent (0: none, indices)
+    prev_ticks: int           # previous close in ticks (the day's ``lastClose`` x divisor)
+    daily_volatility: float   # standard deviation of a day's log return
+    daily_lots: float         # typical volume of a day, in lots
+    share_price: float        # indices: the average share price behind their amount
+
+
 class SimulatedMarket:
     """A deterministic model of the A-share market, driven by simulated time.
 
@@ -411,6 +437,15 @@ class SimulatedMarket:
     def boards(self) -> Mapping[str, str]:
         """Board by symbol: ``main``, ``st``, ``star``, ``chinext``, ``bj``, ``etf``, ``index``."""
         return self._boards
+
+    def profiles(self) -> Tuple[SecurityProfile, ...]:
+        """Every security's static description and current previous close, in batch order."""
+        root = math.sqrt(_TRADING_SECONDS)
+        return tuple(
+            SecurityProfile(s.symbol, s.name, s.board, s.div, s.limit_pct, s.prev,
+                            s.sigma * root if not s.is_index else 0.012 * s.beta,
+                            s.lots_per_sec * _TRADING_SECONDS, s.amount_price)
+            for s in self._secs)
 
     @property
     def trading_date(self) -> date:
@@ -867,6 +902,24 @@ def _previous_weekday(day: date) -> date:
     return day
 
 
+def simulated_date(config: SimulatorConfig, now: float) -> date:
+    """The trading date a simulator built from ``config`` at wall time ``now`` simulates.
+
+    Raises:
+        ConfigError: ``date`` is not ``YYYY-MM-DD``.
+    """
+    if config.start == "clock":
+        return date.fromordinal(_session_day(int(now * 1000)) + _EPOCH_ORDINAL)
+    if config.date is None:
+        day = datetime.fromtimestamp(now, CHINA_TZ).date()
+    else:
+        try:
+            day = date.fromisoformat(config.date)
+        except ValueError:
+            raise _config_error("date", "expected YYYY-MM-DD") from None
+    return _previous_weekday(day)
+
+
 class SimulatorSource:
     """The simulated market as a :class:`~relay.sources.Source`.
 
@@ -901,19 +954,8 @@ class SimulatorSource:
             raise _config_error(
                 "securities", f"must be between {MIN_SECURITIES} and {MAX_SECURITIES}")
         now = self._clock()
-        if self._mode == "clock":
-            self._speed = 1.0
-            day = date.fromordinal(_session_day(int(now * 1000)) + _EPOCH_ORDINAL)
-        else:
-            self._speed = float(config.speed)
-            if config.date is None:
-                day = datetime.fromtimestamp(now, CHINA_TZ).date()
-            else:
-                try:
-                    day = date.fromisoformat(config.date)
-                except ValueError:
-                    raise _config_error("date", "expected YYYY-MM-DD") from None
-            day = _previous_weekday(day)
+        self._speed = 1.0 if self._mode == "clock" else float(config.speed)
+        day = simulated_date(config, now)
         self._interval_ms = max(1, round(config.push_interval * 1000))
         self._skip_breaks = config.skip_breaks and self._mode != "clock"
         self._market = SimulatedMarket(seed=config.seed, securities=config.securities,

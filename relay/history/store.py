@@ -1,0 +1,822 @@
+"""hikyuu's HDF5 K-line layout: writer and reader of one market+period file.
+
+The layout (the contract, see DESIGN.md "History"):
+
+- one file per market and period, lower case: ``sh_day.h5``, ``sz_1min.h5``, ``bj_5min.h5``;
+- one table per security under ``/data``, named market upper case + code (``/data/SH600000``),
+  compound rows of :data:`BAR_DTYPE` (40 bytes): ``datetime`` uint64 ``YYYYMMDDhhmm`` (day bars
+  end in ``0000``, minute bars carry their end minute), prices uint32 yuan x 1000,
+  ``transAmount`` uint64 yuan / 1000, ``transCount`` uint64 lots; strictly increasing by
+  datetime; chunked, unlimited first dimension, gzip + shuffle, h5py's default file format;
+- index tables of the derived periods (:data:`INDEX_GROUPS`): ``/week``, ``/month``, ...
+  in day files, ``/min15`` ... ``/hour2`` in 5min files; one table per security, rows of
+  :data:`INDEX_DTYPE` ``(datetime, start)``: the period's end label and the ``/data`` row of
+  its first bar.
+
+Crash safety
+------------
+Writes are staged (:meth:`HistoryFile.append`, :meth:`HistoryFile.replace_from`,
+:meth:`HistoryFile.merge`) and applied by :meth:`HistoryFile.commit` in flushed phases, with
+two bookkeeping attributes per data table: ``relay_rows`` (rows known complete) and
+``relay_indexed`` (rows the index tables cover), and a file attribute ``relay_dirty`` that is
+set while a writer has the file open:
+
+1. tables whose tail is replaced get ``relay_rows`` lowered to the first replaced row; flush;
+2. rows are written (resize, then write); flush;
+3. ``relay_rows`` is raised and index tables are extended; flush;
+4. ``relay_indexed`` is raised; flush.
+
+Opening a file whose ``relay_dirty`` is still set (its writer was killed) truncates every
+table to its ``relay_rows`` and rebuilds the index tables of every table whose
+``relay_indexed`` differs, so a table is always complete up to some bar. Tables written by
+other tools (no attributes) are taken as they are. hikyuu and PyTables ignore the extra
+attributes.
+
+A file that HDF5 itself cannot open any more (a power loss in the middle of an HDF5 flush can
+do that) is moved aside by :func:`open_file` with ``recover_corrupt=True`` and started anew.
+
+Only one writer per directory: :class:`DirectoryLock`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Dict, Iterator, List, Literal, Mapping, Optional, Tuple, Type, Union
+
+import h5py
+import numpy as np
+import numpy.typing as npt
+
+from relay.errors import HistoryError, HistoryLockedError
+
+__all__ = [
+    "BAR_DTYPE",
+    "INDEX_DTYPE",
+    "INDEX_GROUPS",
+    "MARKETS",
+    "PERIODS",
+    "DirectoryLock",
+    "HistoryFile",
+    "MergeResult",
+    "TableInfo",
+    "bars_to_records",
+    "file_name",
+    "index_entries",
+    "index_labels",
+    "iter_files",
+    "open_file",
+    "symbol_of",
+    "table_name",
+]
+
+PERIODS: Tuple[str, ...] = ("day", "1min", "5min")
+"""The periods stored, as in hikyuu's file names."""
+
+MARKETS: Tuple[str, ...] = ("SH", "SZ", "BJ")
+
+BAR_DTYPE = np.dtype([
+    ("datetime", "<u8"),
+    ("openPrice", "<u4"),
+    ("highPrice", "<u4"),
+    ("lowPrice", "<u4"),
+    ("closePrice", "<u4"),
+    ("transAmount", "<u8"),
+    ("transCount", "<u8"),
+])
+"""hikyuu's bar record (40 bytes)."""
+
+INDEX_DTYPE = np.dtype([("datetime", "<u8"), ("start", "<u8")])
+"""A row of an index table: the derived period's end label and its first ``/data`` row."""
+
+INDEX_GROUPS: Mapping[str, Tuple[str, ...]] = {
+    "day": ("week", "month", "quarter", "halfyear", "year"),
+    "1min": (),
+    "5min": ("min15", "min30", "min60", "hour2"),
+}
+
+# Intraday labels (minutes after midnight): a bar belongs to the first label at or after it.
+def _minutes(*hhmm: int) -> npt.NDArray[np.int64]:
+    return np.array([h // 100 * 60 + h % 100 for h in hhmm], dtype=np.int64)
+
+
+def _label_range(first: int, last: int, step: int) -> List[int]:
+    start, end = first // 100 * 60 + first % 100, last // 100 * 60 + last % 100
+    return [m // 60 * 100 + m % 60 for m in range(start, end + 1, step)]
+
+
+_INTRADAY_LABELS: Mapping[str, npt.NDArray[np.int64]] = {
+    "min15": _minutes(*_label_range(945, 1130, 15), *_label_range(1315, 1500, 15)),
+    "min30": _minutes(*_label_range(1000, 1130, 30), *_label_range(1330, 1500, 30)),
+    "min60": _minutes(1030, 1130, 1400, 1500),
+    "hour2": _minutes(1130, 1500),
+}
+
+_MAX_PRICE = (2**32 - 1) / 1000.0
+_ROWS_ATTR = "relay_rows"
+_INDEXED_ATTR = "relay_indexed"
+_DIRTY_ATTR = "relay_dirty"
+_LOCK_NAME = ".qmt-relay-history.lock"
+
+Mode = Literal["r", "a"]
+
+
+# -- names ------------------------------------------------------------------------------
+
+def file_name(market: str, period: str) -> str:
+    """``("SH", "day") -> "sh_day.h5"``.
+
+    Raises:
+        ValueError: unknown market or period.
+    """
+    if market.upper() not in MARKETS:
+        raise ValueError(f"unknown market {market!r}; valid: {', '.join(MARKETS)}")
+    if period not in PERIODS:
+        raise ValueError(f"unknown period {period!r}; valid: {', '.join(PERIODS)}")
+    return f"{market.lower()}_{period}.h5"
+
+
+def table_name(symbol: str) -> str:
+    """``"600000.SH" -> "SH600000"`` (the market upper case: hikyuu finds no lower-case table).
+
+    Raises:
+        ValueError: not ``CODE.MARKET``.
+    """
+    code, dot, market = symbol.partition(".")
+    if not dot or not code or not market.isalpha():
+        raise ValueError(f"expected CODE.MARKET such as 600000.SH, got {symbol!r}")
+    return market.upper() + code
+
+
+def symbol_of(table: str) -> str:
+    """``"SH600000" -> "600000.SH"``."""
+    return f"{table[2:]}.{table[:2]}"
+
+
+# -- conversion and validation ------------------------------------------------------------
+
+def bars_to_records(
+    datetime: npt.ArrayLike,
+    open_: npt.ArrayLike,
+    high: npt.ArrayLike,
+    low: npt.ArrayLike,
+    close: npt.ArrayLike,
+    amount: npt.ArrayLike,
+    volume: npt.ArrayLike,
+) -> Tuple[npt.NDArray[np.void], Dict[str, int]]:
+    """Plain-unit bars -> hikyuu records, rejecting bad ones.
+
+    Args:
+        datetime: ``YYYYMMDDhhmm`` integers (day bars ``YYYYMMDD0000``).
+        open_, high, low, close: prices in yuan.
+        amount: turnover in yuan.
+        volume: volume in lots (100 shares).
+
+    Returns:
+        ``(records, rejected)``: the valid bars as :data:`BAR_DTYPE` rows (prices rounded half
+        away from zero to 0.001 yuan, amount to 1,000 yuan, volume to lots), strictly
+        increasing by datetime; and a count of the rejected ones by reason: ``bad_price``
+        (zero, negative, non-finite or too large), ``high_below_low``, ``bad_volume``
+        (negative or non-finite amount or volume), ``bad_datetime`` (not 12 digits) and
+        ``not_increasing`` (a datetime not after the previous kept one: out of order or
+        duplicate; the first occurrence is kept).
+    """
+    dt = np.asarray(datetime).astype(np.uint64, copy=False).ravel()
+    cols = [np.asarray(c, dtype=np.float64).ravel() for c in (open_, high, low, close)]
+    amt = np.asarray(amount, dtype=np.float64).ravel()
+    vol = np.asarray(volume, dtype=np.float64).ravel()
+    n = dt.shape[0]
+    if any(c.shape[0] != n for c in (*cols, amt, vol)):
+        raise ValueError("bar columns differ in length")
+    rejected: Dict[str, int] = {}
+    with np.errstate(invalid="ignore"):
+        prices = np.stack(cols) if n else np.zeros((4, 0))
+        bad_dt = (dt < 100_000_000_000) | (dt > 999_999_999_999)
+        bad_price = ~bad_dt & ~np.all(np.isfinite(prices) & (prices > 0)
+                                      & (prices <= _MAX_PRICE), axis=0)
+        ok = ~bad_dt & ~bad_price
+        hl = ok & (cols[1] < cols[2])
+        ok &= ~hl
+        bad_vol = ok & ~(np.isfinite(amt) & (amt >= 0) & np.isfinite(vol) & (vol >= 0))
+        ok &= ~bad_vol
+    for reason, mask in (("bad_datetime", bad_dt), ("bad_price", bad_price),
+                         ("high_below_low", hl), ("bad_volume", bad_vol)):
+        count = int(np.count_nonzero(mask))
+        if count:
+            rejected[reason] = count
+    keep = np.flatnonzero(ok)
+    kdt = dt[keep]
+    if kdt.shape[0] > 1:
+        # keep a bar only if it is after every kept bar before it
+        prior = np.maximum.accumulate(kdt)
+        increasing = np.ones(kdt.shape[0], dtype=bool)
+        increasing[1:] = kdt[1:] > prior[:-1]
+        dropped = int(kdt.shape[0] - np.count_nonzero(increasing))
+        if dropped:
+            rejected["not_increasing"] = dropped
+            keep = keep[increasing]
+    rec = np.empty(keep.shape[0], dtype=BAR_DTYPE)
+    rec["datetime"] = dt[keep]
+    for name, col in zip(("openPrice", "highPrice", "lowPrice", "closePrice"), cols):
+        rec[name] = np.floor(col[keep] * 1000.0 + 0.5)
+    rec["transAmount"] = np.floor(amt[keep] / 1000.0 + 0.5)
+    rec["transCount"] = np.floor(vol[keep] + 0.5)
+    return rec, rejected
+
+
+# -- index labels -----------------------------------------------------------------------
+
+def _to_days(ymd: npt.NDArray[np.uint64]) -> npt.NDArray[np.datetime64]:
+    y = (ymd // 10000).astype(np.int64)
+    m = (ymd // 100 % 100).astype(np.int64)
+    d = (ymd % 100).astype(np.int64)
+    months = ((y - 1970) * 12 + (m - 1)).astype("m8[M]")
+    days: npt.NDArray[np.datetime64] = (
+        (np.datetime64("1970-01", "M") + months).astype("M8[D]") + (d - 1).astype("m8[D]"))
+    return days
+
+
+def _to_label(days: npt.NDArray[np.datetime64]) -> npt.NDArray[np.uint64]:
+    years = days.astype("M8[Y]")
+    months = days.astype("M8[M]")
+    y = years.astype(np.int64) + 1970
+    m = (months - years.astype("M8[M]")).astype(np.int64) + 1
+    d = (days - months.astype("M8[D]")).astype(np.int64) + 1
+    label: npt.NDArray[np.uint64] = ((y * 10000 + m * 100 + d) * 10000).astype(np.uint64)
+    return label
+
+
+def _month_end(months: npt.NDArray[np.datetime64]) -> npt.NDArray[np.datetime64]:
+    return (months + np.timedelta64(1, "M")).astype("M8[D]") - np.timedelta64(1, "D")
+
+
+def index_labels(datetimes: npt.ArrayLike, index: str) -> npt.NDArray[np.uint64]:
+    """The end label of the derived period each bar belongs to.
+
+    Args:
+        datetimes: ``YYYYMMDDhhmm`` of day bars (for week ... year) or 5min bars (for min15
+            ... hour2).
+        index: one of :data:`INDEX_GROUPS`' names.
+
+    Returns:
+        ``YYYYMMDDhhmm`` labels: week = that week's Friday, month = the month's last day,
+        quarter = 03-31/06-30/09-30/12-31, halfyear = 06-30/12-31, year = 12-31 (all ``0000``);
+        min15/min30/min60/hour2 = the first label at or after the bar's time that day.
+
+    Raises:
+        ValueError: unknown index name.
+    """
+    dt = np.asarray(datetimes, dtype=np.uint64)
+    if index in _INTRADAY_LABELS:
+        labels = _INTRADAY_LABELS[index]
+        hhmm = (dt % 10000).astype(np.int64)
+        minute = hhmm // 100 * 60 + hhmm % 100
+        pos = np.minimum(np.searchsorted(labels, minute, side="left"), labels.shape[0] - 1)
+        chosen = labels[pos]
+        out: npt.NDArray[np.uint64] = (
+            dt // 10000 * 10000 + (chosen // 60 * 100 + chosen % 60).astype(np.uint64)
+        ).astype(np.uint64)
+        return out
+    days = _to_days(dt // 10000)
+    if index == "week":
+        weekday = (days.astype(np.int64) + 3) % 7       # Monday = 0 (1970-01-01: Thursday)
+        return _to_label(days + ((4 - weekday) % 7).astype("m8[D]"))
+    months = days.astype("M8[M]")
+    month0 = (months - days.astype("M8[Y]").astype("M8[M]")).astype(np.int64)   # 0-11
+    if index == "month":
+        return _to_label(_month_end(months))
+    span = {"quarter": 3, "halfyear": 6, "year": 12}.get(index)
+    if span is None:
+        raise ValueError(f"unknown index {index!r}")
+    last = months + (span - 1 - month0 % span).astype("m8[M]")
+    return _to_label(_month_end(last))
+
+
+def index_entries(datetimes: npt.ArrayLike, index: str, offset: int = 0) -> npt.NDArray[np.void]:
+    """Index rows for consecutive bars whose first row in ``/data`` is ``offset``.
+
+    Returns:
+        :data:`INDEX_DTYPE` rows: one per derived period met, ``(label, first row)``.
+    """
+    labels = index_labels(datetimes, index)
+    out = np.empty(0, dtype=INDEX_DTYPE)
+    if labels.shape[0]:
+        starts = np.flatnonzero(np.concatenate(([True], labels[1:] != labels[:-1])))
+        out = np.empty(starts.shape[0], dtype=INDEX_DTYPE)
+        out["datetime"] = labels[starts]
+        out["start"] = starts.astype(np.uint64) + np.uint64(offset)
+    return out
+
+
+# -- the file -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TableInfo:
+    """A stored table: its name (``SH600000``), row count, first and last ``datetime``."""
+
+    name: str
+    rows: int
+    first: Optional[int]
+    last: Optional[int]
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What :meth:`HistoryFile.merge` staged: new rows, rows found unchanged, rows replaced."""
+
+    written: int
+    unchanged: int
+    replaced: int
+
+
+@dataclass
+class _Pending:
+    keep: int                       # stored rows kept (the rest is replaced)
+    rows: npt.NDArray[np.void]      # rows to write after them
+
+
+class HistoryFile:
+    """One market+period file in hikyuu's layout. Use :func:`open_file` to get one.
+
+    Reads return only committed rows. Writes are staged and applied by :meth:`commit`
+    (and by :meth:`close`).
+    """
+
+    def __init__(self, file: h5py.File, period: str, *, mode: Mode, chunk_rows: int,
+                 compression: int) -> None:
+        self._file = file
+        self.period = period
+        self.path = str(file.filename)
+        self.mode = mode
+        self._chunk_rows = chunk_rows
+        self._compression = compression
+        self._pending: Dict[str, _Pending] = {}
+        self._indexes = INDEX_GROUPS[period]
+        self.recovered: List[str] = []
+        """Tables truncated or re-indexed when the file was opened after a killed writer."""
+        if mode == "a":
+            self._layout()
+            if self._file.attrs.get(_DIRTY_ATTR, 0):
+                self._recover()
+            self._file.attrs[_DIRTY_ATTR] = 1
+            self._file.flush()
+
+    # -- context manager ------------------------------------------------------------------
+
+    def __enter__(self) -> HistoryFile:
+        return self
+
+    def __exit__(self, exc_type: Optional[Type[BaseException]],
+                 exc: Optional[BaseException], tb: Optional[TracebackType]) -> None:
+        if exc_type is not None:
+            self._pending.clear()   # a failed run stages nothing half-made
+        self.close()
+
+    # -- reading --------------------------------------------------------------------------
+
+    def names(self) -> List[str]:
+        """Table names under ``/data``, sorted."""
+        group = self._file.get("data")
+        return sorted(group.keys()) if group is not None else []
+
+    def info(self, name: str) -> Optional[TableInfo]:
+        """Rows and first/last datetime of table ``name``, or None when absent."""
+        ds = self._data(name)
+        if ds is None:
+            return None
+        rows = self._rows(ds)
+        if rows == 0:
+            return TableInfo(name, 0, None, None)
+        first = int(ds[0]["datetime"])
+        last = int(ds[rows - 1]["datetime"])
+        return TableInfo(name, rows, first, last)
+
+    def tables(self) -> Dict[str, TableInfo]:
+        """Every table's :class:`TableInfo`, by name."""
+        out: Dict[str, TableInfo] = {}
+        for name in self.names():
+            info = self.info(name)
+            if info is not None:
+                out[name] = info
+        return out
+
+    def read(self, name: str, start: Optional[int] = None,
+             end: Optional[int] = None) -> npt.NDArray[np.void]:
+        """Rows of table ``name`` with ``start <= datetime <= end`` (raw :data:`BAR_DTYPE`).
+
+        Args:
+            name: table name, e.g. ``SH600000``.
+            start: first ``YYYYMMDDhhmm`` wanted (None: from the first row).
+            end: last ``YYYYMMDDhhmm`` wanted, inclusive (None: to the last row).
+
+        Returns:
+            The rows (empty when the table is absent).
+        """
+        ds = self._data(name)
+        if ds is None:
+            return np.empty(0, dtype=BAR_DTYPE)
+        rows = self._rows(ds)
+        lo = 0 if start is None else self._search(ds, rows, start, "left")
+        hi = rows if end is None else self._search(ds, rows, end, "right")
+        if hi <= lo:
+            return np.empty(0, dtype=BAR_DTYPE)
+        out: npt.NDArray[np.void] = ds[lo:hi]
+        return out
+
+    def read_after(self, name: str, after: int) -> npt.NDArray[np.void]:
+        """Rows of ``name`` with datetime strictly after ``after``."""
+        return self.read(name, after + 1)
+
+    def read_index(self, name: str, index: str) -> npt.NDArray[np.void]:
+        """The index table ``/<index>/<name>`` (:data:`INDEX_DTYPE` rows; empty when absent)."""
+        ds = self._file.get(f"{index}/{name}")
+        if ds is None:
+            return np.empty(0, dtype=INDEX_DTYPE)
+        out: npt.NDArray[np.void] = ds[:]
+        return out
+
+    # -- writing --------------------------------------------------------------------------
+
+    def append(self, name: str, rows: npt.NDArray[np.void]) -> int:
+        """Stage ``rows`` after the last row of ``name`` (created when absent).
+
+        Raises:
+            HistoryError: rows are not strictly increasing, or not after the stored ones.
+        """
+        self._writable()
+        rows = self._check_rows(name, rows)
+        pend = self._pending.get(name)
+        if pend is not None:
+            last = int(pend.rows[-1]["datetime"]) if pend.rows.shape[0] else None
+            if last is None:
+                stored = self._stored_last(name, pend.keep)
+                last = stored
+            if rows.shape[0] and last is not None and int(rows[0]["datetime"]) <= last:
+                raise HistoryError(self.path, f"{name}: rows not after the staged ones")
+            pend.rows = np.concatenate((pend.rows, rows))
+            return int(rows.shape[0])
+        ds = self._data(name)
+        keep = self._rows(ds) if ds is not None else 0
+        last = self._stored_last(name, keep)
+        if rows.shape[0] and last is not None and int(rows[0]["datetime"]) <= last:
+            raise HistoryError(self.path, f"{name}: rows not after the last stored bar {last}")
+        self._pending[name] = _Pending(keep, rows)
+        return int(rows.shape[0])
+
+    def replace_from(self, name: str, datetime: int, rows: npt.NDArray[np.void]) -> int:
+        """Stage: drop stored rows of ``name`` at or after ``datetime``, then append ``rows``.
+
+        Raises:
+            HistoryError: rows are not strictly increasing or start before ``datetime``.
+        """
+        self._writable()
+        rows = self._check_rows(name, rows)
+        if rows.shape[0] and int(rows[0]["datetime"]) < datetime:
+            raise HistoryError(self.path, f"{name}: replacement rows start before {datetime}")
+        if name in self._pending:
+            self.commit()
+        ds = self._data(name)
+        keep = 0
+        if ds is not None:
+            keep = self._search(ds, self._rows(ds), datetime, "left")
+        self._pending[name] = _Pending(keep, rows)
+        return int(rows.shape[0])
+
+    def merge(self, name: str, rows: npt.NDArray[np.void]) -> MergeResult:
+        """Stage ``rows`` (strictly increasing) into ``name`` the incremental way.
+
+        Stored rows from ``rows``' first datetime on are compared with ``rows``: a matching
+        prefix is left alone; from the first difference on the stored tail is replaced.
+        Rows after the stored ones are appended.
+
+        Returns:
+            How many rows are written, found unchanged, and replaced.
+        """
+        self._writable()
+        rows = self._check_rows(name, rows)
+        if not rows.shape[0]:
+            return MergeResult(0, 0, 0)
+        if name in self._pending:
+            self.commit()
+        stored = self.read(name, int(rows[0]["datetime"]))
+        n = min(stored.shape[0], rows.shape[0])
+        same = stored[:n] == rows[:n]
+        diff = int(np.argmin(same)) if n and not same.all() else n
+        if diff == stored.shape[0]:
+            new = rows[diff:]
+            if new.shape[0]:
+                self.append(name, new)
+            return MergeResult(int(new.shape[0]), diff, 0)
+        self.replace_from(name, int(stored[diff]["datetime"]), rows[diff:])
+        return MergeResult(int(rows.shape[0] - diff), diff, int(stored.shape[0] - diff))
+
+    @property
+    def staged(self) -> int:
+        """Rows staged and not yet committed."""
+        return sum(int(p.rows.shape[0]) for p in self._pending.values())
+
+    def commit(self) -> Dict[str, int]:
+        """Write what was staged, in the crash-safe phases the module docstring lists.
+
+        Returns:
+            Rows written by table name.
+        """
+        if not self._pending:
+            return {}
+        self._writable()
+        pending, self._pending = self._pending, {}
+        data = self._file.require_group("data")
+        # 1. lower the committed mark of tables whose tail will be overwritten
+        lowered = False
+        for name, pend in pending.items():
+            ds = data.get(name)
+            if ds is not None and pend.keep < self._rows(ds):
+                ds.attrs[_ROWS_ATTR] = pend.keep
+                ds.attrs[_INDEXED_ATTR] = min(int(ds.attrs.get(_INDEXED_ATTR, pend.keep)),
+                                              pend.keep)
+                lowered = True
+        if lowered:
+            self._file.flush()
+        # 2. the rows
+        written: Dict[str, int] = {}
+        for name, pend in pending.items():
+            ds = data.get(name)
+            total = pend.keep + int(pend.rows.shape[0])
+            if ds is None:
+                data.create_dataset(name, data=pend.rows, **self._dataset_options(BAR_DTYPE))
+            else:
+                if ds.shape[0] != total:
+                    ds.resize((total,))
+                if pend.rows.shape[0]:
+                    ds[pend.keep:total] = pend.rows
+            written[name] = int(pend.rows.shape[0])
+        self._file.flush()
+        # 3. commit marks, index tables
+        for name, pend in pending.items():
+            ds = data[name]
+            total = pend.keep + int(pend.rows.shape[0])
+            ds.attrs[_ROWS_ATTR] = total
+            self._update_index(name, ds, min(pend.keep, int(ds.attrs.get(_INDEXED_ATTR, 0))),
+                               total)
+        self._file.flush()
+        # 4. the index tables are complete
+        for name, pend in pending.items():
+            data[name].attrs[_INDEXED_ATTR] = pend.keep + int(pend.rows.shape[0])
+        self._file.flush()
+        return written
+
+    def rebuild_index(self, name: str) -> None:
+        """Recompute every index table of ``name`` from its ``/data`` rows."""
+        self._writable()
+        ds = self._data(name)
+        if ds is None:
+            return
+        rows = self._rows(ds)
+        self._update_index(name, ds, 0, rows)
+        ds.attrs[_INDEXED_ATTR] = rows
+        self._file.flush()
+
+    def flush(self) -> None:
+        """Commit what is staged (a no-op for a read-only file)."""
+        if self.mode == "a":
+            self.commit()
+
+    def close(self) -> None:
+        """Commit, clear the dirty mark and close. Idempotent."""
+        if not self._file.id.valid:
+            return
+        try:
+            if self.mode == "a":
+                self.commit()
+                self._file.attrs[_DIRTY_ATTR] = 0
+                self._file.flush()
+        finally:
+            self._file.close()
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _writable(self) -> None:
+        if self.mode != "a":
+            raise HistoryError(self.path, "opened read-only")
+
+    def _layout(self) -> None:
+        self._file.require_group("data")
+        for index in self._indexes:
+            self._file.require_group(index)
+
+    def _dataset_options(self, dtype: np.dtype[np.void]) -> Dict[str, object]:
+        rows = self._chunk_rows if dtype is BAR_DTYPE else max(64, self._chunk_rows // 4)
+        return {"maxshape": (None,), "chunks": (rows,), "compression": "gzip",
+                "compression_opts": self._compression, "shuffle": True}
+
+    def _data(self, name: str) -> Optional[h5py.Dataset]:
+        ds = self._file.get(f"data/{name}")
+        return ds if isinstance(ds, h5py.Dataset) else None
+
+    @staticmethod
+    def _rows(ds: h5py.Dataset) -> int:
+        committed = ds.attrs.get(_ROWS_ATTR)
+        n = int(ds.shape[0])
+        return n if committed is None else min(n, int(committed))
+
+    def _stored_last(self, name: str, keep: int) -> Optional[int]:
+        ds = self._data(name)
+        if ds is None or keep == 0:
+            return None
+        return int(ds[keep - 1]["datetime"])
+
+    @staticmethod
+    def _search(ds: h5py.Dataset, rows: int, value: int, side: Literal["left", "right"]) -> int:
+        """Binary search of ``datetime`` over the first ``rows`` rows, reading few chunks."""
+        lo, hi = 0, rows
+        # narrow down on a coarse sample first, then read one stretch
+        while hi - lo > 4096:
+            mid = (lo + hi) // 2
+            v = int(ds[mid]["datetime"])
+            if v < value or (side == "right" and v == value):
+                lo = mid + 1
+            else:
+                hi = mid
+        if hi <= lo:
+            return lo
+        block = ds[lo:hi]["datetime"]
+        return lo + int(np.searchsorted(block, np.uint64(value), side=side))
+
+    def _check_rows(self, name: str, rows: npt.NDArray[np.void]) -> npt.NDArray[np.void]:
+        table_ok = len(name) > 2 and name[:2].isupper() and name[:2].isalpha()
+        if not table_ok:
+            raise HistoryError(self.path, f"bad table name {name!r}, expected e.g. SH600000")
+        rows = np.asarray(rows)
+        if rows.dtype != BAR_DTYPE:
+            try:
+                rows = rows.astype(BAR_DTYPE)
+            except (TypeError, ValueError) as exc:
+                raise HistoryError(self.path, f"{name}: rows are not bar records") from exc
+        dt = rows["datetime"]
+        if dt.shape[0] > 1 and not bool(np.all(dt[1:] > dt[:-1])):
+            raise HistoryError(self.path, f"{name}: rows not strictly increasing by datetime")
+        return rows
+
+    def _update_index(self, name: str, ds: h5py.Dataset, valid: int, total: int) -> None:
+        """Make every index table of ``name`` describe ``/data`` rows ``[0, total)``.
+
+        Entries describing rows before ``valid`` are trusted; the period holding row
+        ``valid`` and everything after is recomputed from the data.
+        """
+        plans: List[Tuple[str, Optional[h5py.Dataset], int, int]] = []
+        for index in self._indexes:
+            idx = self._file[index].get(name)
+            kept, start_row = 0, 0
+            if idx is not None and valid > 0 and idx.shape[0]:
+                size = int(idx.shape[0])
+                last_start = int(idx[size - 1]["start"])
+                if last_start <= valid - 1:      # the usual append: only the last period grows
+                    kept, start_row = size - 1, last_start
+                else:
+                    starts = np.asarray(idx[:]["start"], dtype=np.int64)
+                    # the last period starting at or before row valid-1 may grow: redo it
+                    kept = max(int(np.searchsorted(starts, valid - 1, side="right")) - 1, 0)
+                    start_row = int(starts[kept])
+                    if start_row > valid:
+                        kept, start_row = 0, 0
+            plans.append((index, idx, kept, start_row))
+        if not plans:
+            return
+        first_row = min(plan[3] for plan in plans)
+        dts = (ds[first_row:total]["datetime"] if total > first_row
+               else np.empty(0, dtype=np.uint64))
+        for index, idx, kept, start_row in plans:
+            entries = index_entries(dts[start_row - first_row:], index, start_row)
+            size = kept + int(entries.shape[0])
+            if idx is None:
+                self._file[index].create_dataset(name, data=entries,
+                                                 **self._dataset_options(INDEX_DTYPE))
+                continue
+            if idx.shape[0] != size:
+                idx.resize((size,))
+            if entries.shape[0]:
+                idx[kept:size] = entries
+
+    def _recover(self) -> None:
+        """After a killed writer: truncate to committed rows, rebuild stale index tables."""
+        data = self._file["data"]
+        for name in sorted(data.keys()):
+            ds = data[name]
+            committed = ds.attrs.get(_ROWS_ATTR)
+            if committed is None:
+                continue
+            changed = False
+            if ds.shape[0] != int(committed):
+                ds.resize((int(committed),))
+                changed = True
+            indexed = ds.attrs.get(_INDEXED_ATTR)
+            if changed or indexed is None or int(indexed) != int(committed):
+                self._update_index(name, ds, 0, int(committed))
+                ds.attrs[_INDEXED_ATTR] = int(committed)
+                changed = True
+            if changed:
+                self.recovered.append(name)
+        self._file.flush()
+
+
+def open_file(
+    directory: Union[str, os.PathLike[str]],
+    market: str,
+    period: str,
+    mode: Mode = "r",
+    *,
+    chunk_rows: Optional[int] = None,
+    compression: int = 4,
+    recover_corrupt: bool = False,
+) -> HistoryFile:
+    """Open (``"r"``) or open/create (``"a"``) ``DIR/<market>_<period>.h5``.
+
+    A writer should hold the directory's :class:`DirectoryLock`.
+
+    Args:
+        directory: the hikyuu data directory.
+        market: ``SH``, ``SZ`` or ``BJ``.
+        period: ``day``, ``1min`` or ``5min``.
+        mode: ``"r"`` read-only (the file must exist) or ``"a"`` read/write.
+        chunk_rows: rows per chunk of new tables (default: 1024 day, 4096 minutes).
+        compression: gzip level of new tables (1-9).
+        recover_corrupt: in ``"a"`` mode, move a file HDF5 cannot open aside
+            (``<name>.corrupt-<epoch>``) and start a new one instead of raising.
+
+    Returns:
+        The open file; use it as a context manager.
+
+    Raises:
+        HistoryError: unknown market/period, missing file (``"r"``), or a file HDF5
+            cannot open.
+    """
+    try:
+        name = file_name(market, period)
+    except ValueError as exc:
+        raise HistoryError(os.fspath(directory), str(exc)) from exc
+    path = os.path.join(os.fspath(directory), name)
+    rows = chunk_rows or (1024 if period == "day" else 4096)
+    if mode == "r" and not os.path.exists(path):
+        raise HistoryError(path, "no such file")
+    try:
+        file = h5py.File(path, mode)   # h5py's default format: hikyuu and PyTables read it
+    except OSError as exc:
+        if mode != "a" or not recover_corrupt or not os.path.exists(path):
+            raise HistoryError(path, f"cannot open: {exc}") from exc
+        os.replace(path, f"{path}.corrupt-{int(time.time())}")
+        file = h5py.File(path, mode)
+    try:
+        return HistoryFile(file, period, mode=mode, chunk_rows=rows, compression=compression)
+    except Exception:
+        file.close()
+        raise
+
+
+def iter_files(directory: Union[str, os.PathLike[str]]) -> Iterator[Tuple[str, str, str]]:
+    """``(market, period, path)`` of every hikyuu K-line file present in ``directory``."""
+    for market in MARKETS:
+        for period in PERIODS:
+            path = os.path.join(os.fspath(directory), file_name(market, period))
+            if os.path.exists(path):
+                yield market, period, path
+
+
+class DirectoryLock:
+    """The one-writer-per-directory lock (a lock file, released when the process dies).
+
+    Args:
+        directory: the data directory (created when missing).
+
+    Raises:
+        HistoryLockedError: from :meth:`acquire` / ``with`` when another process holds it.
+    """
+
+    def __init__(self, directory: Union[str, os.PathLike[str]]) -> None:
+        from filelock import FileLock  # noqa: PLC0415 - only writers need it
+
+        self.directory = os.fspath(directory)
+        self.path = os.path.join(self.directory, _LOCK_NAME)
+        self._lock = FileLock(self.path, timeout=0)
+
+    def acquire(self) -> None:
+        """Take the lock or raise :class:`~relay.errors.HistoryLockedError` at once."""
+        from filelock import Timeout  # noqa: PLC0415
+
+        os.makedirs(self.directory, exist_ok=True)
+        try:
+            self._lock.acquire()
+        except Timeout:
+            raise HistoryLockedError(self.directory) from None
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> DirectoryLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, exc_type: Optional[Type[BaseException]],
+                 exc: Optional[BaseException], tb: Optional[TracebackType]) -> None:
+        self.release()

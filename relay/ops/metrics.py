@@ -1,0 +1,332 @@
+"""What the relay knows about itself, as snapshots, health and Prometheus metrics.
+
+The relay's event loop feeds a :class:`FeedTracker` once per published batch (a couple of
+C-level dict updates, nothing per record in Python) and takes an :class:`OpsStatus` snapshot
+every ``metrics.sample_interval`` seconds. Everything that other threads serve (``/metrics``,
+``/healthz``, ``/status``, the page, alerts) reads the latest snapshot, never the relay's
+live state, so a scrape costs the pipeline nothing.
+
+Each relay gets a registry of its own (:func:`build_registry`): no metric lives in
+``prometheus_client``'s global default registry, so two relays (or tests) in one process never
+share a counter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from itertools import repeat
+from typing import (
+    Callable,
+    Deque,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+)
+
+from prometheus_client import CollectorRegistry, Histogram, Info
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+__all__ = [
+    "BATCH_SECONDS_BUCKETS",
+    "FeedTracker",
+    "Health",
+    "History",
+    "OpsStatus",
+    "assess_health",
+    "build_registry",
+]
+
+_CHINA_OFFSET_S = 8 * 3600
+_DAY_S = 86_400
+
+# Per-batch processing time: a few ms for a small push, up to ~100 ms for a full market.
+BATCH_SECONDS_BUCKETS: Tuple[float, ...] = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+)
+
+
+def _china_day(epoch: float) -> int:
+    """Days since the epoch in China time (UTC+8, whatever the host's zone)."""
+    return int((epoch + _CHINA_OFFSET_S) // _DAY_S)
+
+
+class FeedTracker:
+    """Per-security last-record times and per-market record counts, fed once per batch.
+
+    Keys are ``(code, market)``. The table is cleared when the China date changes, so
+    :meth:`securities_today` counts the securities with a record today.
+
+    Args:
+        clock: epoch seconds.
+    """
+
+    __slots__ = ("_clock", "_day", "last_seen", "records_by_market")
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._day = _china_day(clock())
+        self.last_seen: Dict[Tuple[str, str], float] = {}
+        self.records_by_market: Counter[str] = Counter()
+
+    def observe(self, codes: Sequence[str], markets: Sequence[str], now: float) -> None:
+        """Note one published batch (its ``code`` and ``market`` columns) at ``now``."""
+        day = _china_day(now)
+        if day != self._day:
+            self._day = day
+            self.last_seen.clear()
+        self.last_seen.update(zip(zip(codes, markets), repeat(now)))
+        self.records_by_market.update(markets)  # Counter counts an iterable in C
+
+    def securities_today(self) -> Dict[str, int]:
+        """Securities with a record today, by market."""
+        return dict(Counter(market for _, market in self.last_seen))
+
+    def quiet(self, now: float, quiet_after: float, limit: int = 200) -> List[str]:
+        """Securities silent for ``quiet_after`` seconds while their market is still active.
+
+        A market counts as active (open) while any of its securities had a record within
+        ``quiet_after`` seconds, so a closed market or a lost feed does not list every
+        security as quiet. Returns at most ``limit`` symbols (``CODE.MARKET``), the longest
+        silent first.
+        """
+        cutoff = now - quiet_after
+        active = {market for (_, market), seen in self.last_seen.items() if seen >= cutoff}
+        silent = sorted((seen, code, market) for (code, market), seen in self.last_seen.items()
+                        if seen < cutoff and market in active)
+        return [f"{code}.{market}" for _, code, market in silent[:limit]]
+
+
+@dataclass(frozen=True)
+class Health:
+    """Whether the feed is healthy, and why (the body of ``/healthz``)."""
+
+    healthy: bool
+    status: str             # "up", "down", "stalled", "starting", "stopping"
+    reason: str
+
+    def as_dict(self) -> Dict[str, object]:
+        return {"healthy": self.healthy, "status": self.status, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class OpsStatus:
+    """One snapshot of the relay, taken on its event loop.
+
+    Counters are totals since the relay started; ``counters`` holds those of the source and
+    the sinks (``reconnects``, ``stalls``, ``recorder_rows``, ``snapshot_requests``, queue
+    depths named ``*_queue``...), whichever they report.
+    """
+
+    time: float
+    run_id: str
+    version: str
+    source: str
+    state: str
+    connected: bool
+    in_window: bool
+    last_batch_age: Optional[float]
+    lag_s: Optional[float]
+    seq: int
+    subscribers: int
+    batches: int
+    records: int
+    messages: int
+    bytes: int
+    errors: int
+    dropped: Mapping[str, int]
+    records_by_market: Mapping[str, int]
+    securities_today: Mapping[str, int]
+    quiet: Tuple[str, ...]
+    counters: Mapping[str, int]
+    health: Health
+    rates: Tuple[Mapping[str, object], ...] = ()   # records/s per market, last minutes
+
+    def as_dict(self) -> Dict[str, object]:
+        """Plain JSON-ready form (``/status``)."""
+        out = dataclasses.asdict(self)
+        out["quiet"] = list(self.quiet)
+        out["rates"] = list(self.rates)
+        return out
+
+
+def assess_health(*, state: str, connected: bool, in_window: bool,
+                  last_batch_age: Optional[float], stall_timeout: float,
+                  started_for: float) -> Health:
+    """Healthy while the source is connected and, inside a watch window, data flows.
+
+    Args:
+        state: the relay's lifecycle state (``running`` ...).
+        connected: the source reports a live feed.
+        in_window: now is inside a watch window of a trading day (always False for sources
+            without a market calendar, so they are never "stalled").
+        last_batch_age: seconds since the last published batch, None if none yet.
+        stall_timeout: silence inside a watch window that counts as a stall.
+        started_for: seconds since the relay started running (grace before the first batch).
+    """
+    if state != "running":
+        return Health(False, "starting" if state in ("new", "starting") else "stopping",
+                      f"relay is {state}")
+    if not connected:
+        return Health(False, "down", "source is not connected")
+    if in_window:
+        silent = last_batch_age if last_batch_age is not None else started_for
+        if silent > stall_timeout:
+            return Health(False, "stalled",
+                          f"no data for {silent:.0f} s inside a watch window "
+                          f"(stall after {stall_timeout:g} s)")
+    if last_batch_age is None:
+        return Health(True, "up", "source connected, no data yet")
+    return Health(True, "up", f"source connected, last data {last_batch_age:.1f} s ago")
+
+
+# Source and sink counters exported as Prometheus counters: key -> (metric name, help).
+_COUNTERS: Mapping[str, Tuple[str, str]] = {
+    "reconnects": ("source_reconnects", "Reconnects of the source (feed lost, stall, restart)."),
+    "stalls": ("source_stalls", "Silent stalls the source detected and cured by resubscribing."),
+    "callback_errors": ("source_callback_errors", "Errors inside the source's push callback."),
+    "dropped_pushes": ("source_dropped_pushes", "Pushes dropped (source queue full)."),
+    "recorder_rows": ("recorder_rows", "Records the recorder committed to HDF5."),
+    "recorder_dropped": ("recorder_dropped", "Records the recorder dropped (queue full)."),
+    "recorder_lost": ("recorder_lost", "Records the recorder lost to disk errors."),
+    "recorder_failures": ("recorder_failures", "Disk errors of the recorder."),
+    "alerts_sent": ("alerts_sent", "Alerts delivered to a webhook."),
+    "alerts_failed": ("alerts_failed", "Alert deliveries that failed after every retry."),
+    "alerts_dropped": ("alerts_dropped", "Alerts dropped because a webhook's queue was full."),
+    "alerts_suppressed": ("alerts_suppressed", "Alerts suppressed by the per-kind rate limit."),
+}
+_REQUESTS_SUFFIX = "_requests"   # "snapshot_requests" -> requests_total{service="snapshot"}
+_QUEUE_SUFFIX = "_queue"         # "recorder_queue" -> queue_depth{queue="recorder"}
+
+
+class _StatusCollector:
+    """Turns the latest :class:`OpsStatus` into metric families at scrape time."""
+
+    def __init__(self, latest: Callable[[], Optional[OpsStatus]], prefix: str) -> None:
+        self._latest = latest
+        self._prefix = prefix
+
+    def collect(self) -> Iterable[Metric]:
+        status = self._latest()
+        if status is None:
+            return []
+        return list(self._families(status))
+
+    def _families(self, s: OpsStatus) -> Iterator[Metric]:  # one block per metric, flat
+        p = self._prefix
+
+        def counter(name: str, text: str, value: float) -> CounterMetricFamily:
+            return CounterMetricFamily(p + name, text, value=value)
+
+        def gauge(name: str, text: str, value: float) -> GaugeMetricFamily:
+            return GaugeMetricFamily(p + name, text, value=value)
+
+        yield counter("batches", "Batches published.", s.batches)
+        yield counter("records", "Records published.", s.records)
+        yield counter("messages", "Messages published (framing tags included).", s.messages)
+        yield counter("bytes", "Bytes published.", s.bytes)
+        yield counter("errors", "Errors (failed batches, failing sinks).", s.errors)
+        dropped = CounterMetricFamily(p + "ticks_dropped", "Ticks dropped by the normaliser.",
+                                      labels=["reason"])
+        for reason, n in sorted(s.dropped.items()):
+            dropped.add_metric([reason], n)
+        yield dropped
+        by_market = CounterMetricFamily(p + "market_records", "Records published, per market.",
+                                        labels=["market"])
+        for market, n in sorted(s.records_by_market.items()):
+            by_market.add_metric([market], n)
+        yield by_market
+        requests = CounterMetricFamily(p + "requests", "Requests served, per service.",
+                                       labels=["service"])
+        queues = GaugeMetricFamily(p + "queue_depth", "Items waiting in a queue.",
+                                   labels=["queue"])
+        for key, value in sorted(s.counters.items()):
+            known = _COUNTERS.get(key)
+            if known is not None:
+                yield counter(known[0], known[1], value)
+            elif key.endswith(_REQUESTS_SUFFIX):
+                requests.add_metric([key[: -len(_REQUESTS_SUFFIX)]], value)
+            elif key.endswith(_QUEUE_SUFFIX):
+                queues.add_metric([key[: -len(_QUEUE_SUFFIX)]], value)
+        yield requests
+        yield queues
+        yield gauge("source_up", "1 while the source has a live feed.", float(s.connected))
+        yield gauge("healthy", "1 while /healthz answers 200.", float(s.health.healthy))
+        yield gauge("in_watch_window", "1 inside a watch window of a trading day.",
+                    float(s.in_window))
+        if s.last_batch_age is not None:
+            yield gauge("seconds_since_push", "Seconds since the last published batch.",
+                        s.last_batch_age)
+        if s.lag_s is not None:
+            yield gauge("lag_seconds", "Exchange time to publish time of the newest record "
+                                       "of the last batch (qmt source).", s.lag_s)
+        yield gauge("subscribers", "Subscribers connected to the stream.", s.subscribers)
+        yield gauge("seq", "Sequence number of the last published message.", s.seq)
+        today = GaugeMetricFamily(p + "securities_today", "Securities with a record today.",
+                                  labels=["market"])
+        for market, n in sorted(s.securities_today.items()):
+            today.add_metric([market], n)
+        yield today
+        quiet = GaugeMetricFamily(p + "quiet_securities",
+                                  "Securities gone quiet while their market is active.",
+                                  labels=["market"])
+        for market, n in sorted(Counter(sym.rpartition(".")[2] for sym in s.quiet).items()):
+            quiet.add_metric([market], n)
+        yield quiet
+
+
+def build_registry(latest: Callable[[], Optional[OpsStatus]], *, run_id: str, version: str,
+                   source: str, prefix: str = "qmt_relay_",
+                   ) -> Tuple[CollectorRegistry, Histogram]:
+    """A registry of this relay's metrics, and the batch-time histogram the loop observes.
+
+    Args:
+        latest: returns the latest snapshot (read at scrape time).
+        run_id, version, source: labels of the ``qmt_relay_build`` info metric.
+        prefix: metric name prefix.
+    """
+    registry = CollectorRegistry(auto_describe=False)
+    info = Info(prefix + "build", "Relay run id, version and source kind.", registry=registry)
+    info.info({"run_id": run_id, "version": version, "source": source})
+    histogram = Histogram(prefix + "batch_seconds", "Time to normalise, encode and publish "
+                          "one batch.", buckets=BATCH_SECONDS_BUCKETS, registry=registry)
+    registry.register(_StatusCollector(latest, prefix))
+    return registry, histogram
+
+
+class History:
+    """Cumulative records per market sampled over the last minutes (the page's chart).
+
+    Args:
+        seconds: how far back samples are kept.
+    """
+
+    __slots__ = ("_samples", "_seconds")
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+        self._samples: Deque[Tuple[float, Dict[str, int]]] = deque()
+
+    def add(self, now: float, records_by_market: Mapping[str, int]) -> None:
+        self._samples.append((now, dict(records_by_market)))
+        while self._samples and self._samples[0][0] < now - self._seconds:
+            self._samples.popleft()
+
+    def rates(self) -> List[Dict[str, object]]:
+        """Records per second per market between consecutive samples, oldest first."""
+        out: List[Dict[str, object]] = []
+        samples = list(self._samples)
+        for (t0, c0), (t1, c1) in zip(samples, samples[1:]):
+            span = t1 - t0
+            if span <= 0:
+                continue
+            out.append({"t": round(t1, 3), "rates": {m: round((n - c0.get(m, 0)) / span, 2)
+                                                     for m, n in sorted(c1.items())}})
+        return out

@@ -1,0 +1,496 @@
+"""Bridge sink: every published batch onto NATS JetStream, through the official nats-py client.
+
+:class:`NatsBridge` is a sink. ``write()`` runs on the relay's event loop and only appends the
+batch to a bounded queue (a full queue drops the batch, counts it and logs once per episode);
+a thread of its own runs an asyncio loop with the nats-py client, which reconnects by itself.
+A NATS outage is a logged, counted degradation of the bridge, never a relay failure: the NNG
+stream goes on unaffected.
+
+What goes where (:class:`relay.wire.NatsSubjects`):
+
+* each ``SpotList`` message of the stream, unchanged but for the ``:spot:`` topic prefix, on
+  ``PREFIX.spot`` with the framing and ``seq``/``run_id`` in headers, published to JetStream
+  (stream ``STREAM``, limits from ``bridge.nats``) with asynchronous acknowledgements;
+* every ``latest_interval`` seconds, the latest record of each security that changed since
+  the last round, as a one-record ``SpotList`` on ``PREFIX.last.MARKET.CODE`` (stream
+  ``STREAM_LAST``, one message per subject), then a ``PREFIX.snapshot`` marker saying up to
+  which stream message those records are complete;
+* heartbeats on ``PREFIX.heartbeat`` (core NATS).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import ssl
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Tuple, Union
+
+import structlog
+
+from relay.encode import SpotEncoder
+from relay.errors import ConfigError
+from relay.records import SpotRecord
+from relay.sinks import PublishedBatch
+from relay.wire import (
+    HDR_BATCH_FIRST,
+    HDR_BATCH_LAST,
+    HDR_RECORDS,
+    HDR_RUN_ID,
+    HDR_SEQ,
+    HDR_SOURCE,
+    HEARTBEAT_PREFIX,
+    SPOT_PREFIX,
+    NatsSubjects,
+)
+
+if TYPE_CHECKING:
+    from relay.config import Config, NatsConfig
+    from relay.security import Security
+    from relay.supervise import Supervisor
+
+__all__ = ["NatsBridge", "connect_options"]
+
+log = structlog.get_logger("relay.sinks.nats")
+
+_PREFIX_LEN = len(SPOT_PREFIX)
+_HB_LEN = len(HEARTBEAT_PREFIX)
+_ACK_TIMEOUT = 10.0         # an acknowledgement not back by then counts as lost
+_CONNECT_RETRY_MAX = 30.0   # cap of the first-connection backoff
+_CLOSE_DRAIN = 3.0          # seconds close() lets the queue drain into NATS
+_BAD_TOKEN = frozenset(" .*>\t\r\n")
+
+_Item = Union[PublishedBatch, bytes]   # a batch, or a heartbeat message
+
+
+def connect_options(config: NatsConfig) -> Dict[str, Any]:
+    """nats-py ``connect()`` keyword arguments for ``config`` (servers, credentials, TLS).
+
+    Raises:
+        ConfigError: a TLS file cannot be loaded.
+    """
+    opts: Dict[str, Any] = {
+        "servers": list(config.url),
+        "name": config.name,
+        "connect_timeout": config.connect_timeout,
+        "reconnect_time_wait": config.reconnect_wait,
+        "max_reconnect_attempts": -1,   # forever: an outage is a degradation, not an end
+        "allow_reconnect": True,
+        "pending_size": config.pending_bytes,
+    }
+    for key, name in (("user", "user"), ("password", "password"), ("token", "token"),
+                      ("user_credentials", "creds_file"), ("nkeys_seed", "nkeys_seed"),
+                      ("tls_hostname", "tls_hostname")):
+        value = getattr(config, name)
+        if value:
+            opts[key] = value
+    if config.tls_ca or config.tls_cert or any(u.startswith("tls://") for u in config.url):
+        try:
+            ctx = ssl.create_default_context(cafile=config.tls_ca or None)
+            if config.tls_cert:
+                ctx.load_cert_chain(config.tls_cert, config.tls_key or None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError("<config>", "bridge.nats.tls_ca", f"cannot load TLS files: {exc}"
+                              ) from None
+        opts["tls"] = ctx
+    return opts
+
+
+class _Stats:
+    __slots__ = ("acked", "batches", "connects", "disconnects", "dropped", "errors", "latest",
+                 "messages", "unacked")
+
+    def __init__(self) -> None:
+        self.batches = 0        # batches handed to NATS
+        self.messages = 0       # spot messages published
+        self.acked = 0          # ... and acknowledged by JetStream
+        self.unacked = 0        # ... whose acknowledgement failed or never came
+        self.dropped = 0        # batches dropped: queue full, or NATS unavailable
+        self.errors = 0         # publish calls that raised
+        self.latest = 0         # latest-record messages published
+        self.connects = 0
+        self.disconnects = 0
+
+    def as_dict(self) -> Dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+class NatsBridge:
+    """Publishes every batch to NATS JetStream from a thread of its own.
+
+    Args:
+        config: the ``bridge.nats`` section (``url`` must not be empty).
+        max_message_bytes: ``publish.max_message_bytes``, for the latest-record encoder.
+
+    Attributes:
+        stats: counters (batches, messages, acked, unacked, dropped, errors, latest, ...).
+    """
+
+    def __init__(self, config: NatsConfig, *, max_message_bytes: int = 512 * 1024) -> None:
+        if not config.url:
+            raise ValueError("bridge.nats.url is empty")
+        self.config = config
+        self.subjects = NatsSubjects(config.subject_prefix, config.stream)
+        self._max = max_message_bytes
+        self._queue: Deque[_Item] = deque()
+        self._limit = config.queue_size
+        self._dropping = False      # inside a drop episode (logged once)
+        self._episode_drops = 0
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._wake: Optional[asyncio.Event] = None
+        self._thread: Optional[threading.Thread] = None
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._nc: Any = None
+        self._js: Any = None
+        self._streams_ok = False
+        self._connected = False
+        self._unreachable_logged = False
+        # latest-record table: (market, code) -> (record, seq, run_id); dirty since last round
+        self._dirty: Dict[Tuple[str, str], Tuple[SpotRecord, int, str]] = {}
+        self._encoders: Dict[Tuple[str, str], SpotEncoder] = {}
+        self._folded: Optional[Tuple[str, str, int]] = None     # run_id, source, last seq
+        self._acked: Optional[Tuple[str, int, int]] = None      # run_id, seq, stream seq
+        self._pending_acks: Deque[Tuple[float, Any]] = deque()
+        self.stats = _Stats()
+
+    @classmethod
+    def from_config(cls, config: Config, *, supervisor: Optional[Supervisor] = None,
+                    security: Optional[Security] = None) -> NatsBridge:
+        """The bridge ``config.bridge.nats`` describes.
+
+        ``supervisor`` and ``security`` are accepted as every sink's are; the bridge dials
+        out (nothing to allow-list) and its loop thread restarts its own connection.
+        """
+        return cls(config.bridge.nats, max_message_bytes=config.publish.max_message_bytes)
+
+    # -- sink protocol (relay's event loop) --------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """Whether the bridge's NATS connection is up right now."""
+        return self._connected
+
+    def start(self) -> None:
+        """Start the bridge thread; returns at once, connected or not.
+
+        Raises:
+            ConfigError: nats-py is not installed, or a TLS file cannot be loaded.
+        """
+        try:
+            import nats  # noqa: F401, PLC0415 - optional extra, checked before the thread starts
+        except ImportError:
+            raise ConfigError("<config>", "bridge.nats.url",
+                              "the NATS bridge needs nats-py: pip install 'qmt-relay[nats]'"
+                              ) from None
+        connect_options(self.config)  # fail now on unreadable TLS files
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._thread_main, name="relay-nats",
+                                        daemon=True)
+        self._thread.start()
+        self._ready.wait(5)
+        log.info("nats_bridge_started", servers=list(self.config.url),
+                 prefix=self.config.subject_prefix, stream=self.config.stream)
+
+    def write(self, batch: PublishedBatch) -> None:
+        """Queue a published batch (O(1); never blocks, drops when the queue is full)."""
+        self._enqueue(batch)
+
+    def heartbeat(self, message: bytes) -> None:
+        """Queue a ``:relay:heartbeat:`` message for ``PREFIX.heartbeat``."""
+        self._enqueue(message)
+
+    def _enqueue(self, item: _Item) -> None:
+        if len(self._queue) >= self._limit:
+            if isinstance(item, bytes):
+                return  # heartbeats are not worth a drop episode
+            self.stats.dropped += 1
+            self._episode_drops += 1
+            if not self._dropping:
+                self._dropping = True
+                log.warning("nats_bridge_dropping", queue_size=self._limit,
+                            connected=self._connected)
+            return
+        if self._dropping and len(self._queue) < self._limit // 2:
+            self._dropping = False
+            log.info("nats_bridge_recovered", dropped=self._episode_drops)
+            self._episode_drops = 0
+        self._queue.append(item)
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None:
+            with contextlib.suppress(RuntimeError):  # the bridge loop is closing
+                loop.call_soon_threadsafe(wake.set)
+
+    def close(self) -> None:
+        """Drain what is queued (for a few seconds), then disconnect. Idempotent."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        self._stop.set()
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(wake.set)
+        thread.join(_CLOSE_DRAIN + 5)
+        log.info("nats_bridge_stopped", **self.stats.as_dict(), queued=len(self._queue))
+
+    # -- bridge thread -------------------------------------------------------------------------
+
+    def _thread_main(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except Exception as exc:  # the bridge must never take the relay down
+            log.exception("nats_bridge_failed", error=repr(exc))
+        finally:
+            self._ready.set()
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._ready.set()
+        try:
+            if await self._connect():
+                await self._pump()
+        finally:
+            await self._disconnect()
+
+    async def _connect(self) -> bool:
+        """Connect the first time (nats-py retries by itself); False if stopped first."""
+        from nats.aio.client import Client  # noqa: PLC0415 - optional extra
+
+        opts = connect_options(self.config)
+        wait = 0.5
+        while not self._stop.is_set():
+            nc = Client()
+            task = asyncio.ensure_future(nc.connect(
+                **opts, error_cb=self._on_error, disconnected_cb=self._on_disconnected,
+                reconnected_cb=self._on_reconnected, closed_cb=self._on_closed))
+            while not task.done() and not self._stop.is_set():
+                await self._sleep(0.25)
+                self._drain_while_down()
+            if not task.done():  # stopped while still trying
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+                with contextlib.suppress(Exception):
+                    await nc.close()
+                return False
+            exc = task.exception()
+            if exc is not None:  # rejected (authorization, TLS): retry with backoff
+                log.error("nats_connect_failed", servers=list(self.config.url), error=repr(exc))
+                with contextlib.suppress(Exception):
+                    await nc.close()
+                await self._sleep(wait * random.uniform(0.5, 1.0))
+                wait = min(_CONNECT_RETRY_MAX, wait * 2)
+                continue
+            self._nc, self._js = nc, nc.jetstream()
+            self._connected = True
+            self.stats.connects += 1
+            log.info("nats_connected", server=str(nc.connected_url.netloc)
+                     if nc.connected_url else None)
+            await self._ensure_streams()
+            return True
+        return False
+
+    def _drain_while_down(self) -> None:
+        """Before the first connection, batches beyond half the queue are dropped (counted)."""
+        while len(self._queue) > self._limit // 2:
+            item = self._queue.popleft()
+            if not isinstance(item, bytes):
+                self.stats.dropped += 1
+
+    async def _sleep(self, seconds: float) -> None:
+        wake = self._wake
+        assert wake is not None
+        wake.clear()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(wake.wait(), seconds)
+
+    async def _ensure_streams(self) -> None:
+        """Create (or update) both streams; a failure is logged and retried later."""
+        from nats.js.api import DiscardPolicy, StorageType, StreamConfig  # noqa: PLC0415
+
+        cfg, subj = self.config, self.subjects
+        storage = StorageType.FILE if cfg.storage == "file" else StorageType.MEMORY
+        spot = StreamConfig(name=subj.stream, subjects=[subj.spot], max_age=cfg.max_age,
+                            max_bytes=cfg.max_bytes, storage=storage,
+                            num_replicas=cfg.replicas, discard=DiscardPolicy.OLD,
+                            allow_direct=True,
+                            description="qmt-relay spot stream (SpotList messages)")
+        last = StreamConfig(name=subj.last_stream, subjects=[f"{subj.last}.>", subj.snapshot],
+                            max_msgs_per_subject=1, storage=storage,
+                            num_replicas=cfg.replicas, discard=DiscardPolicy.OLD,
+                            allow_direct=True,
+                            description="qmt-relay latest record per security")
+        jsm = self._nc.jsm()
+        try:
+            for config in (spot, last):
+                try:
+                    await jsm.add_stream(config)
+                except Exception:  # exists with other limits: bring it to ours
+                    await jsm.update_stream(config)
+        except Exception as exc:  # server without JetStream, no permission, outage
+            self._streams_ok = False
+            log.error("nats_stream_setup_failed", stream=subj.stream, error=repr(exc))
+            return
+        self._streams_ok = True
+
+    async def _on_error(self, exc: Exception) -> None:
+        if self._nc is None and not self._unreachable_logged:  # before the first connection
+            self._unreachable_logged = True
+            log.warning("nats_unreachable", servers=list(self.config.url), error=repr(exc))
+        else:
+            log.debug("nats_client_error", error=repr(exc))
+
+    async def _on_disconnected(self) -> None:
+        if self._connected and not self._stop.is_set():
+            self.stats.disconnects += 1
+            log.warning("nats_disconnected", queued=len(self._queue))
+        self._connected = False
+
+    async def _on_reconnected(self) -> None:
+        self._connected = True
+        self.stats.connects += 1
+        nc = self._nc
+        log.info("nats_reconnected", server=str(nc.connected_url.netloc)
+                 if nc is not None and nc.connected_url else None)
+        self._streams_ok = False  # a restarted server may have lost them: check again
+
+    async def _on_closed(self) -> None:
+        self._connected = False
+
+    async def _pump(self) -> None:
+        interval = self.config.latest_interval
+        next_latest = time.monotonic() + interval
+        stop_at: Optional[float] = None
+        while True:
+            if self._stop.is_set() and stop_at is None:
+                stop_at = time.monotonic() + _CLOSE_DRAIN
+            if stop_at is not None and (not self._queue or time.monotonic() > stop_at):
+                break
+            if not self._streams_ok and self._connected:
+                await self._ensure_streams()
+            while self._queue:
+                item = self._queue.popleft()
+                try:
+                    if isinstance(item, bytes):
+                        await self._nc.publish(self.subjects.heartbeat, item[_HB_LEN:])
+                    else:
+                        await self._publish_batch(item)
+                except Exception as exc:  # outbound buffer full while disconnected, ...
+                    self.stats.errors += 1
+                    if not isinstance(item, bytes):
+                        self.stats.dropped += 1
+                    log.debug("nats_publish_failed", error=repr(exc))
+                await asyncio.sleep(0)  # let acknowledgements and pings through
+            self._expire_acks()
+            now = time.monotonic()
+            if now >= next_latest or stop_at is not None:
+                await self._publish_latest()
+                next_latest = now + interval
+            if not self._queue and stop_at is None:
+                await self._sleep(max(0.0, next_latest - time.monotonic()))
+        await self._publish_latest()
+
+    async def _publish_batch(self, batch: PublishedBatch) -> None:
+        js, subject = self._js, self.subjects.spot
+        first = batch.first_seq
+        last = first + len(batch.messages) - 1
+        fixed = {HDR_RUN_ID: batch.run_id, HDR_BATCH_FIRST: str(first),
+                 HDR_BATCH_LAST: str(last), HDR_SOURCE: batch.source}
+        for i, (message, count) in enumerate(zip(batch.messages, batch.counts)):
+            seq = first + i
+            headers = {**fixed, HDR_SEQ: str(seq), HDR_RECORDS: str(count)}
+            future = await js.publish_async(subject, message[_PREFIX_LEN:], headers=headers,
+                                            wait_stall=_ACK_TIMEOUT)
+            self.stats.messages += 1
+            future.add_done_callback(self._ack_callback(batch.run_id, seq))
+            self._pending_acks.append((time.monotonic(), future))
+        self.stats.batches += 1
+        self._fold(batch)
+
+    def _ack_callback(self, run_id: str, seq: int) -> Any:
+        def done(future: asyncio.Future[Any]) -> None:
+            if future.cancelled() or future.exception() is not None:
+                self.stats.unacked += 1
+                return
+            self.stats.acked += 1
+            self._acked = (run_id, seq, int(future.result().seq))
+
+        return done
+
+    def _expire_acks(self) -> None:
+        pending, cutoff = self._pending_acks, time.monotonic() - _ACK_TIMEOUT
+        while pending and (pending[0][1].done() or pending[0][0] < cutoff):
+            _, future = pending.popleft()
+            if not future.done():
+                future.cancel()  # releases nats-py's in-flight slot; counted as unacked
+
+    def _fold(self, batch: PublishedBatch) -> None:
+        """Remember the batch's records as the latest of their securities."""
+        records = batch.records
+        dirty, run = self._dirty, batch.run_id
+        pos = 0
+        for seq, count in enumerate(batch.counts, batch.first_seq):
+            for rec in records[pos:pos + count]:
+                dirty[(rec.market, rec.code)] = (rec, seq, run)
+            pos += count
+        self._folded = (run, batch.source, batch.first_seq + len(batch.messages) - 1)
+
+    async def _publish_latest(self) -> None:
+        """Publish the changed latest records, then the snapshot marker."""
+        if not self._dirty or not self._connected or self._folded is None:
+            return
+        dirty, self._dirty = self._dirty, {}
+        nc, subj = self._nc, self.subjects
+        _, source, _ = self._folded
+        now_ms = int(time.time() * 1000)
+        published = 0
+        try:
+            for (market, code), (rec, seq, run) in dirty.items():
+                if _BAD_TOKEN.intersection(market) or _BAD_TOKEN.intersection(code):
+                    continue  # not a valid subject token; the stream still carries it
+                encoder = self._encoders.get((run, source))
+                if encoder is None:
+                    self._encoders.clear()  # one run at a time
+                    encoder = self._encoders[(run, source)] = SpotEncoder(run, source, self._max)
+                (message,) = encoder.encode([rec], first_seq=seq, publish_time_ms=now_ms)
+                await nc.publish(subj.last_subject(market, code), message[_PREFIX_LEN:],
+                                 headers={HDR_RUN_ID: run, HDR_SEQ: str(seq)})
+                published += 1
+                if published % 500 == 0:
+                    await asyncio.sleep(0)
+        except Exception as exc:  # disconnected half way: keep the rest for the next round
+            self.stats.errors += 1
+            for key, value in dirty.items():
+                self._dirty.setdefault(key, value)
+            log.debug("nats_latest_failed", error=repr(exc))
+            return
+        finally:
+            self.stats.latest += published
+        acked = self._acked
+        marker = {"v": 1, "run_id": acked[0] if acked else None,
+                  "seq": acked[1] if acked else None,
+                  "stream_seq": acked[2] if acked else None,
+                  "source": source, "time_ms": now_ms}
+        with contextlib.suppress(Exception):  # the next round writes it again
+            await self._js.publish(subj.snapshot, json.dumps(marker).encode(),
+                                   timeout=_ACK_TIMEOUT)
+
+    async def _disconnect(self) -> None:
+        nc, self._nc = self._nc, None
+        if nc is None:
+            return
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.flush(), 2)
+        pending: List[Any] = [f for _, f in self._pending_acks if not f.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=2)
+        self._expire_acks()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.close(), 5)
+        self._connected = False
