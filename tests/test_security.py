@@ -157,3 +157,31 @@ def test_metrics_http_endpoint_applies_the_allow_list() -> None:
     finally:
         server.close()
     assert 1 == sec.refused("metrics")
+
+
+def test_refused_peers_are_not_counted_as_subscribers() -> None:
+    """The publisher's subscriber count sees allowed peers only."""
+    import time
+
+    from relay.publish import Publisher
+
+    address = tcp_address()
+    with capture_logs():
+        pub = Publisher([address], security=Security(["127.0.0.1"]))
+        pub.start()
+        good = [connect(address) for _ in range(2)]
+        try:
+            for g in good:
+                g.sendall(SP_SUB)
+            for _ in range(3):
+                with connect(address, source="127.0.0.2") as bad:
+                    bad.sendall(SP_SUB)
+                    read_until_closed(bad, timeout=5)
+            deadline = time.monotonic() + 10
+            while pub.subscribers != 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert 2 == pub.subscribers
+        finally:
+            for g in good:
+                g.close()
+            pub.close()
