@@ -23,6 +23,7 @@ from typing import (
     Any,
     Callable,
     Dict,
+    Iterable,
     Iterator,
     List,
     Optional,
@@ -35,6 +36,7 @@ from relay.config import Config, service_addresses
 from relay.encode import Records, SpotEncoder
 from relay.errors import RelayError, ServiceError, SourceError
 from relay.normalise import Normaliser
+from relay.ops.metrics import OpsStatus
 from relay.ops.monitor import Operations, ReportsCounters
 from relay.publish import Publisher
 from relay.security import Security
@@ -132,9 +134,11 @@ class Relay:
         self._started_sinks: List[Sink] = []
         self._heartbeat_sinks = [s for s in self._sinks if isinstance(s, HeartbeatSink)]
         self._failure: Optional[BaseException] = None  # why the source stopped, if it broke
+        self._history_schedule: Any = None   # relay.history.schedule, when history.schedule
         # Operations (metrics endpoint, health, alerts): decided once, built at startup.
         self._ops_wanted = bool(service_addresses(config).metrics or config.alerts.webhooks)
         self._ops: Optional[Operations] = None
+        self._ops_status: Optional[OpsStatus] = None
         self._last_batch_at: Optional[float] = None
         self._last_lag_ms: Optional[int] = None
         self._pump_failed = False
@@ -143,6 +147,11 @@ class Relay:
     def ops(self) -> Optional[Operations]:
         """The operations side (metrics, health, alerts), once started; None when off."""
         return self._ops
+
+    @property
+    def ops_status(self) -> Optional[OpsStatus]:
+        """The latest operations snapshot (kept after stop); None when operations are off."""
+        return self._ops_status
 
     # -- stopping --------------------------------------------------------------------------
 
@@ -228,7 +237,8 @@ class Relay:
         self._encoder = SpotEncoder(self.run_id, source.kind, cfg.publish.max_message_bytes)
         if self._ops_wanted:
             self._ops = Operations(cfg, run_id=self.run_id, source=source.kind,
-                                   clock=self._clock, security=self.security)
+                                   clock=self._clock, supervisor=self.supervisor,
+                                   allow=self.security.is_allowed, refuse=self.security.refuse)
         self._publisher.start()
         log.info("publishing", addresses=list(cfg.publish.addresses), run_id=self.run_id)
         if self._ops is not None:
@@ -236,6 +246,11 @@ class Relay:
         for sink in self._sinks:
             sink.start()
             self._started_sinks.append(sink)
+        if cfg.history.schedule:   # imports as a child process: never in the way of publishing
+            from relay.history.schedule import HistorySchedule  # noqa: PLC0415
+
+            self._history_schedule = HistorySchedule(cfg)
+            self._history_schedule.start()
         await source.start()
         self._normaliser.set_names(source.names)
         log.info(
@@ -392,7 +407,10 @@ class Relay:
             else:
                 codes = [r.code for r in result.records]
                 markets = [r.market for r in result.records]
-            ops.observe_batch(codes, markets, publish_ms / 1000.0,
+            # Every tick published: the batch's own keys are the symbols (hashes cached).
+            symbols: Iterable[str] = batch.keys() if len(codes) == len(batch) else [
+                f"{code}.{market}" for code, market in zip(codes, markets)]
+            ops.observe_batch(symbols, markets, publish_ms / 1000.0,
                               time.perf_counter() - started)
         return published
 
@@ -440,7 +458,7 @@ class Relay:
         dropped = dict(t.dropped)
         for reason, n in s.dropped.items():
             dropped[reason] = dropped.get(reason, 0) + n
-        ops.sample(
+        self._ops_status = ops.sample(
             state=self.state.value,
             connected=bool(source is not None and source.connected),
             last_batch_at=self._last_batch_at, lag_ms=self._last_lag_ms, seq=self._seq,
@@ -448,7 +466,10 @@ class Relay:
             totals={"batches": t.batches + s.batches, "records": t.records + s.records,
                     "messages": t.messages + s.messages, "bytes": t.bytes + s.bytes,
                     "errors": t.errors + s.errors},
-            dropped=dropped, counters=self._counters())
+            dropped=dropped, counters=self._counters(),
+            services=[(s.name, s.alive, s.failures, s.restarts)
+                      for s in self.supervisor.status()],
+            refused=self.security.refusals())
 
     def _log_stats(self) -> None:
         s, t = self._stats, self._totals
@@ -480,6 +501,9 @@ class Relay:
         if self.state is State.STOPPED:
             return
         self.state = State.STOPPING
+        if self._history_schedule is not None:
+            self._history_schedule.close()
+            self._history_schedule = None
         source = self._source
         if source is not None:
             try:

@@ -425,6 +425,7 @@ def _history_parser(sub: Any) -> None:
     history = sub.add_parser("history", help="K-line history in hikyuu's HDF5 layout")
     actions = history.add_subparsers(dest="history_command", metavar="ACTION")
     actions.required = True
+    _history_sync_parser(actions)
     imp = actions.add_parser("import", help="download (or simulate) K-lines into DIR")
     imp.add_argument("--dir", metavar="DIR", help="hikyuu data directory (default: history.dir)")
     imp.add_argument("--source", choices=["qmt", "simulator"],
@@ -478,6 +479,8 @@ def _history_config(args: argparse.Namespace) -> Any:
 
 
 def _history(args: argparse.Namespace) -> int:
+    if args.history_command == "sync":
+        return _history_sync(args)
     try:
         config = _history_config(args)
         if args.history_command == "show":
@@ -555,4 +558,87 @@ def _history_show(args: argparse.Namespace, config: Any) -> int:
             when = when[:10]
         out.write(f"{when:<16} {row['open']:>10.3f} {row['high']:>10.3f} {row['low']:>10.3f} "
                   f"{row['close']:>10.3f} {row['volume']:>14,.0f} {row['amount']:>16,.0f}\n")
+    return EXIT_OK
+
+
+# -- history sync (mirror a relay's history directory) -------------------------------------
+
+def _history_sync_parser(actions: Any) -> None:
+    sync = actions.add_parser("sync", help="mirror a relay's history directory into DIR")
+    sync.add_argument("url", metavar="URL",
+                      help="the relay's history service, e.g. tcp://relay-host:9202")
+    sync.add_argument("--dir", required=True, metavar="DIR", help="local hikyuu data directory")
+    sync.add_argument("--periods", metavar="LIST", help="comma-separated: day,1min,5min")
+    sync.add_argument("--markets", metavar="LIST", help="comma-separated: SH,SZ,BJ")
+    sync.add_argument("--codes", metavar="LIST", help="only these, e.g. 600000.SH,000001")
+    sync.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                      help="seconds allowed for each reply (default 60)")
+    sync.add_argument("--page-bytes", type=int, metavar="N",
+                      help="ask for replies of at most N bytes (default: the relay's limit)")
+    sync.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+
+def _split(value: Optional[str]) -> Optional[List[str]]:
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _history_sync(args: argparse.Namespace) -> int:
+    from relay.client._history import MARKETS, PERIODS  # noqa: PLC0415
+    from relay.client._transport import TransportError, parse_url  # noqa: PLC0415
+    from relay.config import LoggingConfig  # noqa: PLC0415
+    from relay.errors import HistoryError, HistoryLockedError  # noqa: PLC0415
+
+    periods, markets = _split(args.periods), _split(args.markets)
+    if markets is not None:
+        markets = [m.upper() for m in markets]
+    for option, values, valid in (("--periods", periods, PERIODS),
+                                  ("--markets", markets, MARKETS)):
+        bad = [v for v in values or () if v not in valid]
+        if bad:
+            _error(f"{option}: unknown {bad[0]!r}; valid: {', '.join(valid)}")
+            return EXIT_CONFIG
+    try:
+        parse_url(args.url)
+    except ValueError as exc:
+        _error(str(exc))
+        return EXIT_CONFIG
+    if args.page_bytes is not None and args.page_bytes < 4096:
+        _error("--page-bytes: must be at least 4096")
+        return EXIT_CONFIG
+    from relay.history.sync import progress_printer, sync  # noqa: PLC0415
+    from relay.logs import configure_logging  # noqa: PLC0415
+
+    configure_logging(LoggingConfig(level=args.log_level or "info"))
+    progress, close = progress_printer()
+    try:
+        summary = sync(args.url, args.dir, periods=periods, markets=markets,
+                       codes=_split(args.codes), timeout=args.timeout,
+                       max_reply_bytes=args.page_bytes, progress=progress)
+    except HistoryLockedError as exc:
+        _error(str(exc))
+        return EXIT_STARTUP
+    except (HistoryError, TransportError) as exc:
+        _error(f"sync stopped: {exc} (what was committed is kept; run again to complete)")
+        unreachable = isinstance(exc, TransportError) and str(exc).startswith("cannot connect")
+        return EXIT_STARTUP if unreachable else EXIT_FAILURE
+    except KeyboardInterrupt:
+        _error("interrupted: what was committed is kept; run again to complete")
+        return EXIT_INTERRUPTED
+    finally:
+        close()
+    rate = summary.bars / summary.elapsed if summary.elapsed > 0 else 0.0
+    lines = [
+        f"history sync from {args.url} into {args.dir}: {summary.files} files, "
+        f"{summary.tables} tables ({summary.up_to_date} already up to date)",
+        f"  bars fetched: {summary.bars} ({rate:,.0f} bars/s); index rows: "
+        f"{summary.index_rows}; index tables rewritten: {summary.index_fixed}",
+        f"  tables re-fetched because the relay's history changed: {len(summary.refetched)}"
+        + (f" ({', '.join(summary.refetched[:10])}{' ...' if len(summary.refetched) > 10 else ''})"
+           if summary.refetched else ""),
+        f"  {summary.requests} requests, {summary.bytes:,} bytes, {summary.elapsed:.1f} s",
+    ]
+    if summary.tables == 0:
+        lines.append("  nothing to sync: the relay serves no table matching the request")
+    for line in lines:
+        print(line, file=sys.stderr)
     return EXIT_OK

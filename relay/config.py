@@ -164,7 +164,7 @@ class NatsConfig:
     max_bytes: int = 16 * 1024 ** 3    # size cap of the spot stream; the oldest go first
     storage: Literal["file", "memory"] = "file"
     replicas: int = 1               # stream replicas (a clustered server: 3)
-    latest_interval: float = 1.0    # seconds between updates of the latest-record subjects
+    latest_interval: float = 5.0    # seconds between updates of the latest-record subjects
     queue_size: int = 256           # batches waiting for the bridge; beyond, dropped (counted)
     pending_bytes: int = 64 * 1024 * 1024  # bytes nats-py buffers while disconnected
     connect_timeout: float = 5.0    # seconds per connection attempt
@@ -258,6 +258,8 @@ class HistoryConfig:
 
     dir: str = "history"            # hikyuu data directory (sh_day.h5, sz_1min.h5, ...)
     address: Optional[str] = AUTO   # history service (NNG REQ/REP); auto = P+2; null = off
+    max_reply_bytes: int = 4 * 1024 * 1024     # history service: replies are paged under this
+    max_request_bytes: int = 1024 * 1024       # history service: longer requests are refused
     # -- import (qmt-relay history import; see relay.history.importer) --
     source: Optional[Literal["simulator", "qmt"]] = None   # None = follow source.kind
     periods: Tuple[str, ...] = ("day", "1min", "5min")
@@ -360,7 +362,9 @@ def planned_address(addresses: Sequence[str], service: str) -> str:
     if port > 65535:
         port = FALLBACK_PORT + SERVICE_OFFSETS[service]
     if service == "metrics":
-        return f"{'https' if scheme == 'tls+tcp' else 'http'}://{host}:{port}"
+        # plain HTTP even beside a tls+tcp stream: the endpoint has no TLS (the allow-list
+        # applies to it like to every TCP service)
+        return f"http://{host}:{port}"
     return f"{scheme}://{host}:{port}"
 
 
@@ -581,6 +585,8 @@ _CHECKS: Mapping[str, _Check] = {
     "publish.snapshot_address": _service_address,
     "history.address": _service_address,
     "history.dir": lambda v: None if v else "must not be empty",
+    "history.max_reply_bytes": _between(64 * 1024, 256 * 1024 * 1024),
+    "history.max_request_bytes": _between(4096, 64 * 1024 * 1024),
     "metrics.address": _http_address,
     "logging.stats_interval": _positive,
     "logging.file_max_bytes": _at_least(1024),

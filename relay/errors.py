@@ -19,6 +19,7 @@ __all__ = [
     "DecodeError",
     "HistoryError",
     "HistoryLockedError",
+    "HistoryRequestError",
     "HistoryUnavailableError",
     "PublishError",
     "RelayError",
@@ -128,3 +129,14 @@ class HistoryUnavailableError(HistoryError):
     def __init__(self, source: str, reason: str) -> None:
         super().__init__(f"source {source}", reason)
         self.source = source
+
+
+class HistoryRequestError(HistoryError):
+    """The history service refused a request (malformed, unknown security, file busy).
+
+    Raised by the service for a bad request (it becomes the error reply) and by the client
+    for an error reply (``where`` is then the service's address).
+    """
+
+    def __init__(self, reason: str, where: str = "history service") -> None:
+        super().__init__(where, reason)

@@ -134,6 +134,23 @@ class SpotColumns:
             self._records = list(map(_new_record, repeat(SpotRecord), zip(*cols)))
         return self._records
 
+    def record(self, i: int) -> SpotRecord:
+        """Record ``i`` alone, equal to ``records[i]``, without building the others."""
+        if self._records is not None:
+            return self._records[i]
+        levels = self.levels
+        start = i * levels
+        values: List[Any] = []
+        for k, name in enumerate(FIELDS):
+            col = getattr(self, name)
+            if k in _BOOKS:
+                values.append(tuple(_plain(col[start:start + levels])))
+            else:
+                value = col[i]
+                item = getattr(value, "item", None)  # a numpy scalar
+                values.append(item() if item is not None else value)
+        return SpotRecord(*values)
+
     @classmethod
     def from_records(cls, records: Sequence[SpotRecord]) -> Optional[SpotColumns]:
         """Columns of ``records``, or ``None`` if their book depths differ."""

@@ -31,8 +31,7 @@ from relay.errors import ConfigError, PublishError
 if TYPE_CHECKING:
     from relay.config import SecurityConfig
 
-__all__ = ["AllowList", "Security", "TlsFiles", "describe_nng_error", "is_loopback_address",
-           "receive"]
+__all__ = ["AllowList", "Security", "TlsFiles", "describe_nng_error", "is_loopback_address"]
 
 log = structlog.get_logger("relay.security")
 
@@ -262,26 +261,6 @@ class Security:
                 self.refuse(service, text)
 
         return check
-
-
-def receive(sock: pynng.Socket) -> Optional[bytes]:
-    """One message from a service socket: ``None`` on its receive timeout, ``b""`` for an
-    empty message.
-
-    pynng cannot hand out a zero-length message (it fails with ``RuntimeError`` unpacking a
-    NULL buffer), yet any peer can send one; every REQ/REP service reads through this, so an
-    empty request gets an error reply like any other bad request.
-
-    Raises:
-        pynng.exceptions.NNGException: the socket is closed or broken.
-    """
-    try:
-        message: bytes = sock.recv()
-    except pynng.Timeout:
-        return None
-    except RuntimeError:
-        return b""
-    return message
 
 
 def _read_pem(path: str, key: str) -> str:

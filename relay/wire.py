@@ -39,7 +39,7 @@ HEARTBEAT_PREFIX = b":relay:heartbeat:"
 
 PROTOCOL_VERSION = 1
 
-# NATS headers of every spot message (and of latest-record messages: run id and seq).
+# NATS headers of every PREFIX.spot message.
 HDR_RUN_ID = "Relay-Run-Id"
 HDR_SEQ = "Relay-Seq"               # the message's seq, as inside the SpotList
 HDR_BATCH_FIRST = "Relay-Batch-First"   # seq of the batch's first message (= a start tag)
@@ -54,8 +54,9 @@ class NatsSubjects:
     ``PREFIX.spot``
         every ``SpotList`` message of the stream, in stream ``STREAM`` (kept ``max_age``).
     ``PREFIX.last.MARKET.CODE``
-        the latest record of each security as a one-record ``SpotList``, in stream
-        ``STREAM_LAST`` (one message per subject).
+        the latest record of each security as a one-record ``SpotList`` (its ``seq`` and
+        ``run_id`` are those of the stream message it came from), in stream ``STREAM_LAST``
+        (one message per subject).
     ``PREFIX.snapshot``
         a JSON object saying up to which message the latest records are complete (``seq``,
         ``run_id``, ``stream_seq``: that message's sequence in ``STREAM``), in ``STREAM_LAST``.

@@ -42,7 +42,21 @@ def free_tcp_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def tcp_address() -> str:
+    """A free loopback port P whose port-plan services (P+1 .. P+3) are free as well."""
+    for _ in range(50):
+        port = free_tcp_port()
+        if port + 3 <= 65535 and all(_bindable(port + k) for k in (1, 2, 3)):
+            return f"tcp://127.0.0.1:{port}"
     return f"tcp://127.0.0.1:{free_tcp_port()}"
 
 

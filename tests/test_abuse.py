@@ -73,7 +73,7 @@ def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
         reader.join(10)
         if proc.poll() is None:
             proc.kill()
-            proc.communicate()
+        proc.communicate()  # closes its pipes too
 
 
 def advancing(relay: Target, attack: Callable[[], Any]) -> None:

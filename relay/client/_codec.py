@@ -16,11 +16,22 @@ from __future__ import annotations
 import struct
 from functools import lru_cache
 from operator import itemgetter
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    List,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Tuple,
+    TypeVar,
+    Union,
+)
 
 from relay.client._uniform import uniform_columns
 from relay.errors import DecodeError
-from relay.records import SpotRecord
+from relay.records import SpotColumns, SpotRecord
 
 __all__ = ["SpotList", "decode_spot_list"]
 
@@ -293,7 +304,7 @@ class _Decoder:
         vt_size = _u16(buf, vt)[0]
         if vt_size < 4 or vt_size & 1 or vt + vt_size > len(buf):
             raise DecodeError("bad vtable size", vt)
-        key = buf[vt:vt + vt_size]
+        key = bytes(buf[vt:vt + vt_size])
         plan = cache.get(key)
         if plan is None:
             plan = _Plan(key, kinds, defaults)
@@ -317,7 +328,7 @@ class _Decoder:
                 if end > n:
                     raise DecodeError(f"string field {fid} runs past the end", at)
                 try:
-                    values[fid] = buf[at + 4:end].decode()
+                    values[fid] = str(buf[at + 4:end], "utf-8")
                 except UnicodeDecodeError:
                     raise DecodeError(f"string field {fid} is not UTF-8", at) from None
             elif doubles:
@@ -332,19 +343,26 @@ class _Decoder:
         return values
 
     def decode(self, buf: Buffer, offset: int = 0) -> SpotList:
-        data = buf[offset:] if offset or buf.__class__ is not bytes else buf
-        if data.__class__ is not bytes:
-            data = bytes(data)
-        try:
-            return self._decode(data)
-        except DecodeError:
-            raise
-        except struct.error as exc:
-            raise DecodeError(f"truncated or malformed ({exc})") from None
-        except UnicodeDecodeError as exc:
-            raise DecodeError(f"a string is not UTF-8 ({exc.reason})") from None
+        records, head = _guarded(self._decode_body, _flat(buf, offset))
+        return SpotList(records.records if isinstance(records, SpotColumns) else records,
+                        head[1], head[2], head[3], head[4])
 
-    def _decode(self, buf: bytes) -> SpotList:
+    def columns(self, buf: Buffer, offset: int = 0) -> Tuple[Union[SpotColumns, List[SpotRecord]],
+                                                          List[Any]]:
+        """The records of one message as :class:`SpotColumns` when their layout is uniform
+        (no record objects built), else as a list of records; and the header fields."""
+        return _guarded(self._decode_body, _flat(buf, offset))
+
+    def header(self, view: Union[bytes, memoryview]) -> Tuple[List[Any], int, int, Optional[_Plan]]:
+        """:meth:`locate`, raising only :class:`DecodeError`; ``view`` is not copied."""
+        return _guarded(self.locate, view)
+
+    def locate(self, buf: bytes) -> Tuple[List[Any], int, int, Optional[_Plan]]:
+        """The header fields, the spot vector's base and count, and the first record's plan.
+
+        ``head`` holds the SpotList table's fields in schema order (the spot vector as
+        ``(position, count)`` or ``None``); the plan is ``None`` for an empty message.
+        """
         n = len(buf)
         if n < 8:
             raise DecodeError(f"{n} bytes is too short for a SpotList")
@@ -353,23 +371,32 @@ class _Decoder:
             raise DecodeError("root offset outside the buffer", 0)
         lplan = self._plan(buf, root, self._list_plans, _LIST_KINDS, _LIST_DEFAULTS)
         head = self._table(buf, root, lplan, False)
-        records: List[SpotRecord] = []
         spot_ref = head[0]
-        if spot_ref is not None:
-            vat, count = spot_ref
-            if vat + 4 + 4 * count > n:
-                raise DecodeError("spot vector runs past the end", vat)
-            base = vat + 4
+        if spot_ref is None:
+            return head, 0, 0, None
+        vat, count = spot_ref
+        if vat + 4 + 4 * count > n:
+            raise DecodeError("spot vector runs past the end", vat)
+        base = vat + 4
+        if not count:
+            return head, base, 0, None
+        first = base + _u32(buf, base)[0]
+        if first + 4 > n:
+            raise DecodeError("record 0 outside the buffer", base)
+        return head, base, count, self._plan(buf, first, self._spot_plans, _SPOT_KINDS,
+                                             _SPOT_DEFAULTS)
+
+    def _decode_body(self, buf: bytes) -> Tuple[Union[SpotColumns, List[SpotRecord]], List[Any]]:
+        head, base, count, first_plan = self.locate(buf)
+        records: List[SpotRecord] = []
+        if first_plan is not None:
+            n = len(buf)
             if count > 1 and self._uniform:
-                first = base + _u32(buf, base)[0]
-                if first + 4 <= n:
-                    first_plan = self._plan(buf, first, self._spot_plans, _SPOT_KINDS,
-                                            _SPOT_DEFAULTS)
-                    columns = uniform_columns(buf, base, count, first_plan.table_size,
-                                              first_plan.present)
-                    if columns is not None:
-                        return SpotList(columns.records, head[1], head[2], head[3], head[4])
-            slots = struct.unpack_from(f"<{count}I", buf, base) if count else ()
+                columns = uniform_columns(buf, base, count, first_plan.table_size,
+                                          first_plan.present)
+                if columns is not None:
+                    return columns, head
+            slots = struct.unpack_from(f"<{count}I", buf, base)
             cache = self._spot_plans
             plan_of = self._plan
             append = records.append
@@ -388,7 +415,27 @@ class _Decoder:
                 elif tpos + plan.table_size > n:
                     raise DecodeError("table runs past the end", tpos)
                 append(plan.read(buf, tpos, n))  # type: ignore[misc]  # set for Spot plans
-        return SpotList(records, head[1], head[2], head[3], head[4])
+        return records, head
+
+
+def _flat(buf: Buffer, offset: int) -> bytes:
+    data = buf[offset:] if offset or buf.__class__ is not bytes else buf
+    return data if data.__class__ is bytes else bytes(data)
+
+
+_T = TypeVar("_T")
+
+
+def _guarded(fn: Callable[[Any], _T], data: Union[bytes, memoryview]) -> _T:
+    """``fn(data)``, with every sign of a malformed buffer turned into DecodeError."""
+    try:
+        return fn(data)
+    except DecodeError:
+        raise
+    except struct.error as exc:
+        raise DecodeError(f"truncated or malformed ({exc})") from None
+    except UnicodeDecodeError as exc:
+        raise DecodeError(f"a string is not UTF-8 ({exc.reason})") from None
 
 
 _DEFAULT = _Decoder()

@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import json
 import struct
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from relay.client._batch import Batch
-from relay.client._codec import decode_spot_list
+from relay.client._batch import Batch, CodeFilter, Message
 from relay.client._transport import client_tls_context, parse_url, request
 from relay.errors import DecodeError
 from relay.records import SpotRecord
@@ -31,6 +30,7 @@ __all__ = [
     "ERROR_PREFIX",
     "SNAPSHOT_PREFIX",
     "SNAPSHOT_REQUEST",
+    "CodeFilter",
     "decode_snapshot_reply",
     "default_snapshot_url",
     "encode_snapshot_reply",
@@ -134,13 +134,23 @@ def fetch_snapshot(url: str, *, codes: Optional[Sequence[str]] = None, timeout: 
     return snapshot_batch(body, CodeFilter.of(codes))
 
 
-def snapshot_batch(body: bytes, keep: Optional[CodeFilter]) -> Batch:
+def snapshot_batch(body: bytes, keep: Optional[CodeFilter], *, columns: bool = False,
+                   numpy: bool = False) -> Batch:
+    """The batch a snapshot reply holds.
+
+    ``columns``: records built on demand only (as :meth:`Message.read`, NumPy columns with
+    ``numpy``).
+    """
     header, messages = decode_snapshot_reply(body)
-    records: List[SpotRecord] = []
-    for message in messages:
-        records.extend(decode_spot_list(message, _PREFIX_LEN).records)
-    if keep is not None:
-        records = keep.filter(records)
+    if columns:
+        parts = [Message.read(message, _PREFIX_LEN, numpy=numpy) for message in messages]
+    else:
+        parts = [Message.decode(message, _PREFIX_LEN) for message in messages]
+    records: Optional[List[SpotRecord]] = None
+    if not columns:
+        records = [rec for part in parts for rec in part.records()]
+        if keep is not None:
+            records = keep.filter(records)
     seq = header.get("seq")
     run_id = header.get("run_id")
     source = header.get("source")
@@ -153,28 +163,6 @@ def snapshot_batch(body: bytes, keep: Optional[CodeFilter]) -> Batch:
         source if isinstance(source, str) and source else None,
         time_ms if isinstance(time_ms, int) else None,
         snapshot=True,
+        messages=parts,
+        keep=keep,
     )
-
-
-class CodeFilter:
-    """Keeps records whose code (``"600000"``) or symbol (``"600000.SH"``) was asked for."""
-
-    __slots__ = ("_bare", "_pairs")
-
-    def __init__(self, codes: Sequence[str]) -> None:
-        self._bare: Set[str] = set()
-        self._pairs: Set[Tuple[str, str]] = set()
-        for item in codes:
-            code, dot, market = item.strip().partition(".")
-            if dot:
-                self._pairs.add((code, market.upper()))
-            else:
-                self._bare.add(code)
-
-    @classmethod
-    def of(cls, codes: Optional[Sequence[str]]) -> Optional[CodeFilter]:
-        return None if codes is None else cls(codes)
-
-    def filter(self, records: List[SpotRecord]) -> List[SpotRecord]:
-        bare, pairs = self._bare, self._pairs
-        return [r for r in records if r.code in bare or (r.code, r.market) in pairs]

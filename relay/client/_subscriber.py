@@ -25,8 +25,7 @@ from typing import (
     Union,
 )
 
-from relay.client._batch import Batch
-from relay.client._codec import SpotList, decode_spot_list
+from relay.client._batch import Batch, Message, numpy_available
 from relay.client._events import (
     Connected,
     DecodeFailed,
@@ -54,7 +53,6 @@ from relay.client._transport import (
     request,
 )
 from relay.errors import DecodeError
-from relay.records import SpotRecord
 from relay.wire import END, HEARTBEAT_PREFIX, SPOT_PREFIX, START, decode_heartbeat
 
 __all__ = ["Batch", "Subscriber"]
@@ -121,6 +119,11 @@ class Subscriber:
         reconnect_wait_max: cap of that delay (a random 50-100 % of it is used).
         connect_timeout: seconds allowed to connect and for the snapshot reply.
         max_message_bytes: a longer message breaks the connection (it cannot be ours).
+        columns: deliver batches that build no record objects until :attr:`Batch.records`
+            is read: :meth:`Batch.to_numpy` and :meth:`Batch.to_pandas` read the relay's
+            messages column by column straight out of their buffers (needs NumPy; without
+            it, :attr:`Batch.columns` still works). Messages are still checked on arrival:
+            a malformed one is reported and skipped exactly as in the default mode.
         ca: for ``tls+tcp://``: PEM file of the CA that issued the relay's certificate
             (``None``: the system's trust store). The certificate is always verified.
         cert: PEM file of our client certificate, for a relay that requires one.
@@ -142,6 +145,7 @@ class Subscriber:
         reconnect_wait_max: float = 5.0,
         connect_timeout: float = 5.0,
         max_message_bytes: int = 256 * 1024 * 1024,
+        columns: bool = False,
         ca: Optional[str] = None,
         cert: Optional[str] = None,
         key: Optional[str] = None,
@@ -165,6 +169,8 @@ class Subscriber:
         self._wait_max = reconnect_wait_max
         self._connect_timeout = connect_timeout
         self._max = max_message_bytes
+        self._columns = columns
+        self._numpy = columns and numpy_available()
         self._transport: Union[TcpSub, PynngSub, NatsSub]
         if scheme in ("tcp", "tls+tcp"):
             self._transport = TcpSub(host, port, connect_timeout=connect_timeout,
@@ -194,7 +200,7 @@ class Subscriber:
         self._silent = False
         # stream state
         self._in_batch = False
-        self._parts: List[SpotList] = []
+        self._parts: List[Message] = []
         self._run_id: Optional[str] = None
         self._last_seq: Optional[int] = None
         self._snap_run: Optional[str] = None
@@ -409,7 +415,8 @@ class Subscriber:
                 body = request(self.snapshot_url, SNAPSHOT_REQUEST,
                                timeout=self._connect_timeout, max_message_bytes=1 << 30,
                                tls=self._tls)
-            batch = snapshot_batch(body, self._keep)
+            batch = snapshot_batch(body, self._keep, columns=self._columns,
+                                   numpy=self._numpy)
         except (TransportError, DecodeError, ValueError) as exc:
             self._emit(SnapshotFailed(str(exc)))
             return
@@ -448,7 +455,10 @@ class Subscriber:
             self._in_batch = False
         else:
             try:
-                part = decode_spot_list(msg, _PREFIX_LEN)
+                if self._columns:
+                    part = Message.read(msg, _PREFIX_LEN, numpy=self._numpy)
+                else:
+                    part = Message.decode(msg, _PREFIX_LEN)
             except DecodeError as exc:
                 self._decode_failed(exc)
                 return
@@ -470,7 +480,7 @@ class Subscriber:
             self._emit(Restart(old, run_id))
         self._run_id = run_id
 
-    def _fresh(self, part: SpotList) -> bool:
+    def _fresh(self, part: Message) -> bool:
         """Track sequence numbers; False for a message already seen or in the snapshot."""
         if part.run_id is not None:
             self._note_run(part.run_id)
@@ -495,15 +505,5 @@ class Subscriber:
         parts, self._parts = self._parts, []
         if not parts:
             return
-        records: List[SpotRecord] = []
-        if len(parts) == 1:
-            records = parts[0].records
-        else:
-            for part in parts:
-                records.extend(part.records)
-        if self._keep is not None:
-            records = self._keep.filter(records)
-        first, last = parts[0], parts[-1]
         self.stats.batches += 1
-        self._items.append(Batch(records, first.seq, last.seq, first.run_id, first.source,
-                                 first.publish_time_ms))
+        self._items.append(Batch.of_messages(parts, self._keep, records=not self._columns))

@@ -31,6 +31,7 @@ __all__ = [
     "PROTO_REP",
     "PROTO_REQ",
     "PROTO_SUB",
+    "Requester",
     "TransportError",
     "client_tls_context",
     "parse_url",
@@ -290,6 +291,74 @@ class PynngSub:
             sock.close()
 
 
+class Requester:
+    """A REQ connection kept open for several requests (one at a time).
+
+    Pure-Python TCP for ``tcp://`` (TLS for ``tls+tcp://``), pynng for ``ipc://``. A broken
+    connection is dropped and the next request connects again; a request that fails is not
+    retried.
+
+    Args:
+        url: the REP socket's address.
+        timeout: seconds allowed to connect and for each reply.
+        max_message_bytes: refuse larger replies.
+        tls: the client TLS context for ``tls+tcp://`` (default: a verifying one with the
+            system's trust store).
+    """
+
+    __slots__ = ("_conn", "_host", "_max", "_port", "_scheme", "_timeout", "_tls", "_url")
+
+    def __init__(self, url: str, *, timeout: float, max_message_bytes: int,
+                 tls: Optional[ssl.SSLContext] = None) -> None:
+        self._scheme, self._host, self._port = parse_url(url)
+        if self._scheme != "tls+tcp":
+            tls = None
+        elif tls is None:
+            tls = client_tls_context()
+        self._tls = tls
+        self._url = url
+        self._timeout = timeout
+        self._max = max_message_bytes
+        self._conn: Optional[TcpConnection] = None
+
+    def __enter__(self) -> Requester:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def request(self, body: bytes) -> bytes:
+        """Send one request and return the reply body.
+
+        Raises:
+            TransportError: unreachable, timed out, or a protocol violation.
+        """
+        if self._scheme == "ipc":
+            return _pynng_request(self._url, body, self._timeout, self._max)
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = TcpConnection(self._host, self._port, PROTO_REQ, PROTO_REP,
+                                              timeout=self._timeout,
+                                              max_message_bytes=self._max + 4, tls=self._tls)
+        try:
+            req_id = int.from_bytes(os.urandom(4), "big") | 0x80000000
+            conn.send(_REQ_ID.pack(req_id) + body)
+            reply = conn.recv(self._timeout)
+            if reply is None:
+                raise TransportError(f"no reply from {self._url} within {self._timeout} s")
+            if len(reply) < 4 or _REQ_ID.unpack_from(reply)[0] != req_id:
+                raise TransportError("reply does not answer our request")
+        except BaseException:
+            self.close()  # a late reply must not answer the next request
+            raise
+        return reply[4:]
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+
 def request(url: str, body: bytes, *, timeout: float, max_message_bytes: int,
             tls: Optional[ssl.SSLContext] = None) -> bytes:
     """Send one REQ message to a REP socket and return the reply body.
@@ -301,26 +370,8 @@ def request(url: str, body: bytes, *, timeout: float, max_message_bytes: int,
         TransportError: unreachable, timed out, or a protocol violation.
         ValueError: an unsupported URL.
     """
-    scheme, host, port = parse_url(url)
-    if scheme == "ipc":
-        return _pynng_request(url, body, timeout, max_message_bytes)
-    if scheme != "tls+tcp":
-        tls = None
-    elif tls is None:
-        tls = client_tls_context()
-    conn = TcpConnection(host, port, PROTO_REQ, PROTO_REP, timeout=timeout,
-                         max_message_bytes=max_message_bytes + 4, tls=tls)
-    try:
-        req_id = int.from_bytes(os.urandom(4), "big") | 0x80000000
-        conn.send(_REQ_ID.pack(req_id) + body)
-        reply = conn.recv(timeout)
-        if reply is None:
-            raise TransportError(f"no reply from {url} within {timeout} s")
-        if len(reply) < 4 or _REQ_ID.unpack_from(reply)[0] != req_id:
-            raise TransportError("reply does not answer our request")
-        return reply[4:]
-    finally:
-        conn.close()
+    with Requester(url, timeout=timeout, max_message_bytes=max_message_bytes, tls=tls) as req:
+        return req.request(body)
 
 
 def _pynng_request(url: str, body: bytes, timeout: float, max_message_bytes: int) -> bytes:

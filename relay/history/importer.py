@@ -274,13 +274,15 @@ def _import_file(hc: HistoryConfig, request: ImportRequest, source: HistorySourc
                         tables=len(file.recovered))
         groups: Dict[int, List[str]] = {}
         for symbol in codes:
-            info = file.info(table_name(symbol))
+            last_stored = file.last(table_name(symbol))
             start = default_start
-            if info is not None and info.last is not None:
-                start = _day_of(info.last)           # re-read the last stored day
-                if request.start is not None and info.first is not None \
-                        and request.start < _day_of(info.first):
-                    start = request.start            # a backfill before the stored bars
+            if last_stored is not None:
+                start = _day_of(last_stored)         # re-read the last stored day
+                if request.start is not None:
+                    info = file.info(table_name(symbol))
+                    if info is not None and info.first is not None \
+                            and request.start < _day_of(info.first):
+                        start = request.start        # a backfill before the stored bars
             if start > end:
                 progress.advance(1, 0)
                 continue

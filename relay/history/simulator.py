@@ -116,54 +116,55 @@ def _ymd(days: npt.NDArray[np.int64]) -> npt.NDArray[np.uint64]:
 
 
 class _DayPaths:
-    """Day bars (in ticks) of a group of securities over the whole simulated calendar."""
+    """Day bars (in ticks) of a group of securities from calendar day ``first`` to the end.
+
+    A close depends only on the returns after it (the walk goes backwards from the final
+    close) and every random draw is keyed by day, so any ``first`` gives the same bars.
+    """
 
     def __init__(self, profiles: Sequence[SecurityProfile], keys: npt.NDArray[np.uint64],
-                 days: npt.NDArray[np.int64]) -> None:
-        n, t = len(profiles), days.shape[0]
-        self.days = days
+                 calendar: npt.NDArray[np.int64], first: int) -> None:
+        total = calendar.shape[0]
+        days = calendar[first:]
+        self.first = first
         pct = np.array([p.limit_pct for p in profiles], dtype=np.int64)
         vol = np.array([max(p.daily_volatility, 0.004) for p in profiles])
         final = np.array([p.prev_ticks for p in profiles], dtype=np.int64)
-        # listing day (index into days) and suspensions
+        # listing day (index into the whole calendar) and suspensions
         lu = _uniform(_mix(keys ^ _U64(0xA5A5)))
         is_index = pct == 0
-        spread = (lu - 0.35) / 0.65
+        spread = np.clip((lu - 0.35) / 0.65, 0.0, 1.0)
         listing = np.where(is_index | (lu < 0.35), 0,
-                           (np.clip(spread, 0.0, 1.0) * max(t - 21, 0)).astype(np.int64))
-        self.listing = np.minimum(listing, max(t - 20, 0))
+                           (spread * max(total - 21, 0)).astype(np.int64))
+        self.listing = np.minimum(listing, max(total - 20, 0))
+        col = np.arange(first, total)
         suspended = _uniform(_keys(keys, days, 1)) < 0.004
         suspended[:, -1] = False
-        suspended[np.arange(n), self.listing] = False
+        suspended &= col[None, :] != self.listing[:, None]
         suspended[is_index, :] = False
         self.suspended = suspended
-        # backward bounded walk of log closes
-        edge = np.where(is_index, 0.08, 0.8 * pct / 100.0)
+        # backward bounded walk of log closes; each bound has slope <= 1, so a day's move
+        # never exceeds its drawn return, kept at 70 % of the limit: rounding to ticks (the
+        # prices stay above 150 ticks) cannot push a close past its limit
+        edge = np.where(is_index, 0.08, 0.7 * pct / 100.0)
         r = np.clip(_normal(_keys(keys, days, 2)) * vol[:, None],
                     np.log1p(-edge)[:, None], np.log1p(edge)[:, None])
         r[suspended] = 0.0
-        r[:, 0] = 0.0
         back = np.cumsum(r[:, ::-1], axis=1)[:, ::-1]      # sum of r[j] for j >= t
-        z = -(back - r)                                    # log(c[t] / c[T-1])
-        z = _BOUND * np.tanh(z / _BOUND)
+        z = _BOUND * np.tanh(-(back - r) / _BOUND)          # log(c[t] / final), bounded
+        floor = np.log(np.minimum(150.0 / final, 1.0))[:, None] - 0.05
+        z = floor + np.logaddexp(0.0, z - floor)            # soft floor (softplus)
+        z[:, -1] = 0.0
         close = np.maximum(np.rint(final[:, None] * np.exp(z)).astype(np.int64), 1)
         close[:, -1] = final
         prev = np.empty_like(close)
         prev[:, 1:] = close[:, :-1]
-        prev[:, 0] = close[:, 0]
-        for _ in range(8):    # rounding can push a close past its limit: pull it back in
-            down, up = _limits(prev, pct[:, None])
-            fixed = np.clip(close, down, up)
-            fixed[:, -1] = final
-            if np.array_equal(fixed, close):
-                break
-            close = fixed
-            prev[:, 1:] = close[:, :-1]
+        prev[:, 0] = np.rint(close[:, 0] * np.exp(-r[:, 0])).astype(np.int64)
         down, up = _limits(prev, pct[:, None])
+        close = np.clip(close, down, up)   # a no-op by construction; the limits are the rule
+        close[:, -1] = final
         gap = _normal(_keys(keys, days, 3)) * vol[:, None] * 0.3
         open_ = np.clip(np.rint(prev * np.exp(gap)).astype(np.int64), down, up)
-        first_open = np.rint(close[:, 0] * np.exp(gap[:, 0])).astype(np.int64)
-        listing_open = np.maximum(first_open, 1)
         hi_move = np.abs(_normal(_keys(keys, days, 4))) * vol[:, None] * 0.5
         lo_move = np.abs(_normal(_keys(keys, days, 5))) * vol[:, None] * 0.5
         top = np.maximum(open_, close)
@@ -172,9 +173,6 @@ class _DayPaths:
         self.low = np.clip(np.rint(bottom * np.exp(-lo_move)).astype(np.int64), down, bottom)
         self.open = open_
         self.close = close
-        rows = np.arange(n)
-        at = self.listing
-        self.open[rows, at] = np.clip(listing_open, self.low[rows, at], self.high[rows, at])
         lots = np.array([p.daily_lots for p in profiles])
         noise = np.exp(0.45 * _normal(_keys(keys, days, 6)))
         self.volume = np.maximum(np.rint(lots[:, None] * noise), 1.0)
@@ -182,8 +180,8 @@ class _DayPaths:
         self.share_price = np.array([p.share_price for p in profiles])
         self.is_index = is_index
 
-    def amount(self, rows: npt.NDArray[np.int64], volume: npt.NDArray[np.float64], typical_ticks: npt.NDArray[np.float64]
-               ) -> npt.NDArray[np.float64]:
+    def amount(self, rows: npt.NDArray[np.int64], volume: npt.NDArray[np.float64],
+               typical_ticks: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         """Turnover in whole yuan of ``volume`` lots at ``typical_ticks``."""
         price = np.where(self.is_index[rows][:, None], self.share_price[rows][:, None],
                          typical_ticks / self.div[rows][:, None])
@@ -243,14 +241,15 @@ class SimulatorHistory:
         """The live simulator's description of ``symbol``."""
         return self._profiles.get(symbol)
 
-    def _paths(self, symbols: Tuple[str, ...]) -> _DayPaths:
-        paths = self._cache.get(symbols)
-        if paths is None:
-            profiles = [self._profiles[s] for s in symbols]
-            keys = np.array([zlib.crc32(f"{self._seed}/{s}".encode()) for s in symbols],
-                            dtype=np.uint64) * _U64(0x2545F4914F6CDD1D)
-            paths = _DayPaths(profiles, keys, self._days)
-            self._cache = {symbols: paths}    # one group at a time: bounded memory
+    def _paths(self, symbols: Tuple[str, ...], first: int) -> _DayPaths:
+        cached = self._cache.get(symbols)
+        if cached is not None and cached.first <= first:
+            return cached
+        profiles = [self._profiles[s] for s in symbols]
+        keys = np.array([zlib.crc32(f"{self._seed}/{s}".encode()) for s in symbols],
+                        dtype=np.uint64) * _U64(0x2545F4914F6CDD1D)
+        paths = _DayPaths(profiles, keys, self._days, first)
+        self._cache = {symbols: paths}    # one group at a time: bounded memory
         return paths
 
     def fetch(self, period: str, symbols: Sequence[str], start: int, end: int,
@@ -262,10 +261,10 @@ class SimulatorHistory:
             if s not in self._profiles:
                 result.failed[s] = "unknown code"
         if known:
-            paths = self._paths(known)
             lo = int(np.searchsorted(self._ymd, np.uint64(start), side="left"))
             hi = int(np.searchsorted(self._ymd, np.uint64(end), side="right"))
             if hi > lo:
+                paths = self._paths(known, max(lo - 1, 0))
                 if period == "day":
                     self._day_bars(paths, known, lo, hi, result)
                 else:
@@ -279,18 +278,19 @@ class SimulatorHistory:
                   out: Fetched) -> None:
         cols = np.arange(lo, hi)
         rows = np.arange(len(symbols))
-        o, h, l, c = (a[:, lo:hi].astype(np.float64) for a in (p.open, p.high, p.low, p.close))
-        vol = p.volume[:, lo:hi]
-        amount = p.amount(rows, vol, (o + h + l + c) / 4.0)
+        at = slice(lo - p.first, hi - p.first)     # the paths start at calendar day p.first
+        o, h, lw, c = (a[:, at].astype(np.float64) for a in (p.open, p.high, p.low, p.close))
+        vol = p.volume[:, at]
+        amount = p.amount(rows, vol, (o + h + lw + c) / 4.0)
         stamps = self._ymd[lo:hi] * _U64(10000)
-        present = ~p.suspended[:, lo:hi] & (cols[None, :] >= p.listing[:, None])
+        present = ~p.suspended[:, at] & (cols[None, :] >= p.listing[:, None])
         for i, symbol in enumerate(symbols):
             keep = present[i]
             if not keep.any():
                 continue
             div = p.div[i]
             out.bars[symbol] = Bars(stamps[keep], o[i, keep] / div, h[i, keep] / div,
-                                    l[i, keep] / div, c[i, keep] / div, amount[i, keep],
+                                    lw[i, keep] / div, c[i, keep] / div, amount[i, keep],
                                     vol[i, keep])
 
     def _minute_bars(self, p: _DayPaths, symbols: Tuple[str, ...], lo: int, hi: int,
@@ -305,10 +305,11 @@ class SimulatorHistory:
         w = np.cumsum(z, axis=2)
         frac = (minute_no + 1) / 240.0
         bridge = w - frac * w[..., -1:]
-        o = p.open[:, lo:hi, None].astype(np.float64)
-        c = p.close[:, lo:hi, None].astype(np.float64)
-        h = p.high[:, lo:hi, None].astype(np.float64)
-        low = p.low[:, lo:hi, None].astype(np.float64)
+        at = slice(lo - p.first, hi - p.first)     # the paths start at calendar day p.first
+        o = p.open[:, at, None].astype(np.float64)
+        c = p.close[:, at, None].astype(np.float64)
+        h = p.high[:, at, None].astype(np.float64)
+        low = p.low[:, at, None].astype(np.float64)
         span = np.maximum(bridge.max(axis=2, keepdims=True) - bridge.min(axis=2, keepdims=True),
                           1e-9)
         raw = o + (c - o) * frac + bridge * ((h - low) / span * 0.9)
@@ -326,7 +327,7 @@ class SimulatorHistory:
         shape = np.where(minute_no < 30, 1.5 - 0.02 * minute_no,
                          np.where(minute_no >= 210, 0.9 + 0.013 * (minute_no - 210), 0.9))
         weight = shape * np.exp(0.3 * _normal(_keys(keys, self._days[lo:hi], 8, minute_no)))
-        day_vol = p.volume[:, lo:hi, None]
+        day_vol = p.volume[:, at, None]
         lots = np.floor(day_vol * weight / weight.sum(axis=2, keepdims=True))
         lots[..., -1] += day_vol[..., 0] - lots.sum(axis=2)
         typical = (open_ + high + lowp + close) / 4.0
@@ -345,7 +346,7 @@ class SimulatorHistory:
             minutes = _MINUTES
         per_day = minutes.shape[0]
         stamps = (self._ymd[lo:hi, None] * _U64(10000) + minutes[None, :]).ravel()
-        present = ~p.suspended[:, lo:hi] & (cols[None, :] >= p.listing[:, None])
+        present = ~p.suspended[:, at] & (cols[None, :] >= p.listing[:, None])
         for i, symbol in enumerate(symbols):
             keep = np.repeat(present[i], per_day)
             if not keep.any():

@@ -42,9 +42,11 @@ from __future__ import annotations
 
 import os
 import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Dict, Iterator, List, Literal, Mapping, Optional, Tuple, Type, Union
+from typing import Any, Dict, Iterator, List, Literal, Mapping, Optional, Set, Tuple, Type, Union
 
 import h5py
 import numpy as np
@@ -269,16 +271,22 @@ def index_labels(datetimes: npt.ArrayLike, index: str) -> npt.NDArray[np.uint64]
         ValueError: unknown index name.
     """
     dt = np.asarray(datetimes, dtype=np.uint64)
+    if dt.shape[0] > 64:
+        # many bars share few distinct days or minutes: label those, then map back
+        unique, inverse = np.unique(dt, return_inverse=True)
+        if unique.shape[0] * 2 < dt.shape[0]:
+            out: npt.NDArray[np.uint64] = index_labels(unique, index)[inverse.ravel()]
+            return out
     if index in _INTRADAY_LABELS:
         labels = _INTRADAY_LABELS[index]
         hhmm = (dt % 10000).astype(np.int64)
         minute = hhmm // 100 * 60 + hhmm % 100
         pos = np.minimum(np.searchsorted(labels, minute, side="left"), labels.shape[0] - 1)
         chosen = labels[pos]
-        out: npt.NDArray[np.uint64] = (
+        stamped: npt.NDArray[np.uint64] = (
             dt // 10000 * 10000 + (chosen // 60 * 100 + chosen % 60).astype(np.uint64)
         ).astype(np.uint64)
-        return out
+        return stamped
     days = _to_days(dt // 10000)
     if index == "week":
         weekday = (days.astype(np.int64) + 3) % 7       # Monday = 0 (1970-01-01: Thursday)
@@ -300,7 +308,10 @@ def index_entries(datetimes: npt.ArrayLike, index: str, offset: int = 0) -> npt.
     Returns:
         :data:`INDEX_DTYPE` rows: one per derived period met, ``(label, first row)``.
     """
-    labels = index_labels(datetimes, index)
+    return _entries(index_labels(datetimes, index), offset)
+
+
+def _entries(labels: npt.NDArray[np.uint64], offset: int) -> npt.NDArray[np.void]:
     out = np.empty(0, dtype=INDEX_DTYPE)
     if labels.shape[0]:
         starts = np.flatnonzero(np.concatenate(([True], labels[1:] != labels[:-1])))
@@ -335,6 +346,7 @@ class MergeResult:
 class _Pending:
     keep: int                       # stored rows kept (the rest is replaced)
     rows: npt.NDArray[np.void]      # rows to write after them
+    last: Optional[int] = None      # datetime of stored row keep-1, when it is a pure append
 
 
 class HistoryFile:
@@ -354,6 +366,9 @@ class HistoryFile:
         self._compression = compression
         self._pending: Dict[str, _Pending] = {}
         self._indexes = INDEX_GROUPS[period]
+        self._dcpl: Dict[int, Any] = {}
+        self._open: Dict[str, h5py.Dataset] = {}
+        self._executor: Optional[ThreadPoolExecutor] = None
         self.recovered: List[str] = []
         """Tables truncated or re-indexed when the file was opened after a killed writer."""
         if mode == "a":
@@ -418,6 +433,11 @@ class HistoryFile:
         if ds is None:
             return np.empty(0, dtype=BAR_DTYPE)
         rows = self._rows(ds)
+        if start is not None and end is None and rows > 256:
+            tail: npt.NDArray[np.void] = ds[rows - 256:rows]   # incremental work: the tail
+            if int(tail[0]["datetime"]) < start:
+                picked: npt.NDArray[np.void] = tail[tail["datetime"] >= np.uint64(start)]
+                return picked
         lo = 0 if start is None else self._search(ds, rows, start, "left")
         hi = rows if end is None else self._search(ds, rows, end, "right")
         if hi <= lo:
@@ -462,7 +482,7 @@ class HistoryFile:
         last = self._stored_last(name, keep)
         if rows.shape[0] and last is not None and int(rows[0]["datetime"]) <= last:
             raise HistoryError(self.path, f"{name}: rows not after the last stored bar {last}")
-        self._pending[name] = _Pending(keep, rows)
+        self._pending[name] = _Pending(keep, rows, last)
         return int(rows.shape[0])
 
     def replace_from(self, name: str, datetime: int, rows: npt.NDArray[np.void]) -> int:
@@ -531,7 +551,7 @@ class HistoryFile:
         # 1. lower the committed mark of tables whose tail will be overwritten
         lowered = False
         for name, pend in pending.items():
-            ds = data.get(name)
+            ds = self._data(name)
             if ds is not None and pend.keep < self._rows(ds):
                 ds.attrs[_ROWS_ATTR] = pend.keep
                 ds.attrs[_INDEXED_ATTR] = min(int(ds.attrs.get(_INDEXED_ATTR, pend.keep)),
@@ -539,31 +559,33 @@ class HistoryFile:
                 lowered = True
         if lowered:
             self._file.flush()
-        # 2. the rows
+        # 2. the rows: new tables as pre-compressed chunks (compressed on every core)
         written: Dict[str, int] = {}
+        handles: Dict[str, h5py.Dataset] = {}
+        fresh: List[Tuple[h5py.Group, str, npt.NDArray[np.void]]] = []
         for name, pend in pending.items():
-            ds = data.get(name)
+            ds = self._data(name)
             total = pend.keep + int(pend.rows.shape[0])
             if ds is None:
-                data.create_dataset(name, data=pend.rows, **self._dataset_options(BAR_DTYPE))
+                fresh.append((data, name, pend.rows))
             else:
                 if ds.shape[0] != total:
                     ds.resize((total,))
                 if pend.rows.shape[0]:
                     ds[pend.keep:total] = pend.rows
+                handles[name] = ds
             written[name] = int(pend.rows.shape[0])
+        created = self._create_tables(fresh)
+        handles.update(created)
         self._file.flush()
         # 3. commit marks, index tables
         for name, pend in pending.items():
-            ds = data[name]
-            total = pend.keep + int(pend.rows.shape[0])
-            ds.attrs[_ROWS_ATTR] = total
-            self._update_index(name, ds, min(pend.keep, int(ds.attrs.get(_INDEXED_ATTR, 0))),
-                               total)
+            handles[name].attrs[_ROWS_ATTR] = pend.keep + int(pend.rows.shape[0])
+        self._update_indexes(handles, pending)
         self._file.flush()
         # 4. the index tables are complete
         for name, pend in pending.items():
-            data[name].attrs[_INDEXED_ATTR] = pend.keep + int(pend.rows.shape[0])
+            handles[name].attrs[_INDEXED_ATTR] = pend.keep + int(pend.rows.shape[0])
         self._file.flush()
         return written
 
@@ -594,6 +616,9 @@ class HistoryFile:
                 self._file.flush()
         finally:
             self._file.close()
+            if self._executor is not None:
+                self._executor.shutdown()
+                self._executor = None
 
     # -- internals ------------------------------------------------------------------------
 
@@ -606,20 +631,32 @@ class HistoryFile:
         for index in self._indexes:
             self._file.require_group(index)
 
-    def _dataset_options(self, dtype: np.dtype[np.void]) -> Dict[str, object]:
-        rows = self._chunk_rows if dtype is BAR_DTYPE else max(64, self._chunk_rows // 4)
-        return {"maxshape": (None,), "chunks": (rows,), "compression": "gzip",
-                "compression_opts": self._compression, "shuffle": True}
-
     def _data(self, name: str) -> Optional[h5py.Dataset]:
-        ds = self._file.get(f"data/{name}")
-        return ds if isinstance(ds, h5py.Dataset) else None
+        # open datasets are kept: each keeps its chunk cache, so the reads of one table's
+        # tail (last row, last day, index update) decompress its last chunk once
+        ds = self._open.get(name)
+        if ds is None:
+            found = self._file.get(f"data/{name}")
+            if not isinstance(found, h5py.Dataset):
+                return None
+            if len(self._open) >= 1024:    # bounded: each may hold a decompressed chunk
+                self._open.clear()
+            ds = self._open[name] = found
+        return ds
 
     @staticmethod
     def _rows(ds: h5py.Dataset) -> int:
         committed = ds.attrs.get(_ROWS_ATTR)
         n = int(ds.shape[0])
         return n if committed is None else min(n, int(committed))
+
+    def last(self, name: str) -> Optional[int]:
+        """The last stored ``datetime`` of ``name`` (None: absent or empty); reads one row."""
+        ds = self._data(name)
+        if ds is None:
+            return None
+        rows = self._rows(ds)
+        return int(ds[rows - 1]["datetime"]) if rows else None
 
     def _stored_last(self, name: str, keep: int) -> Optional[int]:
         ds = self._data(name)
@@ -629,7 +666,14 @@ class HistoryFile:
 
     @staticmethod
     def _search(ds: h5py.Dataset, rows: int, value: int, side: Literal["left", "right"]) -> int:
-        """Binary search of ``datetime`` over the first ``rows`` rows, reading few chunks."""
+        """Binary search of ``datetime`` over the first ``rows`` rows, reading few chunks.
+
+        Incremental work looks near the end: the last 256 rows are tried first.
+        """
+        if rows > 256:
+            tail = ds[rows - 256:rows]["datetime"]
+            if int(tail[0]) < value:
+                return rows - 256 + int(np.searchsorted(tail, np.uint64(value), side=side))
         lo, hi = 0, rows
         # narrow down on a coarse sample first, then read one stretch
         while hi - lo > 4096:
@@ -660,44 +704,156 @@ class HistoryFile:
         return rows
 
     def _update_index(self, name: str, ds: h5py.Dataset, valid: int, total: int) -> None:
-        """Make every index table of ``name`` describe ``/data`` rows ``[0, total)``.
+        """Make every index table of ``name`` describe ``/data`` rows ``[0, total)``."""
+        ds.attrs[_ROWS_ATTR] = total
+        self._update_indexes({name: ds}, {name: _Pending(valid, np.empty(0, BAR_DTYPE))},
+                             reread=True)
 
-        Entries describing rows before ``valid`` are trusted; the period holding row
-        ``valid`` and everything after is recomputed from the data.
+    def _update_indexes(self, handles: Mapping[str, h5py.Dataset],
+                        pending: Mapping[str, _Pending], *, reread: bool = False) -> None:
+        """Extend the index tables of the tables just written.
+
+        For each table, entries describing rows before ``keep`` (the rows the write kept) are
+        trusted, except the last period starting there, which may have grown; from there on
+        the entries are recomputed from the datetimes (stored ones read back, new ones from
+        memory). Labels of all tables are computed in one vectorised call per index.
         """
-        plans: List[Tuple[str, Optional[h5py.Dataset], int, int]] = []
-        for index in self._indexes:
-            idx = self._file[index].get(name)
-            kept, start_row = 0, 0
-            if idx is not None and valid > 0 and idx.shape[0]:
-                size = int(idx.shape[0])
-                last_start = int(idx[size - 1]["start"])
-                if last_start <= valid - 1:      # the usual append: only the last period grows
-                    kept, start_row = size - 1, last_start
-                else:
-                    starts = np.asarray(idx[:]["start"], dtype=np.int64)
-                    # the last period starting at or before row valid-1 may grow: redo it
-                    kept = max(int(np.searchsorted(starts, valid - 1, side="right")) - 1, 0)
-                    start_row = int(starts[kept])
-                    if start_row > valid:
-                        kept, start_row = 0, 0
-            plans.append((index, idx, kept, start_row))
-        if not plans:
+        if not self._indexes:
             return
-        first_row = min(plan[3] for plan in plans)
-        dts = (ds[first_row:total]["datetime"] if total > first_row
-               else np.empty(0, dtype=np.uint64))
-        for index, idx, kept, start_row in plans:
-            entries = index_entries(dts[start_row - first_row:], index, start_row)
-            size = kept + int(entries.shape[0])
-            if idx is None:
-                self._file[index].create_dataset(name, data=entries,
-                                                 **self._dataset_options(INDEX_DTYPE))
+        plans: List[Tuple[str, int, npt.NDArray[np.uint64], List[Tuple[Any, int, int]]]] = []
+        appended: List[Tuple[str, npt.NDArray[np.uint64], int]] = []
+        for name, pend in pending.items():
+            ds = handles[name]
+            indexed = int(ds.attrs.get(_INDEXED_ATTR, -1))
+            if not reread and pend.last is not None and pend.keep > 0 and indexed == pend.keep:
+                # a pure append to a consistent table: only periods that start in the new
+                # rows add entries; nothing needs reading
+                appended.append((name, np.concatenate((np.array([pend.last], np.uint64),
+                                                       pend.rows["datetime"])), pend.keep))
                 continue
-            if idx.shape[0] != size:
-                idx.resize((size,))
-            if entries.shape[0]:
-                idx[kept:size] = entries
+            keep = pend.keep if not reread else 0
+            valid = pend.keep if reread else min(pend.keep, max(indexed, 0))
+            per_index: List[Tuple[Any, int, int]] = []
+            for index in self._indexes:
+                idx = self._file[index].get(name) if pend.keep or reread else None
+                kept, start_row = 0, 0
+                if idx is not None and valid > 0 and idx.shape[0]:
+                    size = int(idx.shape[0])
+                    last_start = int(idx[size - 1]["start"])
+                    if last_start <= valid - 1:   # the usual append: the last period grows
+                        kept, start_row = size - 1, last_start
+                    else:
+                        starts = np.asarray(idx[:]["start"], dtype=np.int64)
+                        kept = max(int(np.searchsorted(starts, valid - 1, side="right")) - 1,
+                                   0)
+                        start_row = int(starts[kept])
+                        if start_row > valid:
+                            kept, start_row = 0, 0
+                per_index.append((idx, kept, start_row))
+            first = min(p[2] for p in per_index)
+            if reread:
+                total = self._rows(ds)
+                dts = (ds[first:total]["datetime"] if total > first
+                       else np.empty(0, dtype=np.uint64))
+            else:
+                head = (ds[first:keep]["datetime"] if keep > first
+                        else np.empty(0, dtype=np.uint64))
+                dts = np.concatenate((head, pend.rows["datetime"]))
+            plans.append((name, first, np.asarray(dts, dtype=np.uint64), per_index))
+        every = np.concatenate([p[2] for p in plans] + [a[1] for a in appended]
+                               ) if plans or appended else np.empty(0, np.uint64)
+        unique, inverse = np.unique(every, return_inverse=True)
+        inverse = inverse.ravel()
+        fresh: List[Tuple[h5py.Group, str, npt.NDArray[np.void]]] = []
+        broken: Set[str] = set()
+        for k, index in enumerate(self._indexes):
+            labels_all = index_labels(unique, index)[inverse]
+            offset = sum(int(p[2].shape[0]) for p in plans)
+            for name, dts, keep in appended:
+                labels = labels_all[offset:offset + dts.shape[0]]
+                offset += dts.shape[0]
+                entries = _entries(labels, keep - 1)[1:]   # [0] is the stored last period
+                if not entries.shape[0]:
+                    continue
+                idx = self._file[index].get(name)
+                if idx is None:       # an index table gone missing: rebuild it below
+                    broken.add(name)
+                    continue
+                size = int(idx.shape[0])
+                idx.resize((size + entries.shape[0],))
+                idx[size:] = entries
+            offset = 0
+            for name, first, dts, per_index in plans:
+                idx, kept, start_row = per_index[k]
+                labels = labels_all[offset + start_row - first:offset + dts.shape[0]]
+                offset += dts.shape[0]
+                entries = _entries(labels, start_row)
+                if idx is None:
+                    fresh.append((self._file[index], name, entries))
+                    continue
+                size = kept + int(entries.shape[0])
+                if idx.shape[0] != size:
+                    idx.resize((size,))
+                if entries.shape[0]:
+                    idx[kept:size] = entries
+        self._create_tables(fresh)
+        for name in sorted(broken):
+            for index in self._indexes:
+                if name in self._file[index]:
+                    del self._file[index][name]
+            self._update_index(name, handles[name], 0, self._rows(handles[name]))
+
+    def _create_tables(self, tables: List[Tuple[h5py.Group, str, npt.NDArray[np.void]]]
+                       ) -> Dict[str, h5py.Dataset]:
+        """Create chunked, extendable, gzip+shuffle tables holding the given rows.
+
+        HDF5 compresses on the calling thread only, so full chunks are shuffled and
+        compressed here on a thread pool (zlib releases the GIL) and written as raw chunks;
+        the files are exactly what HDF5's own filters would have written.
+        """
+        out: Dict[str, h5py.Dataset] = {}
+        if not tables:
+            return out
+        jobs: List[Tuple[h5py.Dataset, int, bytes]] = []
+        for group, name, rows in tables:
+            dtype = rows.dtype
+            chunk = self._chunk_rows if dtype == BAR_DTYPE else max(64, self._chunk_rows // 8)
+            dcpl = self._dcpl.get(chunk)
+            if dcpl is None:
+                dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+                dcpl.set_chunk((chunk,))
+                dcpl.set_shuffle()
+                dcpl.set_deflate(self._compression)
+                self._dcpl[chunk] = dcpl
+            tid = h5py.h5t.py_create(dtype, logical=True)
+            space = h5py.h5s.create_simple((rows.shape[0],), (h5py.h5s.UNLIMITED,))
+            try:
+                dsid = h5py.h5d.create(group.id, name.encode(), tid, space, dcpl=dcpl)
+            except ValueError:   # a stray table left by an interrupted run: start it anew
+                del group[name]
+                dsid = h5py.h5d.create(group.id, name.encode(), tid, space, dcpl=dcpl)
+            ds = h5py.Dataset(dsid)
+            out[name] = ds
+            size = dtype.itemsize
+            for k in range(0, rows.shape[0], chunk):
+                piece = rows[k:k + chunk]
+                raw = np.zeros((chunk, size), dtype=np.uint8)
+                raw[:piece.shape[0]] = piece.view(np.uint8).reshape(-1, size)
+                jobs.append((ds, k, raw.T.tobytes()))     # HDF5's shuffle: bytes by position
+        level = self._compression
+        if len(jobs) > 8:
+            compressed = list(self._pool().map(lambda job: zlib.compress(job[2], level), jobs))
+        else:
+            compressed = [zlib.compress(job[2], level) for job in jobs]
+        for (ds, k, _), blob in zip(jobs, compressed):
+            ds.id.write_direct_chunk((k,), blob)
+        return out
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1),
+                                                thread_name_prefix="history-zlib")
+        return self._executor
 
     def _recover(self) -> None:
         """After a killed writer: truncate to committed rows, rebuild stale index tables."""
@@ -740,7 +896,8 @@ def open_file(
         market: ``SH``, ``SZ`` or ``BJ``.
         period: ``day``, ``1min`` or ``5min``.
         mode: ``"r"`` read-only (the file must exist) or ``"a"`` read/write.
-        chunk_rows: rows per chunk of new tables (default: 1024 day, 4096 minutes).
+        chunk_rows: rows per chunk of new tables (default 1024: small enough that reading
+            a table's tail decompresses little, large enough to compress well).
         compression: gzip level of new tables (1-9).
         recover_corrupt: in ``"a"`` mode, move a file HDF5 cannot open aside
             (``<name>.corrupt-<epoch>``) and start a new one instead of raising.
@@ -757,9 +914,11 @@ def open_file(
     except ValueError as exc:
         raise HistoryError(os.fspath(directory), str(exc)) from exc
     path = os.path.join(os.fspath(directory), name)
-    rows = chunk_rows or (1024 if period == "day" else 4096)
+    rows = chunk_rows or 1024
     if mode == "r" and not os.path.exists(path):
         raise HistoryError(path, "no such file")
+    if mode == "a":
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     try:
         file = h5py.File(path, mode)   # h5py's default format: hikyuu and PyTables read it
     except OSError as exc:

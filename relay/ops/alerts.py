@@ -271,7 +271,13 @@ class AlertSender:
                 return
             if self._past_deadline():
                 continue   # closing and out of time: drain without sending
-            self._deliver(channel.hook, item)
+            try:
+                self._deliver(channel.hook, item)
+            except Exception as exc:  # a bug must not end this webhook's thread
+                with self._lock:
+                    self.failed += 1
+                log.exception("alert_failed", alert=item.event, webhook=channel.hook.shown,
+                              error=repr(exc))
 
     def _past_deadline(self) -> bool:
         return self._deadline is not None and time.monotonic() >= self._deadline

@@ -27,7 +27,6 @@ from typing import (
     List,
     Mapping,
     Optional,
-    Sequence,
     Tuple,
 )
 
@@ -61,33 +60,54 @@ def _china_day(epoch: float) -> int:
 class FeedTracker:
     """Per-security last-record times and per-market record counts, fed once per batch.
 
-    Keys are ``(code, market)``. The table is cleared when the China date changes, so
-    :meth:`securities_today` counts the securities with a record today.
+    Keys are QMT symbols (``600000.SH``): the source batch's own keys, whose string hashes
+    Python has already computed, so noting a batch is one C-level dict update. The table is
+    cleared when the China date changes, so :meth:`securities_today` counts the securities
+    with a record today.
 
     Args:
         clock: epoch seconds.
     """
 
-    __slots__ = ("_clock", "_day", "last_seen", "records_by_market")
+    __slots__ = ("_clock", "_day", "_markets", "last_seen", "records_by_market")
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         self._day = _china_day(clock())
-        self.last_seen: Dict[Tuple[str, str], float] = {}
-        self.records_by_market: Counter[str] = Counter()
+        self._markets: Tuple[str, ...] = ()
+        self.last_seen: Dict[str, float] = {}
+        self.records_by_market: Dict[str, int] = {}
 
-    def observe(self, codes: Sequence[str], markets: Sequence[str], now: float) -> None:
-        """Note one published batch (its ``code`` and ``market`` columns) at ``now``."""
+    def observe(self, symbols: Iterable[str], markets: List[str], now: float) -> None:
+        """Note one published batch at ``now``.
+
+        Args:
+            symbols: the published records' symbols (``CODE.MARKET``).
+            markets: their ``market`` column.
+            now: publish time, epoch seconds.
+        """
         day = _china_day(now)
         if day != self._day:
             self._day = day
             self.last_seen.clear()
-        self.last_seen.update(zip(zip(codes, markets), repeat(now)))
-        self.records_by_market.update(markets)  # Counter counts an iterable in C
+        self.last_seen.update(zip(symbols, repeat(now)))
+        # list.count per known market (a C loop comparing interned strings) is several times
+        # cheaper than a Counter over the column; a market seen for the first time is added.
+        by_market = self.records_by_market
+        counted = 0
+        for market in self._markets:
+            n = markets.count(market)
+            if n:
+                by_market[market] += n
+                counted += n
+        if counted != len(markets):
+            for market, n in Counter(m for m in markets if m not in by_market).items():
+                by_market[market] = n
+            self._markets = tuple(by_market)
 
     def securities_today(self) -> Dict[str, int]:
         """Securities with a record today, by market."""
-        return dict(Counter(market for _, market in self.last_seen))
+        return dict(Counter(symbol.rpartition(".")[2] for symbol in self.last_seen))
 
     def quiet(self, now: float, quiet_after: float, limit: int = 200) -> List[str]:
         """Securities silent for ``quiet_after`` seconds while their market is still active.
@@ -98,10 +118,11 @@ class FeedTracker:
         silent first.
         """
         cutoff = now - quiet_after
-        active = {market for (_, market), seen in self.last_seen.items() if seen >= cutoff}
-        silent = sorted((seen, code, market) for (code, market), seen in self.last_seen.items()
-                        if seen < cutoff and market in active)
-        return [f"{code}.{market}" for _, code, market in silent[:limit]]
+        active = {symbol.rpartition(".")[2] for symbol, seen in self.last_seen.items()
+                  if seen >= cutoff}
+        silent = sorted((seen, symbol) for symbol, seen in self.last_seen.items()
+                        if seen < cutoff and symbol.rpartition(".")[2] in active)
+        return [symbol for _, symbol in silent[:limit]]
 
 
 @dataclass(frozen=True)
@@ -148,12 +169,16 @@ class OpsStatus:
     counters: Mapping[str, int]
     health: Health
     rates: Tuple[Mapping[str, object], ...] = ()   # records/s per market, last minutes
+    services: Tuple[Tuple[str, bool, int, int], ...] = ()  # name, alive, failures, restarts
+    refused: Mapping[str, int] = dataclasses.field(default_factory=dict)  # peers, per service
 
     def as_dict(self) -> Dict[str, object]:
         """Plain JSON-ready form (``/status``)."""
         out = dataclasses.asdict(self)
         out["quiet"] = list(self.quiet)
         out["rates"] = list(self.rates)
+        out["services"] = [{"name": n, "alive": a, "failures": f, "restarts": r}
+                           for n, a, f, r in self.services]
         return out
 
 
@@ -280,6 +305,24 @@ class _StatusCollector:
         for market, n in sorted(Counter(sym.rpartition(".")[2] for sym in s.quiet).items()):
             quiet.add_metric([market], n)
         yield quiet
+        alive = GaugeMetricFamily(p + "service_up", "1 while a supervised thread or task runs.",
+                                  labels=["service"])
+        failures = CounterMetricFamily(p + "service_failures", "Unexpected deaths of a "
+                                       "supervised thread or task.", labels=["service"])
+        restarts = CounterMetricFamily(p + "service_restarts", "Restarts of a supervised "
+                                       "thread or task.", labels=["service"])
+        for name, up, failed, restarted in s.services:
+            alive.add_metric([name], float(up))
+            failures.add_metric([name], failed)
+            restarts.add_metric([name], restarted)
+        yield alive
+        yield failures
+        yield restarts
+        refused = CounterMetricFamily(p + "peers_refused", "Peers refused by the allow-list.",
+                                      labels=["service"])
+        for name, n in sorted(s.refused.items()):
+            refused.add_metric([name], n)
+        yield refused
 
 
 def build_registry(latest: Callable[[], Optional[OpsStatus]], *, run_id: str, version: str,
@@ -302,31 +345,38 @@ def build_registry(latest: Callable[[], Optional[OpsStatus]], *, run_id: str, ve
 
 
 class History:
-    """Cumulative records per market sampled over the last minutes (the page's chart).
+    """Records per second per market over the last minutes (the page's chart).
+
+    Each :meth:`add` turns the cumulative counts into rates against the previous sample, so
+    :meth:`rates` only copies what is kept.
 
     Args:
-        seconds: how far back samples are kept.
+        seconds: how far back rates are kept.
     """
 
-    __slots__ = ("_samples", "_seconds")
+    __slots__ = ("_last", "_rates", "_seconds", "_times")
 
     def __init__(self, seconds: float) -> None:
         self._seconds = seconds
-        self._samples: Deque[Tuple[float, Dict[str, int]]] = deque()
+        self._last: Optional[Tuple[float, Dict[str, int]]] = None
+        self._rates: Deque[Mapping[str, object]] = deque()
+        self._times: Deque[float] = deque()
 
     def add(self, now: float, records_by_market: Mapping[str, int]) -> None:
-        self._samples.append((now, dict(records_by_market)))
-        while self._samples and self._samples[0][0] < now - self._seconds:
-            self._samples.popleft()
+        counts = dict(records_by_market)
+        last, self._last = self._last, (now, counts)
+        if last is None or now <= last[0]:
+            return
+        span = now - last[0]
+        previous = last[1]
+        self._rates.append({"t": round(now, 3), "rates": {
+            market: round((n - previous.get(market, 0)) / span, 2)
+            for market, n in sorted(counts.items())}})
+        self._times.append(now)
+        while self._times and self._times[0] < now - self._seconds:
+            self._times.popleft()
+            self._rates.popleft()
 
-    def rates(self) -> List[Dict[str, object]]:
-        """Records per second per market between consecutive samples, oldest first."""
-        out: List[Dict[str, object]] = []
-        samples = list(self._samples)
-        for (t0, c0), (t1, c1) in zip(samples, samples[1:]):
-            span = t1 - t0
-            if span <= 0:
-                continue
-            out.append({"t": round(t1, 3), "rates": {m: round((n - c0.get(m, 0)) / span, 2)
-                                                     for m, n in sorted(c1.items())}})
-        return out
+    def rates(self) -> Tuple[Mapping[str, object], ...]:
+        """``{"t": epoch seconds, "rates": {market: records/s}}`` per sample, oldest first."""
+        return tuple(self._rates)

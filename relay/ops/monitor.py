@@ -10,7 +10,19 @@ for the HTTP thread and turns health changes into alerts.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Sequence, runtime_checkable
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    List,
+    Mapping,
+    Optional,
+    Protocol,
+    Sequence,
+    Tuple,
+    runtime_checkable,
+)
 
 import structlog
 
@@ -18,7 +30,6 @@ from relay import __version__
 from relay.config import Config, service_addresses
 from relay.ops.alerts import Alert, AlertSender, webhooks_from_config
 from relay.ops.metrics import FeedTracker, History, OpsStatus, assess_health, build_registry
-from relay.security import Security
 
 __all__ = ["Operations", "ReportsCounters"]
 
@@ -43,12 +54,16 @@ class Operations:
         run_id: the relay's run id.
         source: the source kind.
         clock: epoch seconds.
-        security: the relay's allow-list, applied to the HTTP endpoint.
+        supervisor: a :class:`relay.supervise.Supervisor` that runs (and restarts) the HTTP
+            thread; without one it runs on a plain thread.
+        allow: the allow-list predicate for HTTP peers' IP addresses (``security.allow``).
+        refuse: counts (and logs) one refused peer: ``refuse(service, ip)``.
     """
 
     def __init__(self, config: Config, *, run_id: str, source: str,
-                 clock: Callable[[], float] = time.time,
-                 security: Optional[Security] = None) -> None:
+                 clock: Callable[[], float] = time.time, supervisor: Any = None,
+                 allow: Optional[Callable[[str], bool]] = None,
+                 refuse: Optional[Callable[[str, str], None]] = None) -> None:
         self._config = config
         self._run_id = run_id
         self._source = source
@@ -66,7 +81,8 @@ class Operations:
 
             self.server = OpsServer(address, self.registry, lambda: self.latest,
                                     stale_after=max(10.0, 5 * mc.sample_interval), clock=clock,
-                                    security=security)
+                                    allow=allow, refuse=refuse)
+        self._supervisor = supervisor
         ac = config.alerts
         self.alerts = AlertSender(webhooks_from_config(ac.webhooks), queue_size=ac.queue_size,
                                   timeout=ac.timeout, retries=ac.retries, backoff=ac.backoff,
@@ -99,7 +115,10 @@ class Operations:
             PublishError: the metrics address cannot be bound.
         """
         if self.server is not None:
-            self.server.start()
+            spawn = None
+            if self._supervisor is not None:
+                spawn = self._supervisor.thread
+            self.server.start(spawn=spawn)
         self.alerts.start()
 
     def started(self, securities: int) -> None:
@@ -108,10 +127,10 @@ class Operations:
         self.alert("relay_started", f"relay started (source {self._source}, "
                                     f"{securities} securities)", {"securities": securities})
 
-    def observe_batch(self, codes: Sequence[str], markets: Sequence[str], now: float,
+    def observe_batch(self, symbols: Iterable[str], markets: List[str], now: float,
                       seconds: float) -> None:
-        """One published batch (hot path): its codes and markets, processing time."""
-        self.tracker.observe(codes, markets, now)
+        """One published batch (hot path): its symbols and markets, processing time."""
+        self.tracker.observe(symbols, markets, now)
         self.batch_seconds.observe(seconds)
 
     def in_window(self, now: float) -> bool:
@@ -119,7 +138,9 @@ class Operations:
 
     def sample(self, *, state: str, connected: bool, last_batch_at: Optional[float],
                lag_ms: Optional[int], seq: int, subscribers: int, totals: Mapping[str, int],
-               dropped: Mapping[str, int], counters: Mapping[str, int]) -> OpsStatus:
+               dropped: Mapping[str, int], counters: Mapping[str, int],
+               services: Sequence[Tuple[str, bool, int, int]] = (),
+               refused: Optional[Mapping[str, int]] = None) -> OpsStatus:
         """Take a snapshot (on the event loop), store it, and alert on health changes."""
         now = self._clock()
         mc = self._config.metrics
@@ -142,7 +163,8 @@ class Operations:
             records_by_market=dict(tracker.records_by_market),
             securities_today=tracker.securities_today(),
             quiet=tuple(tracker.quiet(now, mc.quiet_after)), counters=all_counters,
-            health=health, rates=tuple(self._history.rates()))
+            health=health, rates=self._history.rates(), services=tuple(services),
+            refused=dict(refused or {}))
         self.latest = status
         if state == "running":
             self._alert_on_change(status)

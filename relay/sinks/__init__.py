@@ -104,6 +104,8 @@ SINKS: Mapping[str, Tuple[str, Callable[[Config], bool]]] = {
     "snapshot": ("relay.sinks.snapshot:SnapshotService",
                  lambda config: service_addresses(config).snapshot is not None),
     "recorder": ("relay.sinks.recorder:Recorder", lambda config: config.recorder.enabled),
+    "history": ("relay.history.service:HistoryService",
+                lambda config: service_addresses(config).history is not None),
     "nats": ("relay.sinks.nats:NatsBridge", lambda config: bool(config.bridge.nats.url)),
 }
 

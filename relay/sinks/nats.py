@@ -28,13 +28,14 @@ import ssl
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Tuple, Union
+from itertools import chain, repeat
+from typing import TYPE_CHECKING, Any, Deque, Dict, Iterable, List, Optional, Tuple, Union
 
 import structlog
 
 from relay.encode import SpotEncoder
 from relay.errors import ConfigError
-from relay.records import SpotRecord
+from relay.records import SpotColumns, SpotRecord
 from relay.sinks import PublishedBatch
 from relay.wire import (
     HDR_BATCH_FIRST,
@@ -62,7 +63,10 @@ _HB_LEN = len(HEARTBEAT_PREFIX)
 _ACK_TIMEOUT = 10.0         # an acknowledgement not back by then counts as lost
 _CONNECT_RETRY_MAX = 30.0   # cap of the first-connection backoff
 _CLOSE_DRAIN = 3.0          # seconds close() lets the queue drain into NATS
+_STREAM_RETRY = 5.0         # seconds between attempts to create the streams
 _BAD_TOKEN = frozenset(" .*>\t\r\n")
+_LATEST_SLICE = 250         # latest records published between two pauses ...
+_LATEST_PAUSE = 0.002       # ... of this many seconds, so a round never hogs the GIL
 
 _Item = Union[PublishedBatch, bytes]   # a batch, or a heartbeat message
 
@@ -148,10 +152,14 @@ class NatsBridge:
         self._nc: Any = None
         self._js: Any = None
         self._streams_ok = False
+        self._streams_failed = False    # inside a failure episode (logged once)
+        self._streams_retry = 0.0       # monotonic time of the next attempt
         self._connected = False
         self._unreachable_logged = False
-        # latest-record table: (market, code) -> (record, seq, run_id); dirty since last round
-        self._dirty: Dict[Tuple[str, str], Tuple[SpotRecord, int, str]] = {}
+        # latest records changed since the last round: (market, code) -> (the batch's columns
+        # or records, index there, seq of the message holding it, run_id)
+        self._dirty: Dict[Tuple[str, str], Tuple[Union[SpotColumns, List[SpotRecord]], int,
+                                                 int, str]] = {}
         self._encoders: Dict[Tuple[str, str], SpotEncoder] = {}
         self._folded: Optional[Tuple[str, str, int]] = None     # run_id, source, last seq
         self._acked: Optional[Tuple[str, int, int]] = None      # run_id, seq, stream seq
@@ -326,18 +334,28 @@ class NatsBridge:
                             num_replicas=cfg.replicas, discard=DiscardPolicy.OLD,
                             allow_direct=True,
                             description="qmt-relay latest record per security")
+        from nats.js.errors import NotFoundError  # noqa: PLC0415
+
         jsm = self._nc.jsm()
+        self._streams_retry = time.monotonic() + _STREAM_RETRY
         try:
             for config in (spot, last):
                 try:
+                    await jsm.stream_info(config.name)
+                except NotFoundError:
                     await jsm.add_stream(config)
-                except Exception:  # exists with other limits: bring it to ours
+                else:  # it exists, perhaps with other limits: bring it to ours
                     await jsm.update_stream(config)
-        except Exception as exc:  # server without JetStream, no permission, outage
+        except Exception as exc:  # no JetStream, limits beyond the server's, no permission
             self._streams_ok = False
-            log.error("nats_stream_setup_failed", stream=subj.stream, error=repr(exc))
+            if not self._streams_failed:
+                self._streams_failed = True
+                log.error("nats_stream_setup_failed", stream=subj.stream, error=str(exc),
+                          retry_s=_STREAM_RETRY)
             return
-        self._streams_ok = True
+        if self._streams_failed:
+            log.info("nats_streams_ready", stream=subj.stream)
+        self._streams_ok, self._streams_failed = True, False
 
     async def _on_error(self, exc: Exception) -> None:
         if self._nc is None and not self._unreachable_logged:  # before the first connection
@@ -359,6 +377,7 @@ class NatsBridge:
         log.info("nats_reconnected", server=str(nc.connected_url.netloc)
                  if nc is not None and nc.connected_url else None)
         self._streams_ok = False  # a restarted server may have lost them: check again
+        self._streams_retry = 0.0
 
     async def _on_closed(self) -> None:
         self._connected = False
@@ -372,7 +391,8 @@ class NatsBridge:
                 stop_at = time.monotonic() + _CLOSE_DRAIN
             if stop_at is not None and (not self._queue or time.monotonic() > stop_at):
                 break
-            if not self._streams_ok and self._connected:
+            if (not self._streams_ok and self._connected
+                    and time.monotonic() >= self._streams_retry):
                 await self._ensure_streams()
             while self._queue:
                 item = self._queue.popleft()
@@ -431,14 +451,18 @@ class NatsBridge:
                 future.cancel()  # releases nats-py's in-flight slot; counted as unacked
 
     def _fold(self, batch: PublishedBatch) -> None:
-        """Remember the batch's records as the latest of their securities."""
-        records = batch.records
+        """Remember where each security's latest record is (no record is built here)."""
+        cols = batch.columns
+        rows: Union[SpotColumns, List[SpotRecord]] = cols if cols is not None else batch.records
+        if cols is not None:
+            keys: Iterable[Tuple[str, str]] = zip(cols.market, cols.code)
+        else:
+            keys = ((r.market, r.code) for r in batch.records)
         dirty, run = self._dirty, batch.run_id
-        pos = 0
-        for seq, count in enumerate(batch.counts, batch.first_seq):
-            for rec in records[pos:pos + count]:
-                dirty[(rec.market, rec.code)] = (rec, seq, run)
-            pos += count
+        seqs = chain.from_iterable(repeat(seq, count)
+                                   for seq, count in enumerate(batch.counts, batch.first_seq))
+        for i, (key, seq) in enumerate(zip(keys, seqs)):
+            dirty[key] = (rows, i, seq, run)
         self._folded = (run, batch.source, batch.first_seq + len(batch.messages) - 1)
 
     async def _publish_latest(self) -> None:
@@ -449,21 +473,32 @@ class NatsBridge:
         nc, subj = self._nc, self.subjects
         _, source, _ = self._folded
         now_ms = int(time.time() * 1000)
+        # A batch holding many of the latest records builds them all at once (the fast way);
+        # one holding a few builds just those.
+        share: Dict[int, int] = {}
+        for rows, *_ in dirty.values():
+            share[id(rows)] = share.get(id(rows), 0) + 1
         published = 0
         try:
-            for (market, code), (rec, seq, run) in dirty.items():
+            for (market, code), (rows, i, seq, run) in dirty.items():
                 if _BAD_TOKEN.intersection(market) or _BAD_TOKEN.intersection(code):
                     continue  # not a valid subject token; the stream still carries it
+                if not isinstance(rows, SpotColumns):
+                    rec = rows[i]
+                elif share[id(rows)] * 8 < rows.n:
+                    rec = rows.record(i)
+                else:
+                    rec = rows.records[i]
                 encoder = self._encoders.get((run, source))
                 if encoder is None:
                     self._encoders.clear()  # one run at a time
                     encoder = self._encoders[(run, source)] = SpotEncoder(run, source, self._max)
                 (message,) = encoder.encode([rec], first_seq=seq, publish_time_ms=now_ms)
-                await nc.publish(subj.last_subject(market, code), message[_PREFIX_LEN:],
-                                 headers={HDR_RUN_ID: run, HDR_SEQ: str(seq)})
+                # no headers: run_id and seq are inside the SpotList already
+                await nc.publish(subj.last_subject(market, code), message[_PREFIX_LEN:])
                 published += 1
-                if published % 500 == 0:
-                    await asyncio.sleep(0)
+                if published % _LATEST_SLICE == 0:  # hand the GIL back to the relay's thread
+                    await asyncio.sleep(_LATEST_PAUSE)
         except Exception as exc:  # disconnected half way: keep the rest for the next round
             self.stats.errors += 1
             for key, value in dirty.items():

@@ -26,8 +26,9 @@ from relay.client._snapshot import (
 from relay.config import Config, service_addresses
 from relay.encode import SpotEncoder
 from relay.records import SpotRecord
-from relay.security import Security, receive
+from relay.security import Security
 from relay.sinks import PublishedBatch
+from relay.sinks._rep import recv_request
 from relay.supervise import ServiceHandle, Supervisor
 
 __all__ = ["SnapshotService"]
@@ -166,7 +167,9 @@ class SnapshotService:
         while not self._stop.is_set():
             self.fold()
             try:
-                request = receive(sock)
+                request = recv_request(sock)
+            except pynng.Timeout:
+                continue
             except pynng.exceptions.NNGException:
                 if self._stop.is_set():
                     return

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -10,7 +13,7 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from helpers import free_tcp_port
+from helpers import free_tcp_port, relay_env
 from prometheus_client.parser import text_string_to_metric_families
 
 
@@ -118,3 +121,41 @@ def wait_for(what: Callable[[], Any], message: str, limit: float = 30.0,
             return value
         assert time.monotonic() < deadline, message
         time.sleep(step)
+
+
+class LineReader:
+    """Collects a subprocess's stdout lines on a thread (the stats lines, while it runs)."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.lines: List[str] = []
+        assert proc.stdout is not None
+        stream = proc.stdout
+        self._thread = threading.Thread(target=lambda: self.lines.extend(iter(stream.readline,
+                                                                               "")), daemon=True)
+        self._thread.start()
+
+    def events(self, name: str) -> List[dict]:  # type: ignore[type-arg]
+        out = []
+        for line in list(self.lines):
+            if line.startswith("{"):
+                entry = json.loads(line)
+                if entry.get("event") == name:
+                    out.append(entry)
+        return out
+
+    def finish(self, proc: subprocess.Popen[str]) -> str:
+        """Stop ``proc`` (SIGTERM) if still running; returns its stderr."""
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        self._thread.join(10)
+        assert proc.stdout is not None and proc.stderr is not None
+        err = proc.stderr.read()
+        proc.stdout.close()
+        proc.stderr.close()
+        return err
+
+
+def status_command(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "relay", "status", *args], capture_output=True,
+                          text=True, env=relay_env(), timeout=30)

@@ -3,55 +3,21 @@
 from __future__ import annotations
 
 import json
-import signal
 import socket
-import subprocess
-import sys
 import threading
 from pathlib import Path
-from typing import List
 
-from helpers import free_tcp_port, relay_env, run_relay_with, tcp_address
-from ops_helpers import WebhookServer, down_url, get, get_json, metrics, wait_for
-
-
-class LineReader:
-    """Collects a subprocess's stdout lines on a thread (the stats lines, while it runs)."""
-
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        self.lines: List[str] = []
-        assert proc.stdout is not None
-        stream = proc.stdout
-        self._thread = threading.Thread(target=lambda: self.lines.extend(iter(stream.readline,
-                                                                               "")), daemon=True)
-        self._thread.start()
-
-    def events(self, name: str) -> List[dict]:  # type: ignore[type-arg]
-        out = []
-        for line in list(self.lines):
-            if line.startswith("{"):
-                entry = json.loads(line)
-                if entry.get("event") == name:
-                    out.append(entry)
-        return out
-
-    def finish(self, proc: subprocess.Popen[str]) -> str:
-        """Stop ``proc`` (SIGTERM) if still running; returns its stderr."""
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
-        self._thread.join(10)
-        assert proc.stdout is not None and proc.stderr is not None
-        err = proc.stderr.read()
-        proc.stdout.close()
-        proc.stderr.close()
-        return err
-
-
-def status_command(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "relay", "status", *args], capture_output=True,
-                          text=True, env=relay_env(), timeout=30)
-
+from helpers import free_tcp_port, run_relay_with, tcp_address
+from ops_helpers import (
+    LineReader,
+    WebhookServer,
+    down_url,
+    get,
+    get_json,
+    metrics,
+    status_command,
+    wait_for,
+)
 
 SIMULATOR = """
 source:
@@ -103,6 +69,9 @@ def test_metrics_health_status_page_and_webhooks_that_do_not_delay_publishing(
             assert 1.0 == later["qmt_relay_source_up"]
             assert 1.0 == later["qmt_relay_healthy"]
             assert 0.0 == later["qmt_relay_alerts_sent_total"]
+            # Supervised services, the HTTP thread among them, show up as alive.
+            assert 1.0 == later['qmt_relay_service_up{service="metrics_http"}']
+            assert 0.0 == later['qmt_relay_service_failures_total{service="metrics_http"}']
             assert sum(v for k, v in later.items()
                        if k.startswith("qmt_relay_securities_today{")) == 60
             assert {"market"} == {k.split("{")[1].split("=")[0] for k in later

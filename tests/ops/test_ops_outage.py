@@ -10,13 +10,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import pytest
 from helpers import REPO, free_tcp_port, relay_env, tcp_address
-from ops_helpers import WebhookServer, get_json, metrics, wait_for
-from test_ops_e2e import LineReader, status_command
+from ops_helpers import LineReader, WebhookServer, get_json, metrics, status_command, wait_for
 
 FAKES = REPO / "tests" / "fakes"
 CONFIG = """
@@ -105,7 +105,7 @@ def test_outage_flips_health_status_page_and_alerts_once_each(tmp_path: Path,
     with WebhookServer() as feishu:
         cfg = tmp_path / "relay.yaml"
         cfg.write_text(CONFIG.format(publish=publish, metrics=base, feishu=feishu.url))
-        proc = subprocess.Popen([os.sys.executable, "-m", "relay", "run", "--config", str(cfg)],
+        proc = subprocess.Popen([sys.executable, "-m", "relay", "run", "--config", str(cfg)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env=env, cwd=tmp_path)
         reader = LineReader(proc)

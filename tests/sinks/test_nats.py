@@ -167,16 +167,29 @@ logging:
 """
 
 
-def test_nats_subscriber_gets_the_same_records_as_an_nng_subscriber(
-        nats_server: NatsServer, tmp_path: Path,
-        procs: List[subprocess.Popen[str]]) -> None:
-    """One relay run: the batches seen over NATS equal those over NNG, seq for seq."""
+@pytest.fixture(scope="module")
+def live_relay(tmp_path_factory: Any) -> Iterator[Tuple[str, str, Path]]:
+    """A relay subprocess on the simulator, bridged to its own nats-server: (tcp, nats, dir)."""
+    tmp = tmp_path_factory.mktemp("live")
+    server = NatsServer(tmp / "jetstream")
+    server.start()
     stream = tcp_address()
+    proc = run_relay_with(tmp, RELAY_CONFIG, "--publish", stream, "--nats", server.url,
+                          quiet=True)
+    try:
+        yield stream, server.url, tmp
+    finally:
+        proc.kill()
+        proc.wait(20)
+        server.stop()
+
+
+def test_nats_subscriber_gets_the_same_records_as_an_nng_subscriber(
+        live_relay: Tuple[str, str, Path]) -> None:
+    """One relay run: the batches seen over NATS equal those over NNG, seq for seq."""
+    stream, nats_url, _ = live_relay
     nng = Collector(Subscriber(stream))
-    over_nats = Collector(Subscriber(nats_server.url))
-    proc = run_relay_with(tmp_path, RELAY_CONFIG, "--publish", stream, "--nats",
-                          nats_server.url, quiet=True)
-    procs.append(proc)
+    over_nats = Collector(Subscriber(nats_url))
     try:
         wait_for(lambda: len(set(nng.by_seq()) & set(over_nats.by_seq())) >= 6,
                  what="six batches over both")
@@ -187,6 +200,40 @@ def test_nats_subscriber_gets_the_same_records_as_an_nng_subscriber(
     common = sorted(set(a) & set(b))
     assert [a[s] for s in common] == [b[s] for s in common]
     assert all(a[s] for s in common)
+
+
+def test_tail_and_record_read_nats_urls(live_relay: Tuple[str, str, Path],
+                                        procs: List[subprocess.Popen[str]]) -> None:
+    """`qmt-relay tail nats://...` prints records; `record nats://...` writes a day file."""
+    from helpers import relay_command
+
+    from relay.recording import open_day
+
+    _, nats_url, tmp = live_relay
+    out = tmp / "rec"
+    recorder = relay_command(tmp, "record", nats_url, "--dir", str(out), "--codes",
+                             "000001.SH,399001.SZ", "--log-level", "debug")
+    procs.append(recorder)
+    tail = relay_command(tmp, "tail", nats_url, "--json", "--count", "3", "--replay-from", "0")
+    procs.append(tail)
+    tail_out, tail_err = tail.communicate(timeout=60)
+    assert 0 == tail.returncode, tail_err
+    rows = [json.loads(line) for line in tail_out.splitlines()]
+    assert 3 == len(rows) and all(r["source"] == "simulator" for r in rows)
+    assert recorder.stdout is not None
+    flushes = 0
+    for line in recorder.stdout:
+        if '"recorder_flushed"' in line:
+            flushes += 1
+            if flushes == 1:
+                break
+    recorder.terminate()
+    recorder.communicate(timeout=30)
+    assert 0 == recorder.returncode
+    (path,) = out.iterdir()
+    with open_day(path) as day:
+        assert {"000001.SH", "399001.SZ"} == set(day.codes())
+        assert 1 <= len(day)
 
 
 def test_relay_keeps_publishing_through_a_nats_outage_and_the_bridge_recovers(
@@ -289,3 +336,15 @@ def test_subscriber_over_nats_loads_no_compiled_extension(
                          timeout=60)
     assert 0 == out.returncode, out.stderr
     assert "" == out.stdout.strip()
+
+
+def test_columns_record_equals_the_built_records() -> None:
+    """SpotColumns.record(i), which the bridge uses, equals records[i], types included."""
+    from relay.normalise import Normaliser
+
+    batch = scripted_batches(1)[0]
+    one, other = Normaliser().normalise_batch(batch), Normaliser().normalise_batch(batch)
+    assert one.columns is not None and other.columns is not None
+    singles = [one.columns.record(i) for i in range(len(one))]
+    assert other.columns.records == singles
+    assert [type(v) for v in other.columns.records[0]] == [type(v) for v in singles[0]]

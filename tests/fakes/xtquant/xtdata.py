@@ -61,10 +61,13 @@ from relay.sources.simulator import SimulatedMarket, china_ms
 __all__ = [
     "connect",
     "disconnect",
+    "download_history_data",
+    "download_history_data2",
     "get_client",
     "get_full_tick",
     "get_holidays",
     "get_instrument_detail",
+    "get_market_data_ex",
     "get_stock_list_in_sector",
     "get_trading_calendar",
     "get_trading_dates",
@@ -82,6 +85,7 @@ FAKE_DAY = date(2024, 12, 2)   # a Monday
 _PRICE_KEYS = ("lastPrice", "open", "high", "low", "lastClose")
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+_memory_state: Dict[str, Any] = {}   # the history cache without FAKE_XTDATA_HISTORY
 
 
 class _Subscription:
@@ -161,6 +165,7 @@ class FakeMiniQMT:
             self.log_path = log_path
             self.control_path = control_path
             self._control_done = 0
+            _memory_state.clear()
 
     def drop(self) -> None:
         """MiniQMT goes away: every client disconnects, every call raises until restore()."""
@@ -332,6 +337,7 @@ def _from_environment() -> None:
         securities=int(env.get("FAKE_XTDATA_SECURITIES", "60")),
         push_interval=float(env.get("FAKE_XTDATA_PUSH_INTERVAL", "0.05")),
         fail_subscribes=int(env.get("FAKE_XTDATA_FAIL_SUBSCRIBES", "0")),
+        refuse_connects=int(env.get("FAKE_XTDATA_REFUSE_CONNECTS", "0")),
         log_path=env.get("FAKE_XTDATA_LOG"),
         control_path=env.get("FAKE_XTDATA_CONTROL"),
     )
@@ -584,3 +590,275 @@ def get_trading_calendar(market: str, start_time: str = "", end_time: str = "") 
         raise Exception("暂不支持除SH,SZ以外市场的交易日历")
     _get_client()
     return [d.strftime("%Y%m%d") for d in _trading_days(*_range(start_time, end_time))]
+
+
+# -- history (K-lines) --------------------------------------------------------------------
+#
+# MiniQMT keeps downloaded K-lines in a local cache on its side, so it outlives a client (and
+# the process that made it). The fake keeps that cache, and the hostile switches for history,
+# in a JSON file named by FAKE_XTDATA_HISTORY (shared by every process that imports the fake),
+# or in memory without it. Keys: "cache" {period: [codes]}, "hang" (the next N downloads never
+# finish), "drop" (the next N downloads lose the connection half-way), "fail_total" (the next
+# N downloads report total < 0), "no_data" [codes] (progress carries a message; no bars),
+# "bad" [codes] (their frames carry NaN, zero, high < low, duplicate and out-of-order rows).
+#
+# Bars exist for trading days from HISTORY_FIRST (later for some codes: listing) to the day
+# before FAKE_DAY; a code is suspended on some days (returned as flat, zero-volume bars with
+# suspendFlag 1 only when fill_data=True). Some codes' prices come back as int64 columns
+# (whole-yuan prices) and some volumes as float64, as pandas frames from the real API can.
+
+HISTORY_FIRST = date(2024, 10, 1)
+_PERIOD_MINUTES = {"1m": 1, "5m": 5}
+
+
+def _hist_state() -> Dict[str, Any]:
+    path = os.environ.get("FAKE_XTDATA_HISTORY")
+    if not path:
+        return _memory_state
+    try:
+        with open(path, encoding="utf-8") as f:
+            state: Dict[str, Any] = json.load(f)
+            return state
+    except (OSError, ValueError):
+        return {}
+
+
+def _hist_save(state: Dict[str, Any]) -> None:
+    path = os.environ.get("FAKE_XTDATA_HISTORY")
+    if not path:
+        _memory_state.clear()
+        _memory_state.update(state)
+        return
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(state, f)
+    os.replace(tmp, path)
+
+
+def _take(state: Dict[str, Any], key: str) -> bool:
+    """Use up one of the next-N hostile switch ``key``."""
+    if int(state.get(key, 0)) > 0:
+        state[key] = int(state[key]) - 1
+        _hist_save(state)
+        return True
+    return False
+
+
+def _code_hash(code: str) -> int:
+    import zlib
+
+    return zlib.crc32(code.encode())
+
+
+def _listing(code: str) -> date:
+    h = _code_hash(code)
+    return HISTORY_FIRST + timedelta(days=(h % 3) * 7) if h % 4 == 0 else HISTORY_FIRST
+
+
+def _fake_days(code: str, start: date, end: date) -> List[Tuple[date, bool]]:
+    """(day, suspended) of the code's trading days in [start, end]."""
+    first = max(start, _listing(code))
+    last = min(end, FAKE_DAY - timedelta(days=1))
+    h = _code_hash(code)
+    return [(d, (h + d.toordinal()) % 13 == 0) for d in _trading_days(first, last)]
+
+
+def _day_prices(code: str, day: date) -> Tuple[float, float, float, float]:
+    import math
+
+    h = _code_hash(code)
+    base = 4.0 + h % 40
+    close = round(base * (1.0 + 0.06 * math.sin(day.toordinal() * 0.37 + h % 17)), 2)
+    open_ = round(close * (1.0 + 0.01 * math.cos(day.toordinal() * 0.91 + h % 5)), 2)
+    high = round(max(open_, close) * 1.012, 2)
+    low = round(min(open_, close) * 0.988, 2)
+    return open_, high, low, close
+
+
+def _frame(code: str, period: str, start: date, end: date, fill_data: bool) -> Any:
+    import pandas as pd
+
+    h = _code_hash(code)
+    rows: List[Dict[str, Any]] = []
+    index: List[str] = []
+    prev_close = None
+    for day, suspended in _fake_days(code, start, end):
+        o, hi, lo, c = _day_prices(code, day)
+        stamp = day.strftime("%Y%m%d")
+        if suspended:
+            if fill_data and prev_close is not None:
+                flat = prev_close
+                if period == "1d":
+                    index.append(stamp)
+                    rows.append({"time": china_ms(day, 0, 0), "open": flat, "high": flat,
+                                 "low": flat, "close": flat, "volume": 0, "amount": 0.0,
+                                 "preClose": flat, "suspendFlag": 1})
+            continue
+        lots = 1000 + (h + day.toordinal()) % 700
+        if period == "1d":
+            index.append(stamp)
+            rows.append({"time": china_ms(day, 0, 0), "open": o, "high": hi, "low": lo,
+                         "close": c, "volume": lots, "amount": lots * 100.0 * (o + c) / 2,
+                         "preClose": prev_close or o, "suspendFlag": 0})
+        else:
+            step = _PERIOD_MINUTES[period]
+            ends = [m for m in range(9 * 60 + 30 + step, 11 * 60 + 31, step)]
+            ends += [m for m in range(13 * 60 + step, 15 * 60 + 1, step)]
+            price = o
+            for k, minute in enumerate(ends):
+                frac = (k + 1) / len(ends)
+                nxt = round(o + (c - o) * frac + 0.01 * ((k * 7 + h) % 5 - 2), 2)
+                nxt = min(hi, max(lo, nxt)) if k < len(ends) - 1 else c
+                top, bottom = max(price, nxt), min(price, nxt)
+                v = 3 + (h + k) % 9
+                index.append(f"{stamp}{minute // 60:02d}{minute % 60:02d}00")
+                rows.append({"time": china_ms(day, minute // 60, minute % 60), "open": price,
+                             "high": top, "low": bottom, "close": nxt, "volume": v,
+                             "amount": v * 100.0 * (price + nxt) / 2, "preClose": 0.0,
+                             "suspendFlag": 0})
+                price = nxt
+        prev_close = c
+    columns = ["time", "open", "high", "low", "close", "volume", "amount",
+               "settelementPrice", "openInterest", "preClose", "suspendFlag"]
+    frame = pd.DataFrame(rows, index=index, columns=columns)
+    frame["settelementPrice"] = 0.0
+    frame["openInterest"] = 0
+    if not len(frame):
+        return frame
+    frame["time"] = frame["time"].astype("int64")
+    frame["volume"] = frame["volume"].astype("int64")
+    if h % 5 == 0:      # whole-yuan prices arrive as ints
+        for col in ("open", "high", "low", "close"):
+            frame[col] = frame[col].round().astype("int64")
+    elif h % 5 == 1:    # float noise
+        frame["close"] = frame["close"] + 1e-12
+    if h % 3 == 0:
+        frame["volume"] = frame["volume"].astype("float64")
+    return frame
+
+
+def _bad_frame(frame: Any) -> Any:
+    """NaN, zero, high < low, a duplicate and an out-of-order row."""
+    import pandas as pd
+
+    if len(frame) < 8:
+        return frame
+    frame = frame.astype({"open": "float64", "high": "float64", "low": "float64",
+                          "close": "float64"})
+    frame.iloc[1, frame.columns.get_loc("close")] = float("nan")
+    frame.iloc[2, frame.columns.get_loc("open")] = 0.0
+    frame.iloc[3, frame.columns.get_loc("high")] = frame.iloc[3]["low"] - 0.5
+    parts = [frame.iloc[:5], frame.iloc[4:5], frame.iloc[6:7], frame.iloc[5:6], frame.iloc[7:]]
+    return pd.concat(parts)
+
+
+def _parse_day(text: str, default: date) -> date:
+    if not text:
+        return default
+    return date(int(text[:4]), int(text[4:6]), int(text[6:8]))
+
+
+@_api
+def download_history_data2(stock_list: List[str], period: str, start_time: str = "",
+                           end_time: str = "", callback: Optional[Callable[[Any], None]] = None,
+                           incrementally: Optional[bool] = None) -> Dict[str, Any]:
+    client = _get_client()
+    if period not in ("1d", "1m", "5m", "tick"):
+        raise Exception(f"不支持的周期: {period}")
+    state = _hist_state()
+    _fake._record("download_history_data2", codes=len(stock_list), period=period,
+                  start=start_time, end=end_time)
+    if _take(state, "fail_total"):
+        if callback:
+            _wrap_callback(callback)({"finished": 0, "total": -1, "stockcode": "",
+                                      "message": "服务器错误"})
+        raise Exception("下载数据失败：服务器错误")
+    hang = _take(state, "hang")
+    drop = _take(state, "drop")
+    no_data = set(state.get("no_data", []))
+    total = len(stock_list)
+    cache = state.setdefault("cache", {}).setdefault(period, [])
+    result: Dict[str, Any] = {}
+    # progress goes to the callback on a thread of its own, as xtquant's callbacks do
+    import queue
+
+    updates: queue.Queue[Optional[Dict[str, Any]]] = queue.Queue()
+    wrapped = _wrap_callback(callback) if callback else None
+
+    def deliver() -> None:
+        while True:
+            item = updates.get()
+            if item is None:
+                return
+            if wrapped is not None:
+                wrapped(item)
+
+    thread = threading.Thread(target=deliver, name="fake-xtquant-download", daemon=True)
+    thread.start()
+    try:
+        for i, code in enumerate(stock_list):
+            if hang and i >= total // 2:
+                _hist_save(state)
+                while True:          # progress stops; the real call polls forever
+                    time.sleep(0.1)
+            if drop and i >= total // 2:
+                _hist_save(state)
+                client.shutdown()
+                raise Exception("行情服务连接断开")
+            message = "无数据" if code in no_data or code not in _fake.market.names else ""
+            if not message and code not in cache:
+                cache.append(code)
+            if not message:
+                result[code] = {"start_time": start_time, "end_time": end_time}
+            updates.put({"finished": i + 1, "total": total, "stockcode": code,
+                         "message": message})
+        _hist_save(state)
+    finally:
+        updates.put(None)
+        thread.join()
+    return result
+
+
+@_api
+def download_history_data(stock_code: str, period: str, start_time: str = "",
+                          end_time: str = "", incrementally: Optional[bool] = None) -> None:
+    _get_client()
+    state = _hist_state()
+    _fake._record("download_history_data", code=stock_code, period=period)
+    if stock_code in set(state.get("no_data", [])) or stock_code not in _fake.market.names:
+        return
+    cache = state.setdefault("cache", {}).setdefault(period, [])
+    if stock_code not in cache:
+        cache.append(stock_code)
+        _hist_save(state)
+
+
+@_api
+def get_market_data_ex(field_list: Optional[List[str]] = None,
+                       stock_list: Optional[List[str]] = None, period: str = "1d",
+                       start_time: str = "", end_time: str = "", count: int = -1,
+                       dividend_type: str = "none", fill_data: bool = True) -> Dict[str, Any]:
+    _get_client()
+    state = _hist_state()
+    cache = set(state.get("cache", {}).get(period, []))
+    bad = set(state.get("bad", []))
+    start = _parse_day(start_time, HISTORY_FIRST)
+    end = _parse_day(end_time, FAKE_DAY)
+    out: Dict[str, Any] = {}
+    for code in stock_list or []:
+        if code in cache:
+            frame = _frame(code, period, start, end, fill_data)
+            out[code] = _bad_frame(frame) if code in bad else frame
+        else:
+            import pandas as pd
+
+            out[code] = pd.DataFrame()
+    _fake._record("get_market_data_ex", codes=len(stock_list or []), period=period,
+                  fill_data=fill_data, dividend_type=dividend_type)
+    return out
+
+
+def expected_frame(code: str, period: str, start: str = "", end: str = "") -> Any:
+    """The bars the fake serves for ``code`` (test helper; fill_data=False, no bad rows)."""
+    return _frame(code, period, _parse_day(start, HISTORY_FIRST), _parse_day(end, FAKE_DAY),
+                  False)

@@ -1,0 +1,315 @@
+"""``qmt-relay history sync``: mirror a relay's history directory into a local one.
+
+The mirror asks the relay's history service for its catalogue, then, file by file, sends
+``sync`` requests listing each ``/data`` table it wants with the rows it already holds and a
+digest of its last :data:`~relay.client._history.SYNC_WINDOW` rows. The relay answers with
+the rows after them, or ``changed`` when its table does not hold those rows there (a
+re-import, another start, a shorter table): the mirror then fetches that table whole.
+
+Data rows are written through :mod:`relay.history.store` (staged, committed in crash-safe
+phases after every reply), so a mirror killed at any moment stays readable and the next sync
+completes it. The store derives the index tables from the data as it commits. When the
+relay's own store derives a security's index tables too (the reply says so), the two are
+equal by construction and no index row travels; otherwise (a directory another tool wrote)
+the index tables are synced like the data, after the data commit, and written over the
+derived ones where they differ, so the mirror's index tables are the relay's.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
+
+import h5py
+import numpy as np
+import structlog
+
+from relay.client._history import (
+    KIND_SYNC,
+    STATUS_CHANGED,
+    STATUS_MISSING,
+    SYNC_WINDOW,
+    CatalogueSlice,
+    TableSlice,
+    catalogue_pages,
+    checked,
+    decode_reply,
+    encode_request,
+)
+from relay.client._transport import Requester
+from relay.errors import HistoryRequestError
+from relay.history.service import canonical, digest_rows
+from relay.history.store import (
+    BAR_DTYPE,
+    INDEX_DTYPE,
+    DirectoryLock,
+    HistoryFile,
+    open_file,
+)
+
+__all__ = ["SyncSummary", "sync"]
+
+log = structlog.get_logger("relay.history.sync")
+
+_TABLES_PER_REQUEST = 3000      # about 200 KB of JSON
+_BUSY_RETRIES = 20
+_BUSY_PAUSE = 0.5
+
+
+@dataclass
+class SyncSummary:
+    """What a sync did."""
+
+    files: int = 0
+    tables: int = 0                 # data tables considered
+    bars: int = 0                   # bars fetched and written
+    index_rows: int = 0             # index rows fetched
+    index_fixed: int = 0            # index tables written over with the relay's rows
+    refetched: List[str] = field(default_factory=list)   # tables whose history had changed
+    up_to_date: int = 0             # data tables that needed nothing
+    requests: int = 0
+    bytes: int = 0
+    elapsed: float = 0.0
+
+
+Progress = Callable[[str, int, int, int], None]
+"""``progress(file, tables done, tables in all, bars so far)``."""
+
+
+def sync(url: str, directory: str, *, periods: Optional[Sequence[str]] = None,
+         markets: Optional[Sequence[str]] = None, codes: Optional[Sequence[str]] = None,
+         timeout: float = 60.0, max_reply_bytes: Optional[int] = None,
+         progress: Optional[Progress] = None) -> SyncSummary:
+    """Bring ``directory`` to the relay's content for what is asked.
+
+    Args:
+        url: the relay's history service, ``tcp://HOST:PORT``.
+        directory: the local hikyuu data directory (created when missing).
+        periods, markets: only these (default: every file the relay serves).
+        codes: only these securities (``600000`` or ``600000.SH``).
+        timeout: seconds allowed for each reply.
+        max_reply_bytes: ask for smaller pages than the relay's own limit.
+        progress: called after every reply.
+
+    Raises:
+        HistoryRequestError: the relay refused a request, or stayed busy.
+        HistoryLockedError: another process writes ``directory``.
+        TransportError: the relay is unreachable or stopped answering.
+    """
+    began = time.monotonic()
+    summary = SyncSummary()
+    wanted = _CodeSet(codes)
+    os.makedirs(directory, exist_ok=True)
+    with DirectoryLock(directory), Requester(url, timeout=timeout,
+                                             max_message_bytes=1 << 30) as req:
+        for cat in catalogue_pages(req, markets=markets, periods=periods):
+            keep = [i for i, code in enumerate(cat.codes) if wanted.keeps(code, cat.market)]
+            if not keep:
+                continue
+            summary.files += 1
+            _sync_file(req, directory, cat, keep, summary, max_reply_bytes, progress)
+    summary.elapsed = time.monotonic() - began
+    return summary
+
+
+class _CodeSet:
+    def __init__(self, codes: Optional[Sequence[str]]) -> None:
+        self._all = codes is None
+        self._bare: Set[str] = set()
+        self._pairs: Set[Tuple[str, str]] = set()
+        for item in codes or ():
+            code, dot, market = item.strip().partition(".")
+            if dot:
+                self._pairs.add((code, market.upper()))
+            else:
+                self._bare.add(code)
+
+    def keeps(self, code: str, market: str) -> bool:
+        return self._all or code in self._bare or (code, market) in self._pairs
+
+
+def _sync_file(req: Requester, directory: str, cat: CatalogueSlice, keep: List[int],
+               summary: SyncSummary, max_reply: Optional[int],
+               progress: Optional[Progress]) -> None:
+    label = f"{cat.market.lower()}_{cat.period}"
+    groups = ("data", *cat.indexes)
+    with open_file(directory, cat.market, cat.period, "a", recover_corrupt=True) as hf:
+        raw: h5py.File = hf._file  # the store's h5py file: positional reads and index repairs
+        # a relay table shorter than ours, or not holding our last rows where we hold them
+        # (a re-import, another start), is answered "changed" and fetched again whole
+        refetch: Set[Tuple[str, str]] = set()
+        # index tables travel only for securities whose index the relay's store does not
+        # derive from the data (ours derives it alike from the same rows)
+        pending = [(cat.codes[i], "data") for i in keep]
+        summary.tables += len(keep)
+        done = 0
+        refetches: Dict[Tuple[str, str], int] = {}
+        while pending:
+            batch = pending[:_TABLES_PER_REQUEST]
+            present = {g: set(raw[g].keys()) if g in raw else set() for g in groups}
+            entries = [_entry(raw, cat.market, code, group,
+                              (code, group) in refetch or cat.market + code not in present[group])
+                       for code, group in batch]
+            reply = _request(req, cat, entries, max_reply, summary)
+            tables = reply.tables
+            if not tables or len(tables) > len(batch):
+                raise HistoryRequestError("the relay answered a sync request with no table")
+            again, foreign = _apply(hf, raw, cat.market, entries, tables, refetch, summary)
+            for key in again:
+                refetches[key] = refetches.get(key, 0) + 1
+                if refetches[key] > 3:
+                    raise HistoryRequestError(f"{cat.market}{key[0]} {key[1]}: keeps changing "
+                                              "on the relay")
+            # changed tables go round again whole, a partial one continues, then the rest
+            partial = [] if tables[-1].complete else [(tables[-1].code, tables[-1].group)]
+            done += sum(1 for t in tables[:reply.answered] if t.group == "data")
+            indexes = [(code, g) for code in foreign for g in groups[1:]]
+            pending = sorted(again) + partial + indexes + pending[len(tables):]
+            if progress is not None:
+                progress(label, min(done, len(keep)), len(keep), summary.bars)
+
+
+def _entry(raw: h5py.File, market: str, code: str, group: str,
+           whole: bool) -> Tuple[str, str, int, str]:
+    """``[code, group, rows held, digest of the last rows]`` for a sync request."""
+    if whole:
+        return code, group, 0, ""
+    ds = raw.get(f"{group}/{market}{code}")
+    if not isinstance(ds, h5py.Dataset):
+        return code, group, 0, ""
+    is_data = group == "data"
+    rows = HistoryFile._rows(ds) if is_data else int(ds.shape[0])
+    if not rows:
+        return code, group, 0, ""
+    tail = ds[max(0, rows - SYNC_WINDOW):rows]
+    return code, group, rows, digest_rows(canonical(tail, BAR_DTYPE if is_data else INDEX_DTYPE))
+
+
+def _request(req: Requester, cat: CatalogueSlice, entries: List[Tuple[str, str, int, str]],
+             max_reply: Optional[int], summary: SyncSummary) -> Any:
+    fields: Dict[str, Any] = {"market": cat.market, "period": cat.period,
+                              "tables": [list(e) for e in entries]}
+    if max_reply:
+        fields["max_bytes"] = max_reply
+    body = encode_request("sync", **fields)
+    for attempt in range(_BUSY_RETRIES):
+        answer = req.request(body)
+        summary.requests += 1
+        summary.bytes += len(answer)
+        reply = decode_reply(answer)
+        if not reply.error.startswith("busy") or attempt == _BUSY_RETRIES - 1:
+            return checked(reply, KIND_SYNC)
+        time.sleep(_BUSY_PAUSE)   # the relay's import is writing this file right now
+    raise AssertionError("unreachable")
+
+
+def _apply(hf: HistoryFile, raw: h5py.File, market: str,
+           entries: List[Tuple[str, str, int, str]], tables: List[TableSlice],
+           refetch: Set[Tuple[str, str]], summary: SyncSummary
+           ) -> Tuple[Set[Tuple[str, str]], List[str]]:
+    """Write one reply's tables.
+
+    Returns:
+        The tables to ask for again (whole), and the codes whose index tables must be
+        fetched (the relay does not derive them from the data).
+    """
+    again: Set[Tuple[str, str]] = set()
+    foreign: List[str] = []
+    index_tables: List[Tuple[str, str, int, np.ndarray[Any, Any]]] = []
+    for (code, group, have, _), table in zip(entries, tables):
+        if (table.code, table.group) != (code, group):
+            raise HistoryRequestError("the relay answered tables out of order")
+        key = (code, group)
+        if table.status == STATUS_MISSING:
+            continue
+        if table.status == STATUS_CHANGED:
+            refetch.add(key)
+            again.add(key)
+            if group == "data":
+                summary.refetched.append(f"{market}{code}")
+                log.info("history_sync_changed", table=f"{market}{code}", file=hf.path)
+            continue
+        if table.start != have:
+            raise HistoryRequestError(f"{market}{code} {group}: rows from {table.start}, "
+                                      f"asked from {have}")
+        if group == "data":
+            rows = np.frombuffer(table.data, dtype=BAR_DTYPE, count=table.records)
+            if have == 0 and key in refetch:
+                hf.replace_from(market + code, 0, rows)
+            elif table.records:
+                hf.append(market + code, rows)
+            elif have:
+                summary.up_to_date += 1
+            summary.bars += table.records
+            if not table.derived and table.complete:
+                foreign.append(code)
+        else:
+            index_tables.append((code, group, have,
+                                 np.frombuffer(table.data, dtype=INDEX_DTYPE,
+                                               count=table.records)))
+        if group != "data":
+            summary.index_rows += table.records
+        refetch.discard(key)   # fetched from 0: a next page continues incrementally
+    hf.commit()
+    for code, group, have, rows in index_tables:
+        summary.index_fixed += _match_index(raw, group, market + code, have, rows)
+    if index_tables:
+        raw.flush()
+    return again, foreign
+
+
+def _match_index(raw: h5py.File, group: str, name: str, have: int,
+                 rows: np.ndarray[Any, Any]) -> int:
+    """Make ``/<group>/<name>`` rows ``[have, ...)`` the relay's (1 if it had to write)."""
+    ds = raw.get(f"{group}/{name}")
+    if isinstance(ds, h5py.Dataset):
+        local = ds[have:]
+        if local.shape[0] >= rows.shape[0] and canonical(local[:rows.shape[0]],
+                                                         INDEX_DTYPE) == rows.tobytes():
+            return 0
+        ds.resize((have + rows.shape[0],))
+        ds[have:] = rows
+        return 1
+    raw.require_group(group).create_dataset(name, data=rows, maxshape=(None,), chunks=(256,),
+                                            compression="gzip", shuffle=True)
+    return 1
+
+
+def progress_printer(stream: Any = None) -> Tuple[Progress, Callable[[], None]]:
+    """A progress bar (tqdm) on a terminal, else JSON ``history_sync_progress`` log lines
+    every few seconds. Returns ``(progress, close)``."""
+    out = stream or sys.stderr
+    if out.isatty():
+        try:
+            from tqdm import tqdm  # noqa: PLC0415 - optional (the history extra)
+        except ImportError:
+            pass
+        else:
+            bars: Dict[str, Any] = {}
+
+            def show(label: str, done: int, total: int, fetched: int) -> None:
+                bar = bars.get(label)
+                if bar is None:
+                    bar = bars[label] = tqdm(total=total, desc=label, unit="tables", file=out)
+                bar.n = done
+                bar.set_postfix(bars=fetched, refresh=False)
+                bar.refresh()
+
+            def close() -> None:
+                for bar in bars.values():
+                    bar.close()
+
+            return show, close
+    last = [0.0]
+
+    def log_line(label: str, done: int, total: int, fetched: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= 2.0 or done == total:
+            last[0] = now
+            log.info("history_sync_progress", file=label, tables=done, total=total,
+                     bars=fetched)
+
+    return log_line, lambda: None
