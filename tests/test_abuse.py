@@ -1,7 +1,8 @@
 """Hostile peers against a running relay: every service keeps serving everyone else.
 
 One relay subprocess (simulator, fast pushes) serves a well-behaved subscriber for the whole
-module while the tests throw garbage at its stream (PUB) and snapshot (REP) ports. At the end
+module while the tests throw garbage at its stream (PUB), snapshot and history (REP) and
+metrics (HTTP) ports. At the end
 the good subscriber must have seen no gap (nothing it should have received was lost, so
 publishing was never held up into dropping), the stream must have kept advancing during each
 attack (seq grew), and the relay must still answer, log no service failure, and stop cleanly.
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, List, NamedTuple
 
 import pytest
-from helpers import tcp_address
+from helpers import free_tcp_port, tcp_address
 from hostile import (
     SP_REQ,
     SP_SUB,
@@ -34,6 +35,8 @@ from hostile import (
 )
 
 from relay.client import Subscriber, fetch_snapshot
+from relay.client._history import decode_reply, encode_request
+from relay.client._transport import request as nng_request
 
 SECURITIES = 200
 RNG_SEED = 20240601
@@ -43,6 +46,8 @@ class Target(NamedTuple):
     proc: subprocess.Popen[str]
     publish: str
     snapshot: str
+    history: str
+    metrics: str
     good: Subscriber
     seqs: List[int]
 
@@ -52,9 +57,10 @@ def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     """The relay under attack, and a subscriber that reads everything it publishes."""
     tmp = tmp_path_factory.mktemp("abuse")
     procs: List[subprocess.Popen[str]] = []
-    publish, snapshot = tcp_address(), tcp_address()
+    publish, snapshot, history = tcp_address(), tcp_address(), tcp_address()
+    metrics = f"http://127.0.0.1:{free_tcp_port()}"
     proc = start_relay(Path(tmp), procs, publish, snapshot, securities=SECURITIES,
-                       push_interval=0.3)
+                       push_interval=0.3, history=history, metrics=metrics)
     wait_for_heartbeat(publish)
     seqs: List[int] = []
     good = Subscriber(publish, heartbeat_timeout=None, connect_timeout=10)
@@ -67,7 +73,8 @@ def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     try:
-        yield Target(proc, publish, snapshot, good, seqs)
+        yield Target(proc, publish, snapshot, history, metrics.replace("http://", "tcp://"),
+                     good, seqs)
     finally:
         good.close()
         reader.join(10)
@@ -92,13 +99,15 @@ def silent_connections(url: str, n: int) -> List[socket.socket]:
 
 
 def test_connections_that_never_speak(relay: Target) -> None:
-    """Hundreds of idle TCP connections on both ports change nothing for others."""
+    """Hundreds of idle TCP connections on every port change nothing for others."""
     idle: List[socket.socket] = []
 
     def attack() -> None:
-        idle.extend(silent_connections(relay.publish, 100))
-        idle.extend(silent_connections(relay.snapshot, 100))
+        for url in (relay.publish, relay.snapshot, relay.history, relay.metrics):
+            idle.extend(silent_connections(url, 60))
         assert SECURITIES == len(fetch_snapshot(relay.snapshot, timeout=20).records)
+        assert history_answers(relay)
+        assert metrics_answer(relay)
 
     try:
         advancing(relay, attack)
@@ -117,7 +126,7 @@ BAD_HANDSHAKES = [
 ]
 
 
-@pytest.mark.parametrize("port", ["publish", "snapshot"])
+@pytest.mark.parametrize("port", ["publish", "snapshot", "history", "metrics"])
 def test_wrong_and_truncated_handshakes(relay: Target, port: str) -> None:
     """Bad SP headers and foreign protocols are dropped; nobody else notices."""
     url = getattr(relay, port)
@@ -131,12 +140,12 @@ def test_wrong_and_truncated_handshakes(relay: Target, port: str) -> None:
     advancing(relay, attack)
 
 
-@pytest.mark.parametrize("port", ["publish", "snapshot"])
+@pytest.mark.parametrize("port", ["publish", "snapshot", "history", "metrics"])
 def test_random_bytes_on_raw_sockets(relay: Target, port: str) -> None:
     """Random bytes, before and after a valid handshake, do not hurt the service."""
     url = getattr(relay, port)
     rng = random.Random(RNG_SEED)
-    header = SP_SUB if port == "publish" else SP_REQ
+    header = {"publish": SP_SUB, "metrics": b"GET /metrics HTTP/1.1\r\n"}.get(port, SP_REQ)
 
     def attack() -> None:
         for i in range(20):
@@ -193,6 +202,40 @@ def test_bad_snapshot_requests(relay: Target) -> None:
     advancing(relay, attack)
 
 
+def history_answers(relay: Target) -> bool:
+    """A valid history request still gets a proper (non-error) reply."""
+    body = nng_request(relay.history, encode_request("files"), timeout=20,
+                       max_message_bytes=1 << 24)
+    return not decode_reply(body).error
+
+
+def metrics_answer(relay: Target) -> bool:
+    with connect(relay.metrics, timeout=20) as s:
+        s.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+        return read_until_closed(s, timeout=20).startswith(b"HTTP/1.")
+
+
+def test_bad_history_requests(relay: Target) -> None:
+    """Empty, random, oversized and wrong-shaped history requests: error replies or drops."""
+    rng = random.Random(RNG_SEED)
+    bodies = [b"", b"{", b"[]", b'{"v": 1}', b'{"v": 1, "op": "nope"}',
+              b'{"v": 1, "op": "bars", "market": "SH", "period": "day", "code": 5}',
+              b'{"v": 99, "op": "files"}', b'{"v": 1, "op": "files", "x": "\xe6\xb5\xa6"}',
+              *(rng.randbytes(rng.randint(1, 600)) for _ in range(8))]
+
+    def attack() -> None:
+        for body in bodies:
+            reply = snapshot_request(relay.history, body=body, timeout=10)
+            assert reply is not None  # every bad request is answered (with an error)
+            assert decode_reply(reply).error, body
+        # beyond history.max_request_bytes (1 MiB): refused or dropped, never served
+        big = snapshot_request(relay.history, body=b"x" * (2 << 20), timeout=5)
+        assert big is None or big[:1] != b""
+        assert history_answers(relay)
+
+    advancing(relay, attack)
+
+
 def test_floods_of_connections_and_requests(relay: Target) -> None:
     """Connect/close floods on both ports and parallel request floods: all still served."""
     served: List[int] = []
@@ -212,8 +255,8 @@ def test_floods_of_connections_and_requests(relay: Target) -> None:
         threads = [threading.Thread(target=requester) for _ in range(4)]
         for t in threads:
             t.start()
-        for _ in range(150):
-            for url in (relay.publish, relay.snapshot):
+        for _ in range(100):
+            for url in (relay.publish, relay.snapshot, relay.history, relay.metrics):
                 with contextlib.suppress(OSError):
                     connect(url, timeout=2).close()
         for t in threads:
@@ -229,6 +272,8 @@ def test_relay_survived_everything(relay: Target) -> None:
     assert relay.good.stats.decode_errors == 0
     assert len(relay.seqs) > 5
     assert SECURITIES == len(fetch_snapshot(relay.snapshot, timeout=20).records)
+    assert history_answers(relay)
+    assert metrics_answer(relay)
     relay.proc.terminate()
     out, err = relay.proc.communicate(timeout=30)
     assert 0 == relay.proc.returncode
