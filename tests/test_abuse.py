@@ -104,7 +104,7 @@ def test_connections_that_never_speak(relay: Target) -> None:
 
     def attack() -> None:
         for url in (relay.publish, relay.snapshot, relay.history, relay.metrics):
-            idle.extend(silent_connections(url, 60))
+            idle.extend(silent_connections(url, 40))
         assert SECURITIES == len(fetch_snapshot(relay.snapshot, timeout=20).records)
         assert history_answers(relay)
         assert metrics_answer(relay)
@@ -135,7 +135,7 @@ def test_wrong_and_truncated_handshakes(relay: Target, port: str) -> None:
         for garbage in BAD_HANDSHAKES:
             with connect(url) as s:
                 s.sendall(garbage)
-                read_until_closed(s, timeout=1, limit=4096)
+                read_until_closed(s, timeout=0.3, limit=4096)
 
     advancing(relay, attack)
 
@@ -148,12 +148,12 @@ def test_random_bytes_on_raw_sockets(relay: Target, port: str) -> None:
     header = {"publish": SP_SUB, "metrics": b"GET /metrics HTTP/1.1\r\n"}.get(port, SP_REQ)
 
     def attack() -> None:
-        for i in range(20):
+        for i in range(10):
             with connect(url, timeout=2) as s:
                 payload = bytes(rng.getrandbits(8) for _ in range(rng.choice([1, 7, 8, 9, 4096])))
                 with contextlib.suppress(OSError):  # the relay may hang up on us first
                     s.sendall((header if i % 2 else b"") + payload)
-                read_until_closed(s, timeout=0.5, limit=4096)
+                read_until_closed(s, timeout=0.2, limit=4096)
 
     advancing(relay, attack)
 
@@ -242,7 +242,7 @@ def test_floods_of_connections_and_requests(relay: Target) -> None:
     failed: List[BaseException] = []
 
     def requester() -> None:
-        for _ in range(15):
+        for _ in range(8):
             try:
                 reply = snapshot_request(relay.snapshot, timeout=30)
             except OSError as exc:
@@ -255,7 +255,7 @@ def test_floods_of_connections_and_requests(relay: Target) -> None:
         threads = [threading.Thread(target=requester) for _ in range(4)]
         for t in threads:
             t.start()
-        for _ in range(100):
+        for _ in range(60):
             for url in (relay.publish, relay.snapshot, relay.history, relay.metrics):
                 with contextlib.suppress(OSError):
                     connect(url, timeout=2).close()
@@ -263,7 +263,7 @@ def test_floods_of_connections_and_requests(relay: Target) -> None:
             t.join(120)
 
     advancing(relay, attack)
-    assert 60 == len(served), failed
+    assert 32 == len(served), failed
 
 
 def test_relay_survived_everything(relay: Target) -> None:
