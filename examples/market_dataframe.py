@@ -4,7 +4,9 @@
     python examples/market_dataframe.py                    # tcp://127.0.0.1:9200
 
 It starts from the relay's snapshot (the whole market at once), then folds in each batch
-(only the securities that changed) and prints a one-line summary per batch.
+(only the securities that changed) and prints a one-line summary per batch. The subscriber
+runs in columns mode: each batch becomes a DataFrame straight from the relay's message
+buffers, without a Python object per record.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     market: Any = None
     batches = 0
     with Subscriber(args.url, snapshot=not args.no_snapshot,
-                    snapshot_url=args.snapshot_url) as sub:
+                    snapshot_url=args.snapshot_url, columns=True) as sub:
         for batch in sub:
             t0 = time.perf_counter()
             frame = batch.to_pandas()                    # indexed by symbol, e.g. 600000.SH

@@ -187,10 +187,16 @@ class Relay:
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         """Route SIGINT/SIGTERM to :meth:`request_stop`; restore prior handlers on exit."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = {sig: signal.signal(sig, self._handle_signal) for sig in _HANDLED_SIGNALS}
+        previous: Dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            try:
+                for sig in _HANDLED_SIGNALS:
+                    previous[sig] = signal.signal(sig, self._handle_signal)
+            except ValueError:
+                # Not the interpreter's main thread after all: pythonservice.exe runs
+                # SvcDoRun on the SCM's thread, which `threading` may take for the main one.
+                # The service stops the relay through request_stop instead.
+                pass
         try:
             yield
         finally:
@@ -238,7 +244,8 @@ class Relay:
         if self._ops_wanted:
             self._ops = Operations(cfg, run_id=self.run_id, source=source.kind,
                                    clock=self._clock, supervisor=self.supervisor,
-                                   allow=self.security.is_allowed, refuse=self.security.refuse)
+                                   allow=self.security.is_allowed, refuse=self.security.refuse,
+                                   tls=self.security.tls)
         self._publisher.start()
         log.info("publishing", addresses=list(cfg.publish.addresses), run_id=self.run_id)
         if self._ops is not None:

@@ -1,6 +1,8 @@
 """Command line: argv -> Config -> logging -> Relay -> exit code.
 
-Only this module turns errors into messages and exit codes.
+Only this module turns errors into messages and exit codes. Standard streams may be missing
+(``None`` under a Windows service or ``pythonw``: nothing is written to them then) or in a
+narrow code page: human text degrades to ``?``, JSON and CSV go out as UTF-8 bytes.
 """
 
 from __future__ import annotations
@@ -10,9 +12,10 @@ import datetime
 import json
 import os
 import sys
-from typing import Any, Dict, List, Optional, Sequence, TextIO, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, TextIO, Union
 
 from relay import __version__
+from relay._console import binary, tolerant, usable, write_text
 from relay.errors import (
     EXIT_CONFIG,
     EXIT_FAILURE,
@@ -24,6 +27,9 @@ from relay.errors import (
     PublishError,
     RelayError,
 )
+
+if TYPE_CHECKING:
+    from relay.recording import Day
 
 __all__ = ["EXIT_CONFIG", "EXIT_FAILURE", "EXIT_OK", "EXIT_STARTUP", "EXIT_UNREACHABLE", "main"]
 
@@ -113,6 +119,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="metrics endpoint (default: the stream's TCP port + 3)")
     status.add_argument("--timeout", type=float, default=3.0, metavar="S",
                         help="seconds to wait for a heartbeat and per request (default 3)")
+    status.add_argument("--ca", metavar="FILE",
+                        help="CA certificate of an https:// metrics endpoint")
     status.add_argument("--json", action="store_true", help="one JSON object, for scripts")
 
     service = sub.add_parser("service", help="manage the Windows service (Windows only)")
@@ -128,6 +136,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``qmt-relay`` console script."""
+    # Human text never raises UnicodeEncodeError (cp1252 consoles and pipes, Chinese names).
+    tolerant(sys.stdout)
+    tolerant(sys.stderr)
     args = _parser().parse_args(argv)
     if args.command == "run":
         return _run(args)
@@ -152,7 +163,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _error(message: str) -> None:
-    print(f"qmt-relay: error: {message}", file=sys.stderr)
+    write_text(sys.stderr, f"qmt-relay: error: {message}\n")
+
+
+def _write_json(text: str) -> None:
+    """JSON on stdout as UTF-8 bytes whatever the code page; nothing without a stdout."""
+    raw = binary(sys.stdout)
+    if raw is not None:
+        raw.write(text.encode("utf-8"))
+        raw.flush()
+    else:
+        write_text(sys.stdout, text)
+
+
+def _say(message: str, *, err: bool = False) -> None:
+    """A line of human text on stdout (or stderr); nothing when that stream is missing."""
+    write_text(sys.stderr if err else sys.stdout, message + "\n")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -205,11 +231,11 @@ def _status(args: argparse.Namespace) -> int:
     if not args.timeout > 0:
         _error("--timeout must be > 0")
         return EXIT_CONFIG
-    report = gather(args.url, metrics_url=args.metrics_url, timeout=args.timeout)
+    report = gather(args.url, metrics_url=args.metrics_url, timeout=args.timeout, ca=args.ca)
     if args.json:
-        print(json.dumps(report.as_dict(), ensure_ascii=False, indent=2))
+        _write_json(json.dumps(report.as_dict(), ensure_ascii=False, indent=2) + "\n")
     else:
-        print(format_report(report), end="")
+        write_text(sys.stdout, format_report(report))
     if not report.reachable:
         return EXIT_UNREACHABLE
     return EXIT_OK if report.healthy else EXIT_FAILURE
@@ -225,8 +251,9 @@ def _check_config(path: str) -> int:
         return EXIT_CONFIG
     import yaml  # noqa: PLC0415
 
-    print(f"# {path}: OK")
-    print(yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True), end="")
+    _say(f"# {path}: OK")
+    write_text(sys.stdout, yaml.safe_dump(config_to_dict(config), sort_keys=False,
+                                          allow_unicode=True))
     return EXIT_OK
 
 
@@ -237,6 +264,7 @@ _TABLE_HEAD = (
 
 
 def _table_row(rec: object, out: TextIO) -> None:
+    """One line of the table view; ``?`` for characters ``out``'s code page lacks."""
     from relay.records import SpotRecord  # noqa: PLC0415
 
     assert isinstance(rec, SpotRecord)
@@ -246,7 +274,7 @@ def _table_row(rec: object, out: TextIO) -> None:
     # Chinese names are two columns wide per character: pad by display width.
     name = rec.name[:6]
     pad = max(0, 8 - sum(2 if ord(c) > 0x2E80 else 1 for c in name))
-    out.write(
+    write_text(out,
         f"{rec.datetime[11:]:<8} {rec.symbol:<10} {name}{' ' * pad} {rec.close:>10.3f} "
         f"{chg:>+7.2f} {rec.volume:>12.0f} {rec.amount:>12.1f} {bid1:>10.3f} {ask1:>10.3f}\n"
     )
@@ -259,7 +287,7 @@ def _tail_event(event: object) -> None:
     if isinstance(event, DecodeFailed):
         _error(f"skipped message: {event.error}")
     elif not isinstance(event, Connected):
-        print(f"qmt-relay: {event}", file=sys.stderr)
+        _say(f"qmt-relay: {event}", err=True)
 
 
 def _tail(args: argparse.Namespace) -> int:
@@ -280,6 +308,12 @@ def _tail(args: argparse.Namespace) -> int:
             _error(f"--replay-from: expected a sequence number or YYYY-MM-DDTHH:MM, got {text!r}")
             return EXIT_CONFIG
     out = sys.stdout
+    if not usable(out):
+        _error("tail needs a standard output to print to")
+        return EXIT_CONFIG
+    assert out is not None
+    # JSON is UTF-8 whatever the console's code page: bytes straight to the byte stream.
+    raw = binary(out) if args.json else None
     seen = 0
     try:
         sub = Subscriber(args.url, codes=codes, snapshot=args.snapshot,
@@ -292,21 +326,25 @@ def _tail(args: argparse.Namespace) -> int:
     try:
         with sub:
             if not args.json:
-                out.write(_TABLE_HEAD + "\n")
+                write_text(out, _TABLE_HEAD + "\n")
             for batch in sub:
                 for rec in batch.records:
                     if args.json:
                         row = rec._asdict()
                         row["source"] = batch.source
                         row["seq"] = batch.first_seq
-                        out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                        line = json.dumps(row, ensure_ascii=False) + "\n"
+                        if raw is not None:
+                            raw.write(line.encode("utf-8"))
+                        else:  # a text-only stream (no byte buffer under it)
+                            write_text(out, line)
                     else:
                         _table_row(rec, out)
                     seen += 1
                     if args.count is not None and seen >= args.count:
-                        out.flush()
+                        (raw or out).flush()
                         return EXIT_OK
-                out.flush()
+                (raw or out).flush()
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # `qmt-relay tail | head`
@@ -393,6 +431,25 @@ def _record(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _export_to_stdout(day: Day) -> None:
+    """CSV to stdout as UTF-8 whatever the code page (like a file); nothing without one."""
+    import io  # noqa: PLC0415
+
+    from relay.recording import export_csv  # noqa: PLC0415
+
+    raw = binary(sys.stdout)
+    if raw is None:
+        if usable(sys.stdout):
+            export_csv(day, sys.stdout)
+        return
+    text = io.TextIOWrapper(raw, encoding="utf-8", newline="", write_through=True)
+    try:
+        export_csv(day, text)
+        text.flush()
+    finally:
+        text.detach()  # leave sys.stdout's buffer open
+
+
 def _export(args: argparse.Namespace) -> int:
     from relay.recording import export_csv, open_day  # noqa: PLC0415
 
@@ -408,11 +465,11 @@ def _export(args: argparse.Namespace) -> int:
     try:
         with day:
             if out_path == "-":
-                export_csv(day, sys.stdout)
+                _export_to_stdout(day)
             else:
                 with open(out_path, "w", encoding="utf-8", newline="") as out:
                     n = export_csv(day, out)
-                print(f"{out_path}: {n} records", file=sys.stderr)
+                _say(f"{out_path}: {n} records", err=True)
     except OSError as exc:
         _error(f"cannot write {out_path}: {exc}")
         return EXIT_FAILURE
@@ -528,7 +585,7 @@ def _history(args: argparse.Namespace) -> int:
         _error("interrupted: what was committed is kept; run again to complete")
         return EXIT_INTERRUPTED
     for line in summary.lines():
-        print(line, file=sys.stderr)
+        _say(line, err=True)
     return summary.exit_code
 
 
@@ -549,15 +606,16 @@ def _history_show(args: argparse.Namespace, config: Any) -> int:
     if args.tail:
         bars = bars[-args.tail:]
     out = sys.stdout
-    out.write(f"{args.symbol} {args.period}: {len(bars)} bars\n")
-    out.write(f"{'datetime':<16} {'open':>10} {'high':>10} {'low':>10} {'close':>10} "
-              f"{'volume':>14} {'amount':>16}\n")
+    write_text(out, f"{args.symbol} {args.period}: {len(bars)} bars\n")
+    write_text(out, f"{'datetime':<16} {'open':>10} {'high':>10} {'low':>10} {'close':>10} "
+                    f"{'volume':>14} {'amount':>16}\n")
     for row in bars:
         when = str(row["datetime"]).replace("T", " ")
         if args.period == "day":
             when = when[:10]
-        out.write(f"{when:<16} {row['open']:>10.3f} {row['high']:>10.3f} {row['low']:>10.3f} "
-                  f"{row['close']:>10.3f} {row['volume']:>14,.0f} {row['amount']:>16,.0f}\n")
+        write_text(out, f"{when:<16} {row['open']:>10.3f} {row['high']:>10.3f} "
+                        f"{row['low']:>10.3f} {row['close']:>10.3f} {row['volume']:>14,.0f} "
+                        f"{row['amount']:>16,.0f}\n")
     return EXIT_OK
 
 

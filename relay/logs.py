@@ -5,6 +5,11 @@ structlog and the stdlib ``logging`` module share one pipeline
 come out in the same format as ours: JSON lines for services and pipes, a readable console
 format at a terminal. Every line has ``ts`` (ISO 8601, UTC), ``level``, ``event`` and
 ``logger``. Library code only calls ``structlog.get_logger()``; it never configures logging.
+
+A process may have no standard streams at all (a Windows service, ``pythonw``: ``sys.stdout``
+is ``None``): then lines go to the log file only, and nothing writes to or queries the missing
+stream. A console whose code page cannot show a character (cp1252 and Chinese security
+names) gets a replacement character instead of a lost line.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any, List, Optional, TextIO
 import structlog
 from structlog.typing import EventDict
 
+from relay._console import isatty, usable
 from relay.config import LoggingConfig
 from relay.errors import ConfigError
 
@@ -65,6 +71,23 @@ def _formatter(*, json: bool, colors: bool = False) -> structlog.stdlib.Processo
     )
 
 
+class _ConsoleHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler that never loses a line to the stream's encoding.
+
+    Characters the stream's encoding lacks (Chinese names on a cp1252 console) become ``?``.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        encoding = getattr(self.stream, "encoding", None)
+        if not encoding:
+            return line
+        try:
+            return line.encode(encoding, "replace").decode(encoding, "replace")
+        except LookupError:  # an encoding name codecs does not know
+            return line
+
+
 def _remove_handlers(root: logging.Logger) -> None:
     for handler in list(root.handlers):
         if (handler.get_name() or "").startswith(_HANDLER_PREFIX):
@@ -72,46 +95,51 @@ def _remove_handlers(root: logging.Logger) -> None:
             handler.close()
 
 
-def configure_logging(cfg: LoggingConfig, *, stream: Optional[TextIO] = None) -> None:
-    """Route structlog and stdlib logging to ``stream`` (and optionally a rotating file).
+def configure_logging(cfg: LoggingConfig, *, stream: Optional[TextIO] = None,
+                      console: bool = True, default_file: Optional[str] = None) -> None:
+    """Route structlog and stdlib logging to ``stream`` and/or a rotating file.
 
     Calling it again replaces the handlers it installed before.
 
     Args:
         cfg: level, format (``"auto"`` means JSON unless ``stream`` is a terminal) and file.
-        stream: where lines go; ``sys.stdout`` by default.
+        stream: where lines go; ``sys.stdout`` by default. A missing stream (``None``, as
+            in a Windows service) is never written to or queried.
+        console: False: no stream at all (the service logs to its file only).
+        default_file: the log file when ``cfg.file`` is unset and there is no stream (the
+            service's own file); with neither, lines are dropped.
 
     Raises:
-        ConfigError: ``logging.file`` cannot be opened.
+        ConfigError: the log file cannot be opened.
     """
-    out = sys.stdout if stream is None else stream
-    tty = out.isatty()
-    json = cfg.format == "json" or (cfg.format == "auto" and not tty)
-
+    out = (sys.stdout if stream is None else stream) if console else None
     handlers: List[logging.Handler] = []
-    stream_handler = logging.StreamHandler(out)
-    stream_handler.set_name(_STREAM_HANDLER)
-    # structlog needs colorama for colours on Windows (and refuses colors=True without it).
-    colors = tty and (sys.platform != "win32" or importlib.util.find_spec("colorama") is not None)
-    stream_handler.setFormatter(_formatter(json=json, colors=colors))
-    handlers.append(stream_handler)
-    if cfg.file is not None:
+    if usable(out):
+        assert out is not None
+        tty = isatty(out)
+        json = cfg.format == "json" or (cfg.format == "auto" and not tty)
+        stream_handler = _ConsoleHandler(out)
+        stream_handler.set_name(_STREAM_HANDLER)
+        # structlog needs colorama for colours on Windows (and refuses colors=True without it).
+        colors = tty and (sys.platform != "win32"
+                          or importlib.util.find_spec("colorama") is not None)
+        stream_handler.setFormatter(_formatter(json=json, colors=colors))
+        handlers.append(stream_handler)
+        path = cfg.file
+    else:
+        path = cfg.file if cfg.file is not None else default_file
+    if path is not None:
         try:
-            directory = os.path.dirname(os.path.abspath(cfg.file))
-            os.makedirs(directory, exist_ok=True)
-            file_handler = logging.handlers.RotatingFileHandler(
-                cfg.file,
-                maxBytes=cfg.file_max_bytes,
-                backupCount=cfg.file_backups,
-                encoding="utf-8",
-            )
-        except OSError as exc:
-            stream_handler.close()
-            reason = f"cannot open log file {cfg.file!r}: {exc.strerror or exc}"
-            raise ConfigError("<config>", "logging.file", reason) from exc
-        file_handler.set_name(_FILE_HANDLER)
-        file_handler.setFormatter(_formatter(json=True))
-        handlers.append(file_handler)
+            handlers.append(_file_handler(cfg, path))
+        except ConfigError:
+            for handler in handlers:
+                handler.close()
+            raise
+    if not handlers:
+        # Nowhere to write: drop lines rather than let logging's last resort try stderr.
+        null = logging.NullHandler()
+        null.set_name(_STREAM_HANDLER)
+        handlers.append(null)
 
     root = logging.getLogger()
     _remove_handlers(root)
@@ -133,6 +161,19 @@ def configure_logging(cfg: LoggingConfig, *, stream: Optional[TextIO] = None) ->
         # Not cached: module-level loggers must follow a reconfiguration (tests, capture_logs).
         cache_logger_on_first_use=False,
     )
+
+
+def _file_handler(cfg: LoggingConfig, path: str) -> logging.Handler:
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        handler = logging.handlers.RotatingFileHandler(
+            path, maxBytes=cfg.file_max_bytes, backupCount=cfg.file_backups, encoding="utf-8")
+    except OSError as exc:
+        reason = f"cannot open log file {path!r}: {exc.strerror or exc}"
+        raise ConfigError("<config>", "logging.file", reason) from exc
+    handler.set_name(_FILE_HANDLER)
+    handler.setFormatter(_formatter(json=True))
+    return handler
 
 
 def reset_logging() -> None:

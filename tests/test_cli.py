@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import signal
@@ -110,6 +111,45 @@ def test_check_config_prints_effective_config(capsys: Any) -> None:
     assert "OK" in out and "ipc:///tmp/hikyuu_real.ipc" in out
 
 
+@contextlib.contextmanager
+def no_streams() -> Iterator[None]:
+    """No console, as under pythonservice.exe or pythonw: sys.stdout = sys.stderr = None.
+
+    Set inside the test body: pytest puts its capture back on sys.stdout after fixtures.
+    """
+    saved = sys.stdout, sys.stderr
+    sys.stdout = sys.stderr = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved
+
+
+def test_commands_without_streams_do_not_crash(tmp_path: Path) -> None:
+    """check-config (good and bad), a bad run, tail: exit codes as usual, nothing written."""
+    with no_streams():
+        assert 0 == cli.main(["check-config", str(REPO / "config" / "relay.yaml")])
+        bad = tmp_path / "bad.yaml"
+        bad.write_text("nope: 1\n")
+        assert 2 == cli.main(["check-config", str(bad)])
+        assert 2 == cli.main(["run", "--publish", "udp://1.2.3.4:5"])
+        assert 2 == cli.main(["tail", tcp_address(), "--count", "1"])
+
+
+def test_human_output_degrades_under_cp1252(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """check-config of a Chinese sector name to a strict cp1252 stdout: '?', no error."""
+    import io
+
+    raw = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="cp1252"))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("source:\n  qmt:\n    sectors: [沪深A股]\n", encoding="utf-8")
+    assert 0 == cli.main(["check-config", str(cfg)])
+    sys.stdout.flush()
+    assert "- ??A?" in raw.getvalue().decode("cp1252")
+
+
 # -- the real thing, as a user runs it ----------------------------------------------------
 
 
@@ -179,6 +219,31 @@ def test_relay_subprocess_sigint_and_tail(
     assert lines[0].split()[:3] == ["time", "symbol", "name"]
     assert 6 == len(lines)
     assert {ln.split()[1] for ln in lines[1:]} <= {"000001.SH", "399001.SZ", "600000.SH"}
+    code, _, err = stop(proc, signal.SIGINT)
+    assert 0 == code, err
+
+
+def test_tail_under_cp1252_json_is_utf8_and_table_degrades(
+    relay_proc: Tuple[subprocess.Popen[str], str, str]
+) -> None:
+    """A cp1252 pipe (strict, as on Windows without PYTHONIOENCODING): `tail --json` writes
+    UTF-8 with the Chinese names intact; the table view writes '?' instead of failing."""
+    proc, _, ipc = relay_proc
+    env = {**relay_env(), "PYTHONIOENCODING": "cp1252"}
+    codes = "000001.SH,399001.SZ,399006.SZ"  # index names: 上证指数, 深证成指, 创业板指
+    tail = subprocess.run(
+        [sys.executable, "-m", "relay", "tail", ipc, "--json", "--count", "3", "--codes", codes],
+        capture_output=True, timeout=60, env=env)
+    assert 0 == tail.returncode, tail.stderr
+    rows = [json.loads(line) for line in tail.stdout.decode("utf-8").splitlines()]
+    assert {"上证指数", "深证成指", "创业板指"} >= {r["name"] for r in rows}
+    table = subprocess.run(
+        [sys.executable, "-m", "relay", "tail", ipc, "--count", "3", "--codes", codes],
+        capture_output=True, timeout=60, env=env)
+    assert 0 == table.returncode, table.stderr
+    lines = table.stdout.decode("cp1252").splitlines()
+    assert 4 == len(lines) and all("????" in ln for ln in lines[1:])
+    assert b"Traceback" not in table.stderr
     code, _, err = stop(proc, signal.SIGINT)
     assert 0 == code, err
 

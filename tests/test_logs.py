@@ -189,3 +189,64 @@ def test_capture_logs_still_works_after_configure() -> None:
     with structlog.testing.capture_logs() as captured:
         log.info("during", n=1)
     assert [{"event": "during", "n": 1, "log_level": "info"}] == captured
+
+
+def test_no_stdout_logs_to_the_file_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """sys.stdout = sys.stderr = None (a service): no stream handler, lines in the file."""
+    log = tmp_path / "relay.log"
+    monkeypatch.setattr("sys.stdout", None)
+    monkeypatch.setattr("sys.stderr", None)
+    configure_logging(LoggingConfig(file=str(log)))
+    assert ["relay.file"] == ours(logging.getLogger())
+    structlog.get_logger("relay.test").info("relay_started", name="浦发银行")
+    [line] = [json.loads(x) for x in log.read_text(encoding="utf-8").splitlines()]
+    assert ("relay_started", "浦发银行") == (line["event"], line["name"])
+
+
+def test_no_stdout_and_no_file_uses_the_default_file(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """No stream and no logging.file: the caller's default file (the service's) is used."""
+    monkeypatch.setattr("sys.stdout", None)
+    configure_logging(LoggingConfig(), default_file=str(tmp_path / "svc.log"))
+    structlog.get_logger().warning("no_data")
+    assert "no_data" in (tmp_path / "svc.log").read_text(encoding="utf-8")
+
+
+def test_nowhere_to_write_drops_lines_quietly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No stream, no file, no default: lines are dropped (nothing reaches a None stream)."""
+    monkeypatch.setattr("sys.stdout", None)
+    monkeypatch.setattr("sys.stderr", None)
+    configure_logging(LoggingConfig())
+    structlog.get_logger().error("lost", code="600000.SH")
+    logging.getLogger("third.party").error("also lost")
+
+
+def test_console_false_skips_a_working_stream(tmp_path: Path) -> None:
+    """console=False: the file only, even with a stream at hand."""
+    stream = io.StringIO()
+    configure_logging(LoggingConfig(), stream=stream, console=False,
+                      default_file=str(tmp_path / "svc.log"))
+    structlog.get_logger().info("relay_started")
+    assert "" == stream.getvalue()
+    assert "relay_started" in (tmp_path / "svc.log").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_cp1252_console_gets_replacement_characters(fmt: str) -> None:
+    """A strict cp1252 console: Chinese becomes '?', the line is written, nothing raised."""
+    raw = io.BytesIO()
+    stream = io.TextIOWrapper(raw, encoding="cp1252", errors="strict")
+    configure_logging(LoggingConfig(format=fmt), stream=stream)  # type: ignore[arg-type]
+    structlog.get_logger().info("subscribed", name="浦发银行", code="600000.SH")
+    stream.flush()
+    text = raw.getvalue().decode("cp1252")
+    assert "????" in text and "600000.SH" in text and "subscribed" in text
+
+
+def test_a_closed_stream_is_not_used(tmp_path: Path) -> None:
+    """A closed stream (a detached console) is neither queried nor written to."""
+    stream = io.StringIO()
+    stream.close()
+    configure_logging(LoggingConfig(), stream=stream, default_file=str(tmp_path / "x.log"))
+    structlog.get_logger().info("relay_started")
+    assert "relay_started" in (tmp_path / "x.log").read_text(encoding="utf-8")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -161,3 +162,24 @@ def test_open_day_rejects_other_files(tmp_path: Path) -> None:
     h5py.File(other, "w").close()
     with pytest.raises(ValueError, match="not a qmt-relay recording"):
         open_day(other)
+
+
+def test_export_to_stdout_is_utf8_under_a_narrow_code_page(
+        recorded: Tuple[Path, List[SpotRecord]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`export --csv -` to a cp1252 stdout: UTF-8 bytes (Chinese names intact), no error."""
+    import io
+
+    path, published = recorded
+    raw = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="cp1252"))
+    assert 0 == cli.main(["export", str(path), "--csv", "-"])
+    rows = list(csv.DictReader(io.StringIO(raw.getvalue().decode("utf-8"), newline="")))
+    assert [r.name for r in published] == [row["name"] for row in rows]
+
+
+def test_export_to_missing_stdout_does_not_crash(
+        recorded: Tuple[Path, List[SpotRecord]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """No stdout at all (pythonw, a service): export to - writes nothing and exits 0."""
+    monkeypatch.setattr(sys, "stdout", None)
+    monkeypatch.setattr(sys, "stderr", None)
+    assert 0 == cli.main(["export", str(recorded[0]), "--csv", "-"])

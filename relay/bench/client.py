@@ -94,6 +94,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if importlib.util.find_spec("numpy") is not None:
         contenders = {
             "accessors": lambda: [builder_decode(m, 6) for m in messages],
+            "objects": to_objects,
             "numpy": lambda: column_batch(messages).to_numpy(),
         }
         if importlib.util.find_spec("pandas") is not None:
@@ -105,7 +106,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if "pandas" in col_t:
             figures["columns_pandas_rps"] = round(n / col_t["pandas"])
             figures["columns_pandas_speedup"] = round(col_t["accessors"] / col_t["pandas"], 1)
-        figures["decode_objects_speedup"] = round(col_t["accessors"] / t_objects, 1)
+        figures["decode_objects_speedup"] = round(col_t["accessors"] / col_t["objects"], 1)
     if importlib.util.find_spec("pandas") is not None:
         figures["to_pandas_ms"] = round(best_time(
             lambda: Batch(batch.records, 1, 1, "", "", 0).to_pandas(), rep) * 1000, 2)

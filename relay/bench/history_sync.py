@@ -69,18 +69,32 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--days", type=int, default=500, help="trading days of day bars")
     parser.add_argument("--date", default="2024-12-02", help="the live simulator's date")
     parser.add_argument("--dir", help="work directory (default: a temporary one)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="start from the server directory an earlier run with the same "
+                             "options left in DIR (skips writing it)")
     args = parser.parse_args(argv)
     source = SimulatorHistory(SimulatorConfig(securities=args.securities, date=args.date))
     markets = ("SH", "SZ", "BJ")
     days = _trading_days(source, args.days + 1)
     work = args.dir or tempfile.mkdtemp(prefix="history-sync-bench-")
     server, mirror = os.path.join(work, "server"), os.path.join(work, "mirror")
-    os.makedirs(server, exist_ok=True)
-    t = time.perf_counter()
-    n_day = _write(server, source, markets, ("day",), days[0], days[-2])
-    n_min = _write(server, source, markets, ("1min", "5min"), days[-2], days[-2])
-    print(f"server: {n_day:,} day bars ({args.securities} securities x {args.days} days), "
-          f"{n_min:,} minute bars of {days[-2]}; written in {time.perf_counter() - t:.1f} s")
+    import shutil  # noqa: PLC0415
+
+    base = os.path.join(work, "server-base")   # the server before the new day, for --reuse
+    shutil.rmtree(mirror, ignore_errors=True)
+    shutil.rmtree(server, ignore_errors=True)
+    if args.reuse and os.path.exists(os.path.join(base, "sh_day.h5")):
+        shutil.copytree(base, server)
+    else:
+        shutil.rmtree(base, ignore_errors=True)
+        os.makedirs(server)
+        t = time.perf_counter()
+        n_day = _write(server, source, markets, ("day",), days[0], days[-2])
+        n_min = _write(server, source, markets, ("1min", "5min"), days[-2], days[-2])
+        print(f"server: {n_day:,} day bars ({args.securities} securities x {args.days} days), "
+              f"{n_min:,} minute bars of {days[-2]}; written in {time.perf_counter() - t:.1f} s")
+        if args.dir:
+            shutil.copytree(server, base)
 
     from relay.history.sync import sync  # noqa: PLC0415
 
@@ -120,8 +134,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if child.stdout is not None:
             child.stdout.close()
     if not args.dir:
-        import shutil  # noqa: PLC0415
-
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -225,7 +225,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = ap.parse_args(argv)
 
     from relay.app import Relay  # noqa: PLC0415
-    from relay.config import Config, LoggingConfig, NatsConfig, PublishConfig  # noqa: PLC0415
+    from relay.config import (  # noqa: PLC0415
+        Config,
+        HistoryConfig,
+        LoggingConfig,
+        MetricsConfig,
+        NatsConfig,
+        PublishConfig,
+    )
     from relay.logs import configure_logging  # noqa: PLC0415
     from relay.sinks import PublishedBatch  # noqa: PLC0415
     from relay.sinks.nats import NatsBridge  # noqa: PLC0415
@@ -239,7 +246,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               latest_interval=args.latest_interval)
         toggle = _Toggle(NatsBridge(nats_cfg))
         publish = PublishConfig(addresses=(nng_url,), snapshot_address=None)
-        relay = Relay(Config(publish=publish), source=_Idle(names), sinks=[toggle])
+        relay = Relay(Config(publish=publish, metrics=MetricsConfig(address=None),
+                             history=HistoryConfig(address=None)),
+                      source=_Idle(names), sinks=[toggle])
         asyncio.run(relay.startup())
         try:
             deadline = time.monotonic() + 20

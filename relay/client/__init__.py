@@ -2,7 +2,10 @@
 
 Importing this package never loads pynng, h5py, structlog, xtquant or NumPy: the TCP
 transport is pure Python, pynng is used only for ``ipc://`` addresses, and NumPy/pandas only
-by :meth:`Batch.to_numpy` / :meth:`Batch.to_pandas`.
+by :meth:`Batch.to_numpy` / :meth:`Batch.to_pandas` and ``Subscriber(..., columns=True)``
+(which reads the relay's messages as NumPy columns straight from their buffers; without
+NumPy it falls back to the pure-Python decoder). The record decoder uses NumPy only if the
+application has already loaded it.
 
 Example::
 

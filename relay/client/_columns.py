@@ -25,9 +25,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from relay.records import FIELDS, SpotRecord
+from relay.records import FIELDS, SpotColumns, SpotRecord
 
-__all__ = ["MessageColumns", "batch_arrays", "message_columns", "records_arrays"]
+__all__ = ["MessageColumns", "batch_arrays", "message_columns", "records_arrays",
+           "spot_columns"]
 
 # Field kinds, as in _codec: string, vector of double, double, long, int, ulong.
 _STR, _VEC, _F64, _I64, _I32, _U64 = range(6)
@@ -178,11 +179,12 @@ def _text(matrix: Any, lengths: Any) -> Optional[Tuple[Any, Any]]:
     count, width = matrix.shape
     if not width:
         return np.zeros(count, _EMPTY_STR), np.zeros(count, np.int64)
-    data = np.array(matrix)  # contiguous copy
-    if int(lengths.min()) < width:  # bytes past a value's length are not part of it
-        data *= np.arange(width) < lengths[:, None]
+    # Bytes past a value's length are not part of it; when every value fills the width
+    # (codes, dates) there is nothing to mask.
+    data = (matrix if int(lengths.min()) == width
+            else matrix * (np.arange(width) < lengths[:, None]))
     if int(data.max()) < 0x80:  # ASCII: each byte is its code point
-        return data.astype(_U32).view(f"<U{width}").reshape(count), lengths
+        return data.astype(_U32, order="C").view(f"<U{width}").reshape(count), lengths
     # UTF-8: one decode for the whole column. A zero byte after every value keeps each value
     # apart, so the column decodes if and only if every value does on its own.
     padded = np.zeros((count, width + 1), _U8)
@@ -205,6 +207,29 @@ def _text(matrix: Any, lengths: Any) -> Optional[Tuple[Any, Any]]:
     return out.view(f"<U{most}").reshape(count), chars
 
 
+def spot_columns(buf: bytes, base: int, count: int, table_size: int,
+                 present: Sequence[Tuple[int, int, int]]) -> Optional[SpotColumns]:
+    """:func:`message_columns` as :class:`~relay.records.SpotColumns` (which builds records
+    with plain Python values), or ``None`` where :func:`message_columns` gives ``None``, the
+    book depths differ or a string ends in NUL."""
+    cols = message_columns(buf, base, count, table_size, present)
+    if cols is None:
+        return None
+    depths = {book.shape[1] for book in cols.books}
+    if len(depths) != 1:
+        return None
+    for text, chars in zip(cols.strings, cols.chars):
+        points = text.view(_U32).reshape(count, -1)
+        last = points[np.arange(count), np.maximum(chars, 1) - 1]
+        if ((last == 0) & (chars > 0)).any():
+            return None  # a value ends in NUL, which its str array element has lost
+    columns: List[Any] = [text.tolist() for text in cols.strings]
+    columns += [[0.0] * count if view is None else view for view in cols.doubles]
+    columns += [np.ascontiguousarray(book).reshape(-1) for book in cols.books]
+    columns += [[None] * count if view is None else view for view in cols.optional]
+    return SpotColumns(count, depths.pop(), columns)
+
+
 def batch_arrays(parts: Sequence[MessageColumns],
                  positions: Optional[Any] = None) -> Dict[str, Any]:
     """The columns of a batch's messages joined into one array per field.
@@ -225,37 +250,37 @@ def batch_arrays(parts: Sequence[MessageColumns],
         col = np.concatenate([part.strings[k] for part in parts])
         width = max(int(part.chars[k].max()) for part in parts) or 1
         out[name] = col if col.dtype.itemsize == 4 * width else col.astype(f"<U{width}")
+    # Allocate every numeric column, then fill them message by message: all fields of a
+    # message are gathered while its buffer is in the CPU cache.
+    numeric: List[Tuple[Any, int, Any]] = []  # (output, kind, fill for an absent field)
     for k, name in enumerate(_DOUBLE_NAMES):
-        col = np.empty(total)
-        at = 0
-        for part in parts:
-            view = part.doubles[k]
-            col[at:at + part.n] = 0.0 if view is None else view
-            at += part.n
-        out[name] = col
+        out[name] = np.empty(total)
+        numeric.append((out[name], k, 0.0))
     for k, name in enumerate(_BOOK_NAMES):
         levels = max((part.books[k].shape[1] for part in parts), default=0)
-        book = np.empty((total, levels))
-        at = 0
-        for part in parts:
-            view = part.books[k]
-            depth = view.shape[1]
-            book[at:at + part.n, :depth] = view
-            if depth < levels:
-                book[at:at + part.n, depth:] = np.nan
-            at += part.n
-        out[name] = book
+        out[name] = np.empty((total, levels))
+        numeric.append((out[name], 7 + k, np.nan))
     for k, name in enumerate(_OPTIONAL_NAMES):
-        views = [part.optional[k] for part in parts]
-        carried = [view is not None for view in views]
-        if not any(carried):
-            continue  # no record carries it: left out, as from records
-        col = np.empty(total, np.int64) if all(carried) else np.empty(total)
-        at = 0
-        for part, view in zip(parts, views):
-            col[at:at + part.n] = np.nan if view is None else view
-            at += part.n
-        out[name] = col
+        carried = [part.optional[k] is not None for part in parts]
+        if any(carried):  # else no record carries it: left out, as from records
+            out[name] = np.empty(total, np.int64) if all(carried) else np.empty(total)
+            numeric.append((out[name], 11 + k, np.nan))
+    at = 0
+    for part in parts:
+        end = at + part.n
+        views = part.doubles + part.books + part.optional
+        for col, k, fill in numeric:
+            view = views[k]
+            if view is None:
+                col[at:end] = fill
+            elif col.ndim == 1:
+                col[at:end] = view
+            else:
+                depth = view.shape[1]
+                col[at:end, :depth] = view
+                if depth < col.shape[1]:
+                    col[at:end, depth:] = fill
+        at = end
     return out
 
 

@@ -18,6 +18,7 @@ import importlib
 import json
 import re
 import struct
+import time
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from relay.client._transport import Requester
@@ -98,6 +99,7 @@ class TableSlice(NamedTuple):
     records: int
     complete: bool
     derived: bool = False
+    tail: str = ""
 
 
 class CatalogueSlice(NamedTuple):
@@ -256,7 +258,8 @@ def _decode(buf: bytes) -> Reply:
         for t in root.tables(3)
     ]
     for cat in catalogues:
-        if not len(cat.codes) == len(cat.rows) == len(cat.first) == len(cat.last):
+        if not len(cat.rows) == len(cat.first) == len(cat.last) or (
+                cat.rows and len(cat.rows) != len(cat.codes)):
             raise DecodeError("catalogue columns differ in length")
     tables = []
     for t in root.tables(6):
@@ -271,7 +274,7 @@ def _decode(buf: bytes) -> Reply:
         tables.append(TableSlice(t.string(0), t.string(1), t.scalar(2, _u8, 1, STATUS_OK),
                                  t.scalar(3, _u64, 8, 0), t.scalar(4, _u64, 8, 0), data,
                                  bars or entries, bool(t.scalar(7, _u8, 1, 1)),
-                                 bool(t.scalar(8, _u8, 1, 0))))
+                                 bool(t.scalar(8, _u8, 1, 0)), t.string(9)))
     return Reply(version, root.scalar(1, _u8, 1, KIND_ERROR), root.string(2), catalogues,
                  root.string(4), root.string(5), tables, root.scalar(7, _u32, 4, 0),
                  bool(root.scalar(8, _u8, 1, 0)), root.scalar(9, _u64, 8, 0))
@@ -556,12 +559,13 @@ def list_files(req: Requester) -> List[CatalogueSlice]:
 
 
 def catalogue_pages(req: Requester, *, markets: Optional[Sequence[str]] = None,
-                    periods: Optional[Sequence[str]] = None,
+                    periods: Optional[Sequence[str]] = None, codes_only: bool = False,
                     attempts: int = 5) -> Iterator[CatalogueSlice]:
     """Each file's whole catalogue, page by page merged into one slice per file.
 
     A file that changes between pages (an import running on the relay) is listed again from
-    its start, up to ``attempts`` times.
+    its start, up to ``attempts`` times. ``codes_only`` leaves ``rows``, ``first`` and
+    ``last`` empty (the relay then reads no table).
 
     Raises:
         HistoryRequestError: the file kept changing, or the relay refused.
@@ -573,16 +577,18 @@ def catalogue_pages(req: Requester, *, markets: Optional[Sequence[str]] = None,
                 wanted_p is not None and file.period not in wanted_p):
             continue
         for _ in range(attempts):
-            merged = _whole_catalogue(req, file.market, file.period)
+            merged = _whole_catalogue(req, file.market, file.period, codes_only)
             if merged is not None:
                 yield merged
                 break
+            time.sleep(0.5)   # an import is writing the file: give it a moment
         else:
             raise HistoryRequestError(f"the {file.market} {file.period} file kept changing while "
                                "its catalogue was read")
 
 
-def _whole_catalogue(req: Requester, market: str, period: str) -> Optional[CatalogueSlice]:
+def _whole_catalogue(req: Requester, market: str, period: str,
+                     codes_only: bool) -> Optional[CatalogueSlice]:
     codes: List[str] = []
     rows: List[int] = []
     first: List[int] = []
@@ -591,8 +597,12 @@ def _whole_catalogue(req: Requester, market: str, period: str) -> Optional[Catal
     indexes: Tuple[str, ...] = ()
     total = 0
     while True:
-        reply = checked(decode_reply(req.request(encode_request(
-            "catalogue", market=market, period=period, offset=len(codes)))), KIND_CATALOGUE)
+        reply = decode_reply(req.request(encode_request(
+            "catalogue", market=market, period=period, offset=len(codes),
+            codes_only=codes_only)))
+        if reply.error.startswith("busy"):
+            return None   # the file changed between pages: list it again
+        checked(reply, KIND_CATALOGUE)
         if len(reply.catalogues) != 1:
             raise DecodeError("a catalogue reply must carry exactly one catalogue")
         page = reply.catalogues[0]

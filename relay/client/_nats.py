@@ -26,7 +26,7 @@ from typing import Any, Deque, Dict, List, Optional, Tuple, Union
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from relay.client._snapshot import encode_snapshot_reply
-from relay.client._transport import TransportError
+from relay.client._transport import TransportError, take_all
 from relay.wire import (
     END,
     HDR_BATCH_FIRST,
@@ -136,10 +136,7 @@ class NatsSub:
             return None
 
     def take_events(self) -> Deque[Tuple[str, str]]:
-        out: Deque[Tuple[str, str]] = deque()
-        while self._events:
-            out.append(self._events.popleft())
-        return out
+        return take_all(self._events)
 
     def close(self) -> None:
         loop, self._loop = self._loop, None

@@ -371,7 +371,8 @@ class Subscriber:
     def _on_connected(self) -> None:
         self._connected = True
         self.stats.connects += 1
-        self._in_batch, self._parts = False, []
+        if not isinstance(self._transport, NatsSub):  # JetStream resumes mid-batch
+            self._in_batch, self._parts = False, []
         self._emit(Connected(self.url))
         if self._snapshot and not (self._snapshot_loaded and isinstance(self._transport, NatsSub)):
             self._load_snapshot()
@@ -427,7 +428,7 @@ class Subscriber:
                 self._last_seq is None or batch.last_seq > self._last_seq):
             self._last_seq = batch.last_seq
         self._snapshot_loaded = True
-        self._emit(SnapshotLoaded(len(batch.records), batch.last_seq, batch.run_id))
+        self._emit(SnapshotLoaded(len(batch), batch.last_seq, batch.run_id))
         self._items.append(batch)
         self.stats.batches += 1
 

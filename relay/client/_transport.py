@@ -181,7 +181,9 @@ class TcpConnection:
             raise TransportError(f"message of {size} bytes exceeds the {self._max}-byte limit")
         if not self._fill(8 + size, timeout):
             return None
-        out = bytes(self._buf[8:8 + size])
+        view = memoryview(self._buf)
+        out = bytes(view[8:8 + size])  # one copy (a bytearray slice would make two)
+        view.release()
         del self._buf[:8 + size]
         return out
 
@@ -280,15 +282,20 @@ class PynngSub:
         return msg
 
     def take_events(self) -> Deque[Tuple[str, str]]:
-        out: Deque[Tuple[str, str]] = deque()
-        while self._events:
-            out.append(self._events.popleft())
-        return out
+        return take_all(self._events)
 
     def close(self) -> None:
         sock, self._sock = self._sock, None
         if sock is not None:
             sock.close()
+
+
+def take_all(events: Deque[Tuple[str, str]]) -> Deque[Tuple[str, str]]:
+    """Move the ``(kind, reason)`` events another thread queued into a new deque."""
+    out: Deque[Tuple[str, str]] = deque()
+    while events:
+        out.append(events.popleft())
+    return out
 
 
 class Requester:

@@ -65,11 +65,13 @@ class FilesRequest:
 
 @dataclass(**_DC)
 class CatalogueRequest:
-    """``{"op": "catalogue", "market", "period", "offset"}``: one page of a file's tables."""
+    """``{"op": "catalogue", "market", "period", "offset", "codes_only"}``: one page of a
+    file's tables (``codes_only``: names without rows and range, which cost two reads each)."""
 
     market: str
     period: str
     offset: int
+    codes_only: bool = False
 
 
 @dataclass(**_DC)
@@ -102,7 +104,7 @@ Request = Union[FilesRequest, CatalogueRequest, BarsRequest, SyncRequest]
 
 _KEYS: Mapping[str, Tuple[str, ...]] = {
     "files": (),
-    "catalogue": ("market", "period", "offset"),
+    "catalogue": ("market", "period", "offset", "codes_only"),
     "bars": ("market", "period", "code", "start", "end", "after", "max_bytes"),
     "sync": ("market", "period", "tables", "max_bytes"),
 }
@@ -138,7 +140,11 @@ def parse_request(body: bytes, *, max_bytes: int) -> Request:
     market = _market(data.get("market"))
     period = _period(data.get("period"))
     if op == "catalogue":
-        return CatalogueRequest(market, period, _int(data, "offset", 0, 1 << 31) or 0)
+        codes_only = data.get("codes_only", False)
+        if not isinstance(codes_only, bool):
+            raise HistoryRequestError(f"codes_only must be true or false; got {codes_only!r}")
+        return CatalogueRequest(market, period, _int(data, "offset", 0, 1 << 31) or 0,
+                                codes_only)
     max_reply = _int(data, "max_bytes", 4096, 1 << 40)
     if op == "bars":
         return BarsRequest(market, period, _code(data.get("code")),
@@ -252,8 +258,7 @@ def error_reply(reason: str) -> bytes:
 
 
 def _catalogue(b: flatbuffers.Builder, cat: CatalogueSlice) -> int:
-    n = len(cat.codes)
-    cols = [_raw_vector(b, _u64s(col), 8, n, 8) for col in (cat.rows, cat.first, cat.last)]
+    cols = [_raw_vector(b, _u64s(col), 8, len(col), 8) for col in (cat.rows, cat.first, cat.last)]
     codes = _strings(b, cat.codes)
     indexes = _strings(b, cat.indexes)
     market, period = b.CreateString(cat.market), b.CreateString(cat.period)
@@ -305,13 +310,16 @@ def tables_reply(kind: int, market: str, period: str, tables: Sequence[TableSlic
                 raise ValueError("table data is not count records")
             data_ref = _raw_vector(b, t.data, width, t.records, 8)
         code, group = b.CreateString(t.code), b.CreateString(t.group)
-        b.StartObject(9)
+        tail = b.CreateString(t.tail) if t.tail else 0
+        b.StartObject(10)
         b.PrependUint64Slot(3, t.rows, 0)
         b.PrependUint64Slot(4, t.start, 0)
         b.PrependUOffsetTRelativeSlot(0, code, 0)
         b.PrependUOffsetTRelativeSlot(1, group, 0)
         if data_ref:
             b.PrependUOffsetTRelativeSlot(5 if t.group == "data" else 6, data_ref, 0)
+        if tail:
+            b.PrependUOffsetTRelativeSlot(9, tail, 0)
         b.PrependUint8Slot(2, t.status, 0)
         b.PrependBoolSlot(7, t.complete, True)
         b.PrependBoolSlot(8, t.derived, False)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional, Tuple
 
 import h5py
 import numpy as np
@@ -72,9 +72,11 @@ __all__ = ["HistoryService", "digest_rows"]
 log = structlog.get_logger("relay.history.service")
 
 _POLL_MS = 200
-_INDEXED_ATTR = "relay_indexed"  # the store's mark: index tables derived up to this row
+_ROWS_ATTR = "relay_rows"        # the store's marks: rows committed, ...
+_INDEXED_ATTR = "relay_indexed"  # ... and rows its index tables are derived from
 _TABLE_OVERHEAD = 96            # bytes a Table costs beyond its records, roughly
 _CATALOGUE_ENTRY = 64           # bytes a catalogue entry costs, at most for 16-letter codes
+_CATALOGUE_READS = 1000         # tables per catalogue page with ranges (two reads each)
 
 
 def digest_rows(data: bytes) -> str:
@@ -101,6 +103,22 @@ def canonical(rows: npt.NDArray[np.void], dtype: np.dtype[np.void]) -> bytes:
 def _generation(path: str) -> int:
     st = os.stat(path)
     return hash((st.st_mtime_ns, st.st_size, st.st_ino)) & 0xFFFF_FFFF_FFFF_FFFF
+
+
+class _Listing(NamedTuple):
+    """One file's tables as of ``generation``; ``ranges`` fills as catalogue pages are read."""
+
+    generation: int
+    indexes: Tuple[str, ...]
+    names: List[str]
+    ranges: Dict[str, Tuple[int, int, int]]   # name -> (rows, first, last)
+
+
+def _range(ds: h5py.Dataset) -> Tuple[int, int, int]:
+    rows = _committed(ds)
+    if not rows:
+        return 0, 0, 0
+    return rows, int(ds[0]["datetime"]), int(ds[rows - 1]["datetime"])
 
 
 class _Busy(Exception):
@@ -131,9 +149,7 @@ class HistoryService:
         self._security = security or Security()
         self._thread: Optional[ServiceHandle] = None
         self._stop = threading.Event()
-        # per file path: (generation, indexes, [(code, rows, first, last)]), for catalogue pages
-        self._catalogues: Dict[str, Tuple[int, Tuple[str, ...],
-                                          List[Tuple[str, int, int, int]]]] = {}
+        self._listings: Dict[str, _Listing] = {}   # by file path
         self.requests = 0
         self.errors = 0
 
@@ -252,47 +268,54 @@ class HistoryService:
     def _files(self) -> bytes:
         files = []
         for market, period, path in iter_files(self.directory):
-            _, indexes, entries = self._entries(path, period)
-            files.append(CatalogueSlice(market, period, indexes, len(entries), 0, [], [], [], []))
+            listing = self._listing(path, period)
+            files.append(CatalogueSlice(market, period, listing.indexes, len(listing.names), 0,
+                                        [], [], [], []))
         return files_reply(files)
 
-    def _entries(self, path: str, period: str
-                 ) -> Tuple[int, Tuple[str, ...], List[Tuple[str, int, int, int]]]:
-        """Every table of one file (cached until the file changes)."""
-        cached = self._catalogues.get(path)
-        if cached is not None and cached[0] == _generation(path):
+    def _listing(self, path: str, period: str) -> _Listing:
+        """The file's table names and index groups (cached until the file changes)."""
+        cached = self._listings.get(path)
+        if cached is not None and cached.generation == _generation(path):
             return cached
         file, generation = self._open(path)
         with file:
             indexes = tuple(g for g in INDEX_GROUPS[period] if g in file)
-            entries: List[Tuple[str, int, int, int]] = []
             data = file.get("data")
-            for name in sorted(data.keys()) if isinstance(data, h5py.Group) else ():
-                ds = data[name]
-                if not isinstance(ds, h5py.Dataset):
-                    continue
-                rows = _committed(ds)
-                first = last = 0
-                if rows:
-                    first = int(ds[0]["datetime"])
-                    last = int(ds[rows - 1]["datetime"])
-                entries.append((name[2:], rows, first, last))
+            names = sorted(data.keys()) if isinstance(data, h5py.Group) else []
         self._same(path, generation)
-        self._catalogues[path] = (generation, indexes, entries)
-        return generation, indexes, entries
+        listing = self._listings[path] = _Listing(generation, indexes, names, {})
+        return listing
 
     def _catalogue(self, request: CatalogueRequest) -> bytes:
         path = self._path(request.market, request.period)
         if not os.path.exists(path):
             raise HistoryRequestError(f"no {request.period} file for {request.market}")
-        generation, indexes, entries = self._entries(path, request.period)
+        listing = self._listing(path, request.period)
         per_page = max(1, self._budget(None) // _CATALOGUE_ENTRY)
-        page = entries[request.offset:request.offset + per_page]
-        codes, rows, first, last = (list(col) for col in zip(*page)) if page else ([], [], [],
-                                                                                   [])
-        return catalogue_reply(CatalogueSlice(request.market, request.period, indexes,
-                                              len(entries), request.offset, codes, rows, first,
-                                              last), generation)
+        if not request.codes_only:
+            per_page = min(per_page, _CATALOGUE_READS)   # reads two rows of every table
+        names = listing.names[request.offset:request.offset + per_page]
+        rows: List[int] = []
+        first: List[int] = []
+        last: List[int] = []
+        if not request.codes_only and names:
+            known = listing.ranges
+            missing = [name for name in names if name not in known]
+            if missing:
+                file, generation = self._open(path)
+                if generation != listing.generation:
+                    file.close()
+                    raise _Busy("the file changed between catalogue pages")
+                with file:
+                    for name in missing:
+                        ds = file.get(f"data/{name}")
+                        known[name] = _range(ds) if isinstance(ds, h5py.Dataset) else (0, 0, 0)
+                self._same(path, generation)
+            rows, first, last = (list(col) for col in zip(*(known[n] for n in names)))
+        return catalogue_reply(CatalogueSlice(
+            request.market, request.period, listing.indexes, len(listing.names),
+            request.offset, [n[2:] for n in names], rows, first, last), listing.generation)
 
     def _bars(self, request: BarsRequest) -> bytes:
         path = self._path(request.market, request.period)
@@ -327,16 +350,12 @@ class HistoryService:
         out: List[TableSlice] = []
         answered = 0
         file, generation = self._open(path)
-        derived: Dict[str, bool] = {}
         with file:
             for code, group, have, digest in request.tables:
                 if out and budget < _TABLE_OVERHEAD + BAR_SIZE:
                     break
                 table = self._sync_table(file, request.market, code, group, have, digest,
                                          budget)
-                if table.status == STATUS_OK:
-                    table = table._replace(derived=_derived(file, request.market + code,
-                                                            derived))
                 budget -= _TABLE_OVERHEAD + len(table.data)
                 out.append(table)
                 if not table.complete:
@@ -354,7 +373,16 @@ class HistoryService:
             return TableSlice(code, group, STATUS_MISSING, 0, 0, b"", 0, True)
         is_data = group == "data"
         dtype, width = (BAR_DTYPE, BAR_SIZE) if is_data else (INDEX_DTYPE, INDEX_SIZE)
-        rows = _committed(ds) if is_data else int(ds.shape[0])
+        derived = False
+        if is_data:
+            attrs = ds.attrs
+            mark, indexed = attrs.get(_ROWS_ATTR), attrs.get(_INDEXED_ATTR)
+            n = int(ds.shape[0])
+            rows = n if mark is None else min(n, int(mark))
+            # the store keeps this security's index tables derived from its data
+            derived = indexed is not None and int(indexed) == rows
+        else:
+            rows = int(ds.shape[0])
         if have > rows:
             return TableSlice(code, group, STATUS_CHANGED, rows, 0, b"", 0, True)
         window = min(SYNC_WINDOW, have)
@@ -363,20 +391,11 @@ class HistoryService:
         data = canonical(ds[have - window:stop], dtype) if stop > have - window else b""
         if window and digest_rows(data[:window * width]) != digest:
             return TableSlice(code, group, STATUS_CHANGED, rows, 0, b"", 0, True)
+        # the digest the requester's next sync request will carry (it may keep it)
+        tail = digest_rows(data[-min(SYNC_WINDOW, stop) * width:]) if stop else ""
         return TableSlice(code, group, STATUS_OK, rows, have, data[window * width:],
-                          stop - have, stop >= rows)
+                          stop - have, stop >= rows, derived, tail)
 
-
-
-def _derived(file: h5py.File, name: str, seen: Dict[str, bool]) -> bool:
-    """Whether the store keeps the index tables of ``name`` derived from its data (its
-    ``relay_indexed`` mark covers every committed row)."""
-    known = seen.get(name)
-    if known is None:
-        ds = file.get(f"data/{name}")
-        mark = ds.attrs.get(_INDEXED_ATTR) if isinstance(ds, h5py.Dataset) else None
-        known = seen[name] = mark is not None and int(mark) == _committed(ds)
-    return known
 
 
 # The store's own readings of a table (committed rows; binary search reading few chunks).

@@ -36,6 +36,17 @@ A file that HDF5 itself cannot open any more (a power loss in the middle of an H
 do that) is moved aside by :func:`open_file` with ``recover_corrupt=True`` and started anew.
 
 Only one writer per directory: :class:`DirectoryLock`.
+
+API at a glance
+---------------
+``open_file(dir, market, period, "r" | "a")`` -> :class:`HistoryFile` (a context manager):
+``names()``, ``tables()`` / ``info(name)`` (rows, first and last datetime), ``last(name)``,
+``read(name, start, end)`` / ``read_after(name, dt)`` (raw :data:`BAR_DTYPE` rows),
+``read_index(name, index)``; writers stage ``append(name, rows)``,
+``replace_from(name, dt, rows)`` or ``merge(name, rows)`` and ``commit()`` (``close()``
+commits too); ``rebuild_index(name)``. :func:`iter_files` lists a directory's files,
+:func:`bars_to_records` validates and converts plain-unit bars, :func:`index_labels` /
+:func:`index_entries` compute index tables.
 """
 
 from __future__ import annotations

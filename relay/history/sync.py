@@ -17,11 +17,14 @@ derived ones where they differ, so the mirror's index tables are the relay's.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
 import h5py
 import numpy as np
@@ -31,6 +34,7 @@ from relay.client._history import (
     KIND_SYNC,
     STATUS_CHANGED,
     STATUS_MISSING,
+    STATUS_OK,
     SYNC_WINDOW,
     CatalogueSlice,
     TableSlice,
@@ -47,6 +51,7 @@ from relay.history.store import (
     INDEX_DTYPE,
     DirectoryLock,
     HistoryFile,
+    file_name,
     open_file,
 )
 
@@ -55,6 +60,7 @@ __all__ = ["SyncSummary", "sync"]
 log = structlog.get_logger("relay.history.sync")
 
 _TABLES_PER_REQUEST = 3000      # about 200 KB of JSON
+_TAILS_NAME = ".qmt-relay-sync.json"
 _BUSY_RETRIES = 20
 _BUSY_PAUSE = 0.5
 
@@ -105,14 +111,60 @@ def sync(url: str, directory: str, *, periods: Optional[Sequence[str]] = None,
     os.makedirs(directory, exist_ok=True)
     with DirectoryLock(directory), Requester(url, timeout=timeout,
                                              max_message_bytes=1 << 30) as req:
-        for cat in catalogue_pages(req, markets=markets, periods=periods):
+        tails = _Tails(directory)
+        for cat in catalogue_pages(req, markets=markets, periods=periods, codes_only=True):
             keep = [i for i, code in enumerate(cat.codes) if wanted.keeps(code, cat.market)]
             if not keep:
                 continue
             summary.files += 1
-            _sync_file(req, directory, cat, keep, summary, max_reply_bytes, progress)
+            name = file_name(cat.market, cat.period)
+            known = tails.get(name)
+            _sync_file(req, directory, cat, keep, summary, max_reply_bytes, progress, known)
+            tails.put(name, known)
     summary.elapsed = time.monotonic() - began
     return summary
+
+
+class _Tails:
+    """What the mirror knows of its own tables without reading them: per file, each data
+    table's rows and the digest of its last rows, as the relay reported them when they were
+    written. Kept in ``DIR/.qmt-relay-sync.json`` with the file's size and modification time
+    after the sync closed it; a file changed since (another writer, a killed sync) is read
+    again instead."""
+
+    def __init__(self, directory: str) -> None:
+        self._dir = directory
+        self._path = os.path.join(directory, _TAILS_NAME)
+        try:
+            with open(self._path, encoding="utf-8") as f:
+                loaded = json.load(f)
+        except (OSError, ValueError):
+            loaded = {}
+        self._data: Dict[str, Any] = loaded if isinstance(loaded, dict) else {}
+
+    def _stat(self, name: str) -> Optional[List[int]]:
+        try:
+            st = os.stat(os.path.join(self._dir, name))
+        except OSError:
+            return None
+        return [st.st_mtime_ns, st.st_size, st.st_ino]
+
+    def get(self, name: str) -> Dict[str, List[Any]]:
+        """The tables of file ``name`` (empty unless the file is as the last sync left it)."""
+        entry = self._data.get(name)
+        stat = self._stat(name)
+        if isinstance(entry, dict) and stat is not None and entry.get("stat") == stat and (
+                isinstance(entry.get("tables"), dict)):
+            return dict(entry["tables"])
+        return {}
+
+    def put(self, name: str, tables: Dict[str, List[Any]]) -> None:
+        """Record ``tables`` for file ``name`` as it is now (after it was closed)."""
+        self._data[name] = {"stat": self._stat(name), "tables": tables}
+        tmp = self._path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self._data, f, separators=(",", ":"))
+        os.replace(tmp, self._path)
 
 
 class _CodeSet:
@@ -133,7 +185,7 @@ class _CodeSet:
 
 def _sync_file(req: Requester, directory: str, cat: CatalogueSlice, keep: List[int],
                summary: SyncSummary, max_reply: Optional[int],
-               progress: Optional[Progress]) -> None:
+               progress: Optional[Progress], known: Dict[str, List[Any]]) -> None:
     label = f"{cat.market.lower()}_{cat.period}"
     groups = ("data", *cat.indexes)
     with open_file(directory, cat.market, cat.period, "a", recover_corrupt=True) as hf:
@@ -141,42 +193,109 @@ def _sync_file(req: Requester, directory: str, cat: CatalogueSlice, keep: List[i
         # a relay table shorter than ours, or not holding our last rows where we hold them
         # (a re-import, another start), is answered "changed" and fetched again whole
         refetch: Set[Tuple[str, str]] = set()
-        # index tables travel only for securities whose index the relay's store does not
-        # derive from the data (ours derives it alike from the same rows)
-        pending = [(cat.codes[i], "data") for i in keep]
         summary.tables += len(keep)
-        done = 0
-        refetches: Dict[Tuple[str, str], int] = {}
-        while pending:
-            batch = pending[:_TABLES_PER_REQUEST]
-            present = {g: set(raw[g].keys()) if g in raw else set() for g in groups}
-            entries = [_entry(raw, cat.market, code, group,
-                              (code, group) in refetch or cat.market + code not in present[group])
-                       for code, group in batch]
-            reply = _request(req, cat, entries, max_reply, summary)
-            tables = reply.tables
-            if not tables or len(tables) > len(batch):
-                raise HistoryRequestError("the relay answered a sync request with no table")
-            again, foreign = _apply(hf, raw, cat.market, entries, tables, refetch, summary)
-            for key in again:
-                refetches[key] = refetches.get(key, 0) + 1
-                if refetches[key] > 3:
-                    raise HistoryRequestError(f"{cat.market}{key[0]} {key[1]}: keeps changing "
-                                              "on the relay")
-            # changed tables go round again whole, a partial one continues, then the rest
-            partial = [] if tables[-1].complete else [(tables[-1].code, tables[-1].group)]
-            done += sum(1 for t in tables[:reply.answered] if t.group == "data")
-            indexes = [(code, g) for code in foreign for g in groups[1:]]
-            pending = sorted(again) + partial + indexes + pending[len(tables):]
-            if progress is not None:
-                progress(label, min(done, len(keep)), len(keep), summary.bars)
+        state = _FileState(label, len(keep), progress)
+
+        def fetch(batch: List[Tuple[str, str]]) -> Tuple[List[_Entry], Any]:
+            entries = _entries(raw, cat.market, groups, batch, refetch, known)
+            return entries, _request(req, cat, entries, max_reply, summary)
+
+        # First pass over the /data tables, pipelined: the next request is under way (on a
+        # thread of ours, and in the relay's process) while this reply is written.
+        queue: Deque[Tuple[str, str]] = deque((cat.codes[i], "data") for i in keep)
+        later: List[Tuple[str, str]] = []
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="history-sync") as pool:
+            size = _TABLES_PER_REQUEST
+            batch = _take(queue, size)
+            future: Optional[Future[Tuple[List[_Entry], Any]]] = (
+                pool.submit(fetch, batch) if batch else None)
+            while future is not None:
+                entries, reply = future.result()
+                tables = _check(reply, entries)
+                queue.extendleft(reversed([(e[0], e[1]) for e in entries[len(tables):]]))
+                size = max(16, min(_TABLES_PER_REQUEST, reply.answered * 5 // 4))
+                batch = _take(queue, size)
+                future = pool.submit(fetch, batch) if batch else None
+                later += state.applied(hf, raw, cat.market, groups, entries, reply, refetch,
+                                       summary, known)
+        # What is left (changed tables, a table longer than a page, foreign index tables):
+        # one request after the other, each built from what the previous one wrote.
+        while later:
+            batch, later = later[:_TABLES_PER_REQUEST], later[_TABLES_PER_REQUEST:]
+            entries, reply = fetch(batch)
+            tables = _check(reply, entries)
+            rest = [(e[0], e[1]) for e in entries[len(tables):]]
+            later = state.applied(hf, raw, cat.market, groups, entries, reply, refetch,
+                                  summary, known) + rest + later
 
 
-def _entry(raw: h5py.File, market: str, code: str, group: str,
-           whole: bool) -> Tuple[str, str, int, str]:
+_Entry = Tuple[str, str, int, str]
+
+
+def _take(queue: Deque[Tuple[str, str]], size: int) -> List[Tuple[str, str]]:
+    return [queue.popleft() for _ in range(min(size, len(queue)))]
+
+
+def _check(reply: Any, entries: List[_Entry]) -> List[TableSlice]:
+    tables: List[TableSlice] = reply.tables
+    if not tables or len(tables) > len(entries):
+        raise HistoryRequestError("the relay answered a sync request with no table or too many")
+    return tables
+
+
+def _entries(raw: h5py.File, market: str, groups: Sequence[str],
+             batch: List[Tuple[str, str]], refetch: Set[Tuple[str, str]],
+             known: Dict[str, List[Any]]) -> List[_Entry]:
+    present = {g: set(raw[g].keys()) if g in raw else set() for g in groups}
+    out: List[_Entry] = []
+    for code, group in batch:
+        name = market + code
+        if (code, group) in refetch or name not in present[group]:
+            out.append((code, group, 0, ""))
+            continue
+        tail = known.get(name) if group == "data" else None
+        out.append((code, group, int(tail[0]), str(tail[1])) if tail else
+                   _entry(raw, market, code, group))
+    return out
+
+
+class _FileState:
+    """Progress and the loop guard of one file's sync."""
+
+    def __init__(self, label: str, total: int, progress: Optional[Progress]) -> None:
+        self.label = label
+        self.total = total
+        self.done = 0
+        self.progress = progress
+        self.refetches: Dict[Tuple[str, str], int] = {}
+
+    def applied(self, hf: HistoryFile, raw: h5py.File, market: str, groups: Sequence[str],
+                entries: List[_Entry], reply: Any, refetch: Set[Tuple[str, str]],
+                summary: SyncSummary, known: Dict[str, List[Any]]) -> List[Tuple[str, str]]:
+        """Write one reply; returns the tables to ask for again (changed tables whole, a
+        partial one from where it stopped, the index tables of foreign securities)."""
+        tables: List[TableSlice] = reply.tables
+        for table in tables:   # forget first: a failed write below must not leave them
+            if table.group == "data":
+                known.pop(market + table.code, None)
+        again, foreign = _apply(hf, raw, market, entries, tables, refetch, summary)
+        for table in tables:
+            if table.group == "data" and table.status == STATUS_OK and table.tail:
+                known[market + table.code] = [table.start + table.records, table.tail]
+        for key in again:
+            self.refetches[key] = self.refetches.get(key, 0) + 1
+            if self.refetches[key] > 3:
+                raise HistoryRequestError(f"{market}{key[0]} {key[1]}: keeps changing on the "
+                                          "relay")
+        partial = [] if tables[-1].complete else [(tables[-1].code, tables[-1].group)]
+        self.done += sum(1 for t in tables[:reply.answered] if t.group == "data")
+        if self.progress is not None:
+            self.progress(self.label, min(self.done, self.total), self.total, summary.bars)
+        return sorted(again) + partial + [(code, g) for code in foreign for g in groups[1:]]
+
+
+def _entry(raw: h5py.File, market: str, code: str, group: str) -> _Entry:
     """``[code, group, rows held, digest of the last rows]`` for a sync request."""
-    if whole:
-        return code, group, 0, ""
     ds = raw.get(f"{group}/{market}{code}")
     if not isinstance(ds, h5py.Dataset):
         return code, group, 0, ""
@@ -188,7 +307,7 @@ def _entry(raw: h5py.File, market: str, code: str, group: str,
     return code, group, rows, digest_rows(canonical(tail, BAR_DTYPE if is_data else INDEX_DTYPE))
 
 
-def _request(req: Requester, cat: CatalogueSlice, entries: List[Tuple[str, str, int, str]],
+def _request(req: Requester, cat: CatalogueSlice, entries: List[_Entry],
              max_reply: Optional[int], summary: SyncSummary) -> Any:
     fields: Dict[str, Any] = {"market": cat.market, "period": cat.period,
                               "tables": [list(e) for e in entries]}
@@ -207,7 +326,7 @@ def _request(req: Requester, cat: CatalogueSlice, entries: List[Tuple[str, str, 
 
 
 def _apply(hf: HistoryFile, raw: h5py.File, market: str,
-           entries: List[Tuple[str, str, int, str]], tables: List[TableSlice],
+           entries: List[_Entry], tables: List[TableSlice],
            refetch: Set[Tuple[str, str]], summary: SyncSummary
            ) -> Tuple[Set[Tuple[str, str]], List[str]]:
     """Write one reply's tables.

@@ -1,5 +1,8 @@
 """The operations HTTP endpoint, on a thread of its own.
 
+Served over ``http://`` or, with ``security.tls``'s certificate (the same one as
+``tls+tcp://``), ``https://``.
+
 ``/metrics``  Prometheus text format (``prometheus_client``), this relay's registry only.
 ``/healthz``  200 while healthy, 503 otherwise; a JSON body says why either way.
 ``/status``   the latest :class:`~relay.ops.metrics.OpsStatus` as JSON (the page, the
@@ -17,10 +20,12 @@ from __future__ import annotations
 import importlib.resources
 import json
 import re
+import ssl
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Protocol, Tuple
 
 import structlog
 from prometheus_client import CollectorRegistry
@@ -29,24 +34,43 @@ from prometheus_client.exposition import choose_encoder
 from relay.errors import PublishError
 from relay.ops.metrics import Health, OpsStatus
 
-__all__ = ["OpsServer", "parse_http_address"]
+__all__ = ["OpsServer", "TlsFiles", "parse_http_address"]
 
 log = structlog.get_logger("relay.ops.http")
 
-_HTTP = re.compile(r"http://(?P<host>\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(?P<port>\d{1,5})/?",
-                   re.ASCII)
+_HTTP = re.compile(
+    r"(?P<scheme>https?)://(?P<host>\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(?P<port>\d{1,5})/?",
+    re.ASCII)
 
 
-def parse_http_address(address: str) -> Tuple[str, int]:
-    """``http://HOST:PORT`` -> ``(host, port)`` (brackets of an IPv6 host removed).
+def parse_http_address(address: str) -> Tuple[str, str, int]:
+    """``http[s]://HOST:PORT`` -> ``(scheme, host, port)`` (brackets of an IPv6 host removed).
 
     Raises:
         ValueError: not of that form.
     """
     match = _HTTP.fullmatch(address)
     if match is None:
-        raise ValueError(f"expected http://HOST:PORT, got {address!r}")
-    return match.group("host").strip("[]"), int(match.group("port"))
+        raise ValueError(f"expected http://HOST:PORT or https://HOST:PORT, got {address!r}")
+    return match.group("scheme"), match.group("host").strip("[]"), int(match.group("port"))
+
+
+class TlsFiles(Protocol):
+    """The PEM files an ``https://`` endpoint needs (``relay.security.TlsFiles``)."""
+
+    cert: str
+    key: str
+    ca: Optional[str]
+
+
+def _tls_context(files: TlsFiles) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(files.cert, files.key)
+    if files.ca:   # as for tls+tcp://: a CA set means client certificates are required
+        context.load_verify_locations(files.ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
 
 
 def _page() -> bytes:
@@ -76,6 +100,12 @@ class _Server(ThreadingHTTPServer):
         return False
 
     def handle_error(self, request: Any, client_address: Any) -> None:
+        error = sys.exc_info()[1]
+        if isinstance(error, (ssl.SSLError, OSError)):   # a failed handshake, a reset peer
+            self.ops.connection_errors += 1
+            log.debug("ops_http_connection_failed", client=str(client_address),
+                      error=repr(error))
+            return
         log.warning("ops_http_error", client=str(client_address), exc_info=True)
 
 
@@ -92,6 +122,10 @@ class _Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         # StreamRequestHandler applies ``timeout`` to the connection: drop silent clients.
         self.request.settimeout(self.server.ops.request_timeout)
+        if isinstance(self.request, ssl.SSLSocket):
+            # The TLS handshake runs here, on the connection's own thread (with the timeout),
+            # never in the accepting loop, so a peer that stalls it delays nobody else.
+            self.request.do_handshake()
         super().setup()
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -149,18 +183,22 @@ class OpsServer:
         clock: epoch seconds.
         allow: whether a peer's IP address may connect (the relay's allow-list).
         refuse: counts and logs one refused peer, ``refuse(service, ip)``.
+        tls: certificate, key and optional CA (``security.tls``) for an ``https://`` address.
     """
 
     def __init__(self, address: str, registry: CollectorRegistry,
                  latest: Callable[[], Optional[OpsStatus]], *, stale_after: float = 10.0,
                  request_timeout: float = 10.0, clock: Callable[[], float] = time.time,
                  allow: Optional[Callable[[str], bool]] = None,
-                 refuse: Optional[Callable[[str, str], None]] = None) -> None:
+                 refuse: Optional[Callable[[str, str], None]] = None,
+                 tls: Optional[TlsFiles] = None) -> None:
         self.address = address
         self.registry = registry
         self.request_timeout = request_timeout
         self.allow = allow
         self.refuse = refuse
+        self.connection_errors = 0   # failed handshakes, resets (logged at debug only)
+        self._tls = tls
         self._handle: Any = None
         self._latest = latest
         self._stale_after = stale_after
@@ -178,7 +216,8 @@ class OpsServer:
         host, port = self._server.server_address[:2]
         text = host.decode() if isinstance(host, bytes) else str(host)
         shown = f"[{text}]" if ":" in text else text
-        return f"http://{shown}:{port}"
+        scheme = "https" if self.address.startswith("https:") else "http"
+        return f"{scheme}://{shown}:{port}"
 
     def start(self, spawn: Optional[Callable[[str, Callable[[], None]], Any]] = None) -> None:
         """Listen and serve on a daemon thread.
@@ -191,14 +230,26 @@ class OpsServer:
             PublishError: the address is invalid or cannot be bound.
         """
         try:
-            host, port = parse_http_address(self.address)
+            scheme, host, port = parse_http_address(self.address)
         except ValueError as exc:
             raise PublishError(self.address, str(exc)) from None
+        context = None
+        if scheme == "https":
+            if self._tls is None:
+                raise PublishError(self.address, "metrics endpoint: https:// needs "
+                                                 "security.tls.cert and security.tls.key")
+            try:
+                context = _tls_context(self._tls)
+            except (OSError, ssl.SSLError) as exc:
+                raise PublishError(self.address, f"metrics endpoint TLS: {exc}") from None
         try:
             self._server = _Server((host, port), self)
         except OSError as exc:
             reason = exc.strerror or str(exc)
             raise PublishError(self.address, f"metrics endpoint: {reason}") from None
+        if context is not None:
+            self._server.socket = context.wrap_socket(
+                self._server.socket, server_side=True, do_handshake_on_connect=False)
         server = self._server
 
         def serve() -> None:

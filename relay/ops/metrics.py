@@ -222,12 +222,20 @@ _COUNTERS: Mapping[str, Tuple[str, str]] = {
     "recorder_dropped": ("recorder_dropped", "Records the recorder dropped (queue full)."),
     "recorder_lost": ("recorder_lost", "Records the recorder lost to disk errors."),
     "recorder_failures": ("recorder_failures", "Disk errors of the recorder."),
+    "nats_messages": ("nats_messages", "Spot messages the NATS bridge published."),
+    "nats_acked": ("nats_acked", "Spot messages JetStream acknowledged."),
+    "nats_unacked": ("nats_unacked", "Spot messages whose acknowledgement failed or never came."),
+    "nats_dropped": ("nats_dropped", "Batches the NATS bridge dropped (queue full, NATS down)."),
+    "nats_errors": ("nats_errors", "Publish calls of the NATS bridge that failed."),
+    "nats_latest": ("nats_latest", "Latest-record messages the NATS bridge published."),
+    "nats_disconnects": ("nats_disconnects", "Connections to NATS lost (the client reconnects)."),
     "alerts_sent": ("alerts_sent", "Alerts delivered to a webhook."),
     "alerts_failed": ("alerts_failed", "Alert deliveries that failed after every retry."),
     "alerts_dropped": ("alerts_dropped", "Alerts dropped because a webhook's queue was full."),
     "alerts_suppressed": ("alerts_suppressed", "Alerts suppressed by the per-kind rate limit."),
 }
 _REQUESTS_SUFFIX = "_requests"   # "snapshot_requests" -> requests_total{service="snapshot"}
+_ERRORS_SUFFIX = "_errors"       # "history_errors" -> request_errors_total{service="history"}
 _QUEUE_SUFFIX = "_queue"         # "recorder_queue" -> queue_depth{queue="recorder"}
 
 
@@ -270,6 +278,8 @@ class _StatusCollector:
         yield by_market
         requests = CounterMetricFamily(p + "requests", "Requests served, per service.",
                                        labels=["service"])
+        request_errors = CounterMetricFamily(p + "request_errors", "Requests answered with an "
+                                             "error, per service.", labels=["service"])
         queues = GaugeMetricFamily(p + "queue_depth", "Items waiting in a queue.",
                                    labels=["queue"])
         for key, value in sorted(s.counters.items()):
@@ -278,9 +288,12 @@ class _StatusCollector:
                 yield counter(known[0], known[1], value)
             elif key.endswith(_REQUESTS_SUFFIX):
                 requests.add_metric([key[: -len(_REQUESTS_SUFFIX)]], value)
+            elif key.endswith(_ERRORS_SUFFIX):
+                request_errors.add_metric([key[: -len(_ERRORS_SUFFIX)]], value)
             elif key.endswith(_QUEUE_SUFFIX):
                 queues.add_metric([key[: -len(_QUEUE_SUFFIX)]], value)
         yield requests
+        yield request_errors
         yield queues
         yield gauge("source_up", "1 while the source has a live feed.", float(s.connected))
         yield gauge("healthy", "1 while /healthz answers 200.", float(s.health.healthy))

@@ -58,12 +58,14 @@ class Operations:
             thread; without one it runs on a plain thread.
         allow: the allow-list predicate for HTTP peers' IP addresses (``security.allow``).
         refuse: counts (and logs) one refused peer: ``refuse(service, ip)``.
+        tls: ``security.tls`` files (cert, key, optional CA) for an ``https://`` endpoint.
     """
 
     def __init__(self, config: Config, *, run_id: str, source: str,
                  clock: Callable[[], float] = time.time, supervisor: Any = None,
                  allow: Optional[Callable[[str], bool]] = None,
-                 refuse: Optional[Callable[[str, str], None]] = None) -> None:
+                 refuse: Optional[Callable[[str, str], None]] = None,
+                 tls: Any = None) -> None:
         self._config = config
         self._run_id = run_id
         self._source = source
@@ -81,7 +83,7 @@ class Operations:
 
             self.server = OpsServer(address, self.registry, lambda: self.latest,
                                     stale_after=max(10.0, 5 * mc.sample_interval), clock=clock,
-                                    allow=allow, refuse=refuse)
+                                    allow=allow, refuse=refuse, tls=tls)
         self._supervisor = supervisor
         ac = config.alerts
         self.alerts = AlertSender(webhooks_from_config(ac.webhooks), queue_size=ac.queue_size,

@@ -9,6 +9,7 @@ last data age, drops and quiet securities. Either one is enough for a verdict.
 from __future__ import annotations
 
 import json
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -81,15 +82,18 @@ def _heartbeat(url: str, timeout: float) -> Dict[str, Any]:
                 continue   # not a heartbeat we understand: wait for the next
 
 
-def _fetch_status(url: str, timeout: float) -> Dict[str, Any]:
-    with urllib.request.urlopen(url.rstrip("/") + "/status", timeout=timeout) as response:
+def _fetch_status(url: str, timeout: float, ca: Optional[str]) -> Dict[str, Any]:
+    context = ssl.create_default_context(cafile=ca) if url.startswith("https:") else None
+    with urllib.request.urlopen(url.rstrip("/") + "/status", timeout=timeout,
+                                context=context) as response:
         data = json.loads(response.read(4 * 1024 * 1024).decode("utf-8"))
     if not isinstance(data, dict):
         raise ValueError("/status is not a JSON object")
     return data
 
 
-def gather(url: str, *, metrics_url: Optional[str] = None, timeout: float = 3.0) -> StatusReport:
+def gather(url: str, *, metrics_url: Optional[str] = None, timeout: float = 3.0,
+           ca: Optional[str] = None) -> StatusReport:
     """Read a relay's heartbeats and its metrics endpoint.
 
     Args:
@@ -97,6 +101,8 @@ def gather(url: str, *, metrics_url: Optional[str] = None, timeout: float = 3.0)
         metrics_url: the metrics endpoint; by default the port plan's (``tcp://HOST:P`` ->
             ``http://HOST:P+3``; ``http://127.0.0.1:9203`` for an ``ipc://`` url).
         timeout: seconds to wait for a heartbeat, and per HTTP request.
+        ca: CA file that signed an ``https://`` endpoint's certificate (default: the
+            system's trust store).
     """
     if url.startswith(("http://", "https://")):
         report = StatusReport(None, url)
@@ -108,7 +114,7 @@ def gather(url: str, *, metrics_url: Optional[str] = None, timeout: float = 3.0)
             report.problems.append(f"stream {url}: {exc}")
     if report.metrics_url is not None:
         try:
-            report.status = _fetch_status(report.metrics_url, timeout)
+            report.status = _fetch_status(report.metrics_url, timeout, ca)
         except (OSError, ValueError) as exc:
             reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
             report.problems.append(f"metrics {report.metrics_url}: {reason}")

@@ -34,9 +34,10 @@ from typing import TYPE_CHECKING, Any, Deque, Dict, Iterable, List, Optional, Tu
 import structlog
 
 from relay.encode import SpotEncoder
-from relay.errors import ConfigError
+from relay.errors import ConfigError, RelayError
 from relay.records import SpotColumns, SpotRecord
 from relay.sinks import PublishedBatch
+from relay.supervise import ServiceHandle, Supervisor
 from relay.wire import (
     HDR_BATCH_FIRST,
     HDR_BATCH_LAST,
@@ -52,7 +53,6 @@ from relay.wire import (
 if TYPE_CHECKING:
     from relay.config import Config, NatsConfig
     from relay.security import Security
-    from relay.supervise import Supervisor
 
 __all__ = ["NatsBridge", "connect_options"]
 
@@ -104,6 +104,29 @@ def connect_options(config: NatsConfig) -> Dict[str, Any]:
     return opts
 
 
+def _redact(url: str) -> str:
+    """``nats://user:secret@host:4222`` -> ``nats://user:***@host:4222``."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}{sep}{user}:***@{host}"
+
+
+def _server_of(nc: Any) -> Optional[str]:
+    """``host:port`` of the server ``nc`` is connected to (without credentials)."""
+    url = getattr(nc, "connected_url", None)
+    return f"{url.hostname}:{url.port}" if url is not None else None
+
+
+class _BufferFull(RelayError):
+    """The client's reconnect buffer cannot take a batch (NATS has been down a while)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(f"reconnect buffer full ({size} bytes more)")
+
+
 class _Stats:
     __slots__ = ("acked", "batches", "connects", "disconnects", "dropped", "errors", "latest",
                  "messages", "unacked")
@@ -129,16 +152,19 @@ class NatsBridge:
     Args:
         config: the ``bridge.nats`` section (``url`` must not be empty).
         max_message_bytes: ``publish.max_message_bytes``, for the latest-record encoder.
+        supervisor: runs the bridge's thread (restarted if it dies); a private one if None.
 
     Attributes:
         stats: counters (batches, messages, acked, unacked, dropped, errors, latest, ...).
     """
 
-    def __init__(self, config: NatsConfig, *, max_message_bytes: int = 512 * 1024) -> None:
+    def __init__(self, config: NatsConfig, *, max_message_bytes: int = 512 * 1024,
+                 supervisor: Optional[Supervisor] = None) -> None:
         if not config.url:
             raise ValueError("bridge.nats.url is empty")
         self.config = config
         self.subjects = NatsSubjects(config.subject_prefix, config.stream)
+        self._shown_urls = [_redact(u) for u in config.url]  # logs never show a password
         self._max = max_message_bytes
         self._queue: Deque[_Item] = deque()
         self._limit = config.queue_size
@@ -146,7 +172,8 @@ class NatsBridge:
         self._episode_drops = 0
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._wake: Optional[asyncio.Event] = None
-        self._thread: Optional[threading.Thread] = None
+        self._supervisor = supervisor or Supervisor()
+        self._thread: Optional[ServiceHandle] = None
         self._ready = threading.Event()
         self._stop = threading.Event()
         self._nc: Any = None
@@ -156,6 +183,7 @@ class NatsBridge:
         self._streams_retry = 0.0       # monotonic time of the next attempt
         self._connected = False
         self._unreachable_logged = False
+        self._failing = False           # inside a publish-failure episode (logged once)
         # latest records changed since the last round: (market, code) -> (the batch's columns
         # or records, index there, seq of the message holding it, run_id)
         self._dirty: Dict[Tuple[str, str], Tuple[Union[SpotColumns, List[SpotRecord]], int,
@@ -171,10 +199,19 @@ class NatsBridge:
                     security: Optional[Security] = None) -> NatsBridge:
         """The bridge ``config.bridge.nats`` describes.
 
-        ``supervisor`` and ``security`` are accepted as every sink's are; the bridge dials
-        out (nothing to allow-list) and its loop thread restarts its own connection.
+        ``supervisor`` runs the bridge's thread; ``security`` is accepted as every sink's
+        is: the bridge dials out, there is nothing to allow-list.
         """
-        return cls(config.bridge.nats, max_message_bytes=config.publish.max_message_bytes)
+        return cls(config.bridge.nats, max_message_bytes=config.publish.max_message_bytes,
+                   supervisor=supervisor)
+
+    def counters(self) -> Dict[str, int]:
+        """Counters for the metrics endpoint (``nats_*``; ``nats_queue`` is the queue depth)."""
+        st = self.stats
+        return {"nats_messages": st.messages, "nats_acked": st.acked,
+                "nats_unacked": st.unacked, "nats_dropped": st.dropped,
+                "nats_errors": st.errors, "nats_latest": st.latest,
+                "nats_disconnects": st.disconnects, "nats_queue": len(self._queue)}
 
     # -- sink protocol (relay's event loop) --------------------------------------------------
 
@@ -197,11 +234,9 @@ class NatsBridge:
                               ) from None
         connect_options(self.config)  # fail now on unreadable TLS files
         self._stop.clear()
-        self._thread = threading.Thread(target=self._thread_main, name="relay-nats",
-                                        daemon=True)
-        self._thread.start()
+        self._thread = self._supervisor.thread("nats", self._thread_main)
         self._ready.wait(5)
-        log.info("nats_bridge_started", servers=list(self.config.url),
+        log.info("nats_bridge_started", servers=self._shown_urls,
                  prefix=self.config.subject_prefix, stream=self.config.stream)
 
     def write(self, batch: PublishedBatch) -> None:
@@ -243,16 +278,16 @@ class NatsBridge:
         if loop is not None and wake is not None:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(wake.set)
+        thread.stop()
         thread.join(_CLOSE_DRAIN + 5)
         log.info("nats_bridge_stopped", **self.stats.as_dict(), queued=len(self._queue))
 
     # -- bridge thread -------------------------------------------------------------------------
 
     def _thread_main(self) -> None:
+        """The bridge's loop; a bug raises out of it and the supervisor restarts it."""
         try:
             asyncio.run(self._main())
-        except Exception as exc:  # the bridge must never take the relay down
-            log.exception("nats_bridge_failed", error=repr(exc))
         finally:
             self._ready.set()
 
@@ -289,7 +324,7 @@ class NatsBridge:
                 return False
             exc = task.exception()
             if exc is not None:  # rejected (authorization, TLS): retry with backoff
-                log.error("nats_connect_failed", servers=list(self.config.url), error=repr(exc))
+                log.error("nats_connect_failed", servers=self._shown_urls, error=repr(exc))
                 with contextlib.suppress(Exception):
                     await nc.close()
                 await self._sleep(wait * random.uniform(0.5, 1.0))
@@ -298,8 +333,7 @@ class NatsBridge:
             self._nc, self._js = nc, nc.jetstream()
             self._connected = True
             self.stats.connects += 1
-            log.info("nats_connected", server=str(nc.connected_url.netloc)
-                     if nc.connected_url else None)
+            log.info("nats_connected", server=_server_of(nc))
             await self._ensure_streams()
             return True
         return False
@@ -360,7 +394,7 @@ class NatsBridge:
     async def _on_error(self, exc: Exception) -> None:
         if self._nc is None and not self._unreachable_logged:  # before the first connection
             self._unreachable_logged = True
-            log.warning("nats_unreachable", servers=list(self.config.url), error=repr(exc))
+            log.warning("nats_unreachable", servers=self._shown_urls, error=repr(exc))
         else:
             log.debug("nats_client_error", error=repr(exc))
 
@@ -374,8 +408,7 @@ class NatsBridge:
         self._connected = True
         self.stats.connects += 1
         nc = self._nc
-        log.info("nats_reconnected", server=str(nc.connected_url.netloc)
-                 if nc is not None and nc.connected_url else None)
+        log.info("nats_reconnected", server=_server_of(nc))
         self._streams_ok = False  # a restarted server may have lost them: check again
         self._streams_retry = 0.0
 
@@ -391,6 +424,11 @@ class NatsBridge:
                 stop_at = time.monotonic() + _CLOSE_DRAIN
             if stop_at is not None and (not self._queue or time.monotonic() > stop_at):
                 break
+            if self._nc.is_closed and stop_at is None:  # closed under us: start afresh
+                log.warning("nats_connection_closed")
+                self._connected = False
+                if not await self._connect():
+                    break
             if (not self._streams_ok and self._connected
                     and time.monotonic() >= self._streams_retry):
                 await self._ensure_streams()
@@ -401,11 +439,19 @@ class NatsBridge:
                         await self._nc.publish(self.subjects.heartbeat, item[_HB_LEN:])
                     else:
                         await self._publish_batch(item)
-                except Exception as exc:  # outbound buffer full while disconnected, ...
+                except Exception as exc:  # buffer full while disconnected, too large, ...
                     self.stats.errors += 1
                     if not isinstance(item, bytes):
                         self.stats.dropped += 1
-                    log.debug("nats_publish_failed", error=repr(exc))
+                        self._fold(item)  # its records still count as the latest
+                    if not self._failing:
+                        self._failing = True
+                        log.warning("nats_publish_failed", error=repr(exc),
+                                    connected=self._connected)
+                else:
+                    if self._failing and not isinstance(item, bytes):
+                        self._failing = False
+                        log.info("nats_publish_recovered", errors=self.stats.errors)
                 await asyncio.sleep(0)  # let acknowledgements and pings through
             self._expire_acks()
             now = time.monotonic()
@@ -420,6 +466,12 @@ class NatsBridge:
         js, subject = self._js, self.subjects.spot
         first = batch.first_seq
         last = first + len(batch.messages) - 1
+        if not self._connected:
+            # nats-py buffers while it reconnects; never let it overflow (a publish that
+            # fails there would also leak one of its in-flight slots)
+            size = sum(map(len, batch.messages))
+            if self._nc.pending_data_size + size > self.config.pending_bytes:
+                raise _BufferFull(size)
         fixed = {HDR_RUN_ID: batch.run_id, HDR_BATCH_FIRST: str(first),
                  HDR_BATCH_LAST: str(last), HDR_SOURCE: batch.source}
         for i, (message, count) in enumerate(zip(batch.messages, batch.counts)):

@@ -9,15 +9,18 @@ from typing import Any, Dict, List, Optional, Sequence
 import flatbuffers
 import numpy as np
 import pytest
+from client_helpers import Peer, messages, record, take, wait_joined
+from helpers import tcp_address
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relay._flatgen import load
-from relay.client import Batch, DecodeError
+from relay.client import Batch, DecodeError, DecodeFailed, Subscriber
 from relay.client._batch import CodeFilter, Message, columns_of
 from relay.client._columns import records_arrays
 from relay.encode import SpotEncoder
 from relay.records import SpotRecord
+from relay.wire import SPOT_PREFIX
 
 SPOT, SPOT_LIST = load()
 
@@ -70,7 +73,7 @@ def read_batch(msgs: Sequence[bytes], keep: Optional[CodeFilter] = None) -> Batc
     return Batch.of_messages([Message.read(m, 6) for m in msgs], keep, records=False)
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(markets(), st.sampled_from([4096, 8192, 512 * 1024]))
 def test_column_route_equals_record_route(recs: List[SpotRecord], limit: int) -> None:
     """Every field, value type and message shape: NumPy columns, lists and records agree."""
@@ -88,7 +91,7 @@ def test_column_route_equals_record_route(recs: List[SpotRecord], limit: int) ->
     assert_same_arrays(records_arrays(recs), decoded.to_numpy())
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(markets(), st.data())
 def test_code_filter_keeps_the_same_records_on_both_routes(recs: List[SpotRecord],
                                                            data: Any) -> None:
@@ -178,7 +181,7 @@ def test_builder_made_buffers_fall_back_with_identical_results() -> None:
     assert recs == batch.records
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(markets().filter(bool), st.data())
 def test_truncated_or_corrupt_messages_raise_decode_error(recs: List[SpotRecord],
                                                           data: Any) -> None:
@@ -246,3 +249,30 @@ def test_pandas_frames_agree() -> None:
     msgs = SpotEncoder("run", "simulator", 4096).encode(recs, first_seq=1, publish_time_ms=0)
     pd.testing.assert_frame_equal(Batch(recs, 1, 1, None, None, None).to_pandas(),
                                   read_batch(msgs).to_pandas())
+
+
+def test_subscriber_columns_mode_over_pure_python_tcp() -> None:
+    """Subscriber(columns=True): batches filtered by code, garbage skipped, records lazily."""
+    url = tcp_address()
+    peer = Peer(url)
+    recs = [record(f"{600000 + i}", close=10.0 + i) for i in range(300)]
+    try:
+        with Subscriber(url, columns=True, codes=["600007.SH", "600299"],
+                        heartbeat_timeout=None) as sub:
+            wait_joined(sub, peer)
+            peer.batch(*messages(recs, seq=1, max_bytes=64 * 1024))
+            peer.batch(SPOT_PREFIX + b"\x08\x00\x00\x00garbage!")
+            peer.batch(*messages(recs[:2], seq=99))
+            got = take(lambda: sub.next_update(0.1),
+                       lambda items: sum(isinstance(i, Batch) for i in items) >= 2)
+    finally:
+        peer.close()
+    batch, empty = [i for i in got if isinstance(i, Batch)]
+    assert 1 == sum(isinstance(i, DecodeFailed) for i in got)
+    assert 2 == len(batch) and batch._records is None
+    arrays = batch.to_numpy()
+    assert ["600007", "600299"] == arrays["code"].tolist()
+    assert [17.0, 309.0] == arrays["close"].tolist()
+    assert batch._records is None
+    assert [recs[7], recs[299]] == batch.records
+    assert 0 == len(empty) and 0 == len(empty.to_numpy()["close"])

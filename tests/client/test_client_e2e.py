@@ -124,6 +124,28 @@ def test_snapshot_then_stream_from_a_running_relay(relay_proc: Tuple[str, str]) 
     assert {"close", "bid1", "ask_amount5", "time_ms"} <= set(frame.columns)
 
 
+def test_columns_mode_from_a_running_relay(relay_proc: Tuple[str, str]) -> None:
+    """columns=True: the snapshot and stream batches as NumPy columns equal their records."""
+    pytest.importorskip("numpy")
+    from relay.client._columns import records_arrays
+
+    stream, snapshot = relay_proc
+    with Subscriber(stream, snapshot=True, snapshot_url=snapshot, columns=True) as sub:
+        snap = sub.recv(timeout=30)
+        nxt = sub.recv(timeout=30)
+    assert snap is not None and nxt is not None and snap.snapshot and not nxt.snapshot
+    for batch in (snap, nxt):
+        assert batch._records is None  # nothing built yet
+        arrays = batch.to_numpy()
+        assert batch._arrays() is not None and batch._records is None  # the column route
+        expected = records_arrays(batch.records)
+        assert list(expected) == list(arrays)
+        for name, want in expected.items():
+            assert want.dtype == arrays[name].dtype
+            assert want.tobytes() == arrays[name].tobytes(), name
+    assert len(snap) >= 5000 and len(snap) == len(snap.to_numpy()["close"])
+
+
 def run_example(name: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, str(REPO / "examples" / name), *args],
                           capture_output=True, text=True, timeout=60, env=relay_env())

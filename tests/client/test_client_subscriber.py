@@ -32,10 +32,10 @@ def is_batch(item: Any) -> bool:
 
 
 def test_import_loads_nothing_heavy() -> None:
-    """`import relay.client` loads none of pynng, h5py, structlog, xtquant, numpy."""
+    """`import relay.client` loads none of pynng, h5py, structlog, xtquant, numpy, nats."""
     code = ("import sys, relay.client; "
             "print(','.join(m for m in ('pynng', 'h5py', 'structlog', 'xtquant', 'numpy', "
-            "'pandas') if m in sys.modules))")
+            "'pandas', 'nats') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert "" == out.stdout.strip()

@@ -15,6 +15,7 @@ from typing import Any, Dict
 import h5py
 import numpy as np
 import pytest
+from helpers import relay_env
 
 from relay.config import Config, HistoryConfig, SimulatorConfig, SourceConfig
 from relay.errors import HistoryLockedError
@@ -23,10 +24,9 @@ from relay.history.importer import ImportRequest, run_import
 from relay.history.simulator import SimulatorHistory
 from relay.history.store import DirectoryLock, open_file
 from relay.sources.simulator import SimulatedMarket, SimulatorSource
-from tests.helpers import relay_env
 
 LIVE_DATE = "2024-12-04"   # a Wednesday: history ends Tuesday 2024-12-03
-SIM = SimulatorConfig(securities=24, date=LIVE_DATE, seed=7)
+SIM = SimulatorConfig(securities=12, date=LIVE_DATE, seed=7)
 
 
 def _config(tmp_path: Path, **history: Any) -> Config:
@@ -37,7 +37,7 @@ def _config(tmp_path: Path, **history: Any) -> Config:
 
 def _request(config: Config, **changes: Any) -> ImportRequest:
     base = ImportRequest(dir=config.history.dir, periods=("day", "1min", "5min"),
-                         markets=("SH", "SZ", "BJ"), start=20241118)
+                         markets=("SH", "SZ", "BJ"), start=20241125)
     return dataclasses.replace(base, **changes)
 
 
@@ -62,7 +62,7 @@ def test_simulator_history_matches_the_live_universe() -> None:
         assert np.all(bars.low <= np.minimum(bars.open, bars.close))
         assert np.all(bars.high >= np.maximum(bars.open, bars.close))
     # daily price limits against the previous close (main board 10 %, ST 5 %, ...)
-    market = SimulatedMarket(seed=7, securities=24, trading_date=date(2024, 12, 4))
+    market = SimulatedMarket(seed=7, securities=12, trading_date=date(2024, 12, 4))
     for profile in market.profiles():
         if profile.limit_pct:
             bars = fetched.bars[profile.symbol]
@@ -181,13 +181,13 @@ def test_killed_import_leaves_readable_files_and_rerun_completes(tmp_path: Path)
     if sys.platform == "win32":
         pytest.skip("SIGKILL is POSIX; Windows has no equivalent signal to test with")
     cfg = tmp_path / "relay.yaml"
-    cfg.write_text(f"source:\n  simulator:\n    securities: 24\n    seed: 7\n"
+    cfg.write_text(f"source:\n  simulator:\n    securities: 12\n    seed: 7\n"
                    f"    date: '{LIVE_DATE}'\n"
                    "history:\n  chunk_codes: 2\n  progress_interval: 0.01\n")
     data = tmp_path / "hikyuu"
     proc = subprocess.Popen([sys.executable, "-m", "relay", "history", "import", "--dir",
-                             str(data), "--config", str(cfg), "--periods", "5min,1min",
-                             "--start", "20241101"],
+                             str(data), "--config", str(cfg), "--periods", "1min",
+                             "--start", "20241111"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env=relay_env(), cwd=tmp_path)
     try:
@@ -208,14 +208,14 @@ def test_killed_import_leaves_readable_files_and_rerun_completes(tmp_path: Path)
                 rows = ds[: int(ds.attrs.get("relay_rows", ds.shape[0]))]
                 assert np.all(np.diff(rows["datetime"].astype(np.int64)) > 0), name
     rerun = _cli(tmp_path, "import", "--dir", str(data), "--config", str(cfg), "--periods",
-                 "5min,1min", "--start", "20241101")
+                 "1min", "--start", "20241111")
     assert 0 == rerun.returncode, rerun.stderr
     reference = tmp_path / "reference"
     config = _config(tmp_path)
-    run_import(config, _request(config, dir=str(reference), periods=("5min", "1min"),
-                                start=20241101), SimulatorHistory(SIM))
+    run_import(config, _request(config, dir=str(reference), periods=("1min",),
+                                start=20241111), SimulatorHistory(SIM))
     with open_dir(data) as a, open_dir(reference) as b:
-        for period in ("5min", "1min"):
+        for period in ("1min",):
             assert a.symbols(period) == b.symbols(period)
             for symbol in a.symbols(period):
                 assert a.raw(symbol, period).tolist() == b.raw(symbol, period).tolist()
@@ -228,10 +228,10 @@ def test_open_dir_plain_units(tmp_path: Path) -> None:
                SimulatorHistory(SIM))
     history = SimulatorHistory(SIM)
     symbol = history.universe(["SH"])[0]
-    source = history.fetch("day", [symbol], 20241118, 20241203).bars[symbol]
+    source = history.fetch("day", [symbol], 20241125, 20241203).bars[symbol]
     with open_dir(config.history.dir) as hist:
-        bars = hist.bars(symbol, "day", start="2024-11-18")
-        frame = hist.frame(symbol, "day", start="20241118", end="2024-12-03")
+        bars = hist.bars(symbol, "day", start="2024-11-25")
+        frame = hist.frame(symbol, "day", start="20241125", end="2024-12-03")
         raw: Dict[str, Any] = {"n": len(hist.raw(symbol, "day"))}
     assert np.allclose(source.close, bars["close"])
     assert np.allclose(np.rint(source.volume) * 100, bars["volume"])

@@ -94,10 +94,6 @@ def test_import_equals_the_fakes_bars(fake: Dict[str, Any], tmp_path: Path) -> N
     assert downloads and reads
     assert all(c["fill_data"] is False and c["dividend_type"] == "none" for c in reads)
     assert len({c["thread"] for c in calls if not c["call"].startswith("_")}) == 1
-    # a second run: nothing new, nothing written
-    again = run_import(config, request, _source(config))
-    assert 0 == again.total_written
-    assert "nothing new" in "\n".join(again.lines())
 
 
 def test_hostile_fake_hang_drop_errors_and_bad_bars(fake: Dict[str, Any],

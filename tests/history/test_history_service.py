@@ -168,3 +168,20 @@ def test_history_service_is_a_registered_sink() -> None:
     assert "relay.history.service:HistoryService" == target
     assert enabled(parse_config(None))
     assert not enabled(parse_config({"history": {"address": None}}))
+
+
+def test_catalogue_pages_add_up(served: Tuple[str, Path]) -> None:
+    """A catalogue split into many small pages equals the one-page catalogue."""
+    url, directory = served
+    small = tcp_address()
+    service = HistoryService(small, str(directory), max_reply_bytes=700)   # 2 per page
+    service.start()
+    try:
+        assert fetch_catalogue(url) == fetch_catalogue(small)
+        with Requester(small, timeout=10, max_message_bytes=1 << 20) as req:
+            reply = decode_reply(req.request(encode_request(
+                "catalogue", market="SH", period="day", offset=0, codes_only=True)))
+    finally:
+        service.close()
+    page = reply.catalogues[0]
+    assert (2, [], True) == (len(page.codes), page.rows, page.total > 2)

@@ -202,3 +202,20 @@ def test_cli_errors_have_exit_codes(tmp_path: Path) -> None:
     _, err = gone.communicate(timeout=30)
     assert 3 == gone.returncode, err
     assert "cannot connect" in err
+
+
+def test_mirror_changed_behind_the_syncs_back_is_read_again(relay_dir: Tuple[str, Path],
+                                                            tmp_path: Path) -> None:
+    """The remembered tails of a file are ignored once the file changed: a table cut short
+    in the mirror gets its rows back."""
+    url, server = relay_dir
+    mirror = tmp_path / "mirror"
+    sync(url, str(mirror))
+    assert (mirror / ".qmt-relay-sync.json").exists()
+    with open_file(mirror, "SZ", "day", "a") as hf:
+        name = hf.names()[0]
+        rows = hf.read(name)
+        hf.replace_from(name, int(rows[-2]["datetime"]), rows[-2:-1])   # drops the last row
+    summary = sync(url, str(mirror))
+    assert (1, []) == (summary.bars, summary.refetched)
+    assert_same_tables(server, mirror)

@@ -71,7 +71,8 @@ def _status(**changes: Any) -> OpsStatus:
         dropped={"nan_price": 2, "bad_code": 1}, records_by_market={"SH": 3000, "SZ": 2000},
         securities_today={"SH": 2, "SZ": 2}, quiet=("600001.SH",),
         counters={"reconnects": 2, "stalls": 1, "recorder_rows": 4000, "recorder_queue": 5,
-                  "snapshot_requests": 7, "alerts_sent": 1},
+                  "snapshot_requests": 7, "history_requests": 4, "history_errors": 1,
+                  "alerts_sent": 1},
         health=assess_health(state="running", connected=True, in_window=True,
                              last_batch_age=1.5, stall_timeout=60, started_for=9))
     fields.update(changes)
@@ -109,6 +110,8 @@ def test_registry_exposes_every_family_from_the_latest_snapshot() -> None:
         "qmt_relay_source_reconnects_total": 2.0, "qmt_relay_source_stalls_total": 1.0,
         "qmt_relay_recorder_rows_total": 4000.0, "qmt_relay_alerts_sent_total": 1.0,
         "qmt_relay_requests_total{service=snapshot}": 7.0,
+        "qmt_relay_requests_total{service=history}": 4.0,
+        "qmt_relay_request_errors_total{service=history}": 1.0,
         "qmt_relay_queue_depth{queue=recorder}": 5.0,
         "qmt_relay_source_up": 1.0, "qmt_relay_healthy": 1.0, "qmt_relay_in_watch_window": 1.0,
         "qmt_relay_seconds_since_push": 1.5, "qmt_relay_lag_seconds": 0.25,
@@ -146,7 +149,7 @@ def test_metrics_endpoint_in_use_is_a_publish_error() -> None:
     finally:
         first.close()
     with pytest.raises(PublishError, match="expected http://HOST:PORT"):
-        OpsServer("https://127.0.0.1:1", first.registry, lambda: None).start()
+        OpsServer("ftp://127.0.0.1:1", first.registry, lambda: None).start()
 
 
 def test_relay_in_process_feeds_the_snapshot_per_batch() -> None:
@@ -275,3 +278,44 @@ def test_allow_list_refuses_other_peers_before_they_are_answered() -> None:
         server.close()
     assert [b"", b"HTTP/1.1 200"] == answers
     assert [("metrics", "127.0.0.1")] == refused
+
+
+def test_https_endpoint_serves_with_the_security_tls_certificate(tmp_path: Path) -> None:
+    """https:// uses security.tls's certificate; plain HTTP to it fails; no cert: an error."""
+    import shutil
+    import ssl
+    import subprocess
+    import urllib.request
+    from types import SimpleNamespace
+
+    from relay.ops.status import gather
+
+    if shutil.which("openssl") is None:
+        pytest.skip("https test skipped because the openssl command is not installed")
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj",
+                    "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    registry = build_registry(_status, run_id="r", version="v", source="qmt")[0]
+    address = f"https://127.0.0.1:{free_tcp_port()}"
+    with pytest.raises(PublishError, match=r"security\.tls\.cert"):
+        OpsServer(address, registry, _status).start()
+    server = OpsServer(address, registry, _status, clock=lambda: DAY,
+                       tls=SimpleNamespace(cert=str(cert), key=str(key), ca=None))
+    server.start()
+    try:
+        assert server.url.startswith("https://127.0.0.1:")
+        plain = server.url.replace("https://", "http://") + "/healthz"
+        with pytest.raises(OSError):
+            urllib.request.urlopen(plain, timeout=5).read()
+        context = ssl.create_default_context(cafile=str(cert))
+        with urllib.request.urlopen(server.url + "/healthz", timeout=5,
+                                    context=context) as response:
+            assert (200, True) == (response.status, json.loads(response.read())["healthy"])
+        report = gather(server.url, ca=str(cert))   # qmt-relay status URL --ca FILE
+        assert (True, True, "r1") == (report.reachable, report.healthy,
+                                      report.status and report.status["run_id"])
+    finally:
+        server.close()
+    assert server.connection_errors >= 1

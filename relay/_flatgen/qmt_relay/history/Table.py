@@ -126,8 +126,15 @@ class Table(object):
             return bool(self._tab.Get(flatbuffers.number_types.BoolFlags, o + self._tab.Pos))
         return False
 
+    # Table
+    def Tail(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(22))
+        if o != 0:
+            return self._tab.String(o + self._tab.Pos)
+        return None
+
 def TableStart(builder):
-    builder.StartObject(9)
+    builder.StartObject(10)
 
 def Start(builder):
     TableStart(builder)
@@ -197,6 +204,12 @@ def TableAddDerived(builder, derived):
 
 def AddDerived(builder, derived):
     TableAddDerived(builder, derived)
+
+def TableAddTail(builder, tail):
+    builder.PrependUOffsetTRelativeSlot(9, flatbuffers.number_types.UOffsetTFlags.py_type(tail), 0)
+
+def AddTail(builder, tail):
+    TableAddTail(builder, tail)
 
 def TableEnd(builder):
     return builder.EndObject()
