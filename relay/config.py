@@ -275,7 +275,7 @@ class HistoryConfig:
     retry_min: float = 1.0          # first retry delay (seconds), doubled up to ...
     retry_max: float = 60.0         # ... this cap, with jitter
     progress_interval: float = 5.0  # seconds between history_progress log lines (no terminal)
-    compression: int = 4            # gzip level of new tables (1-9)
+    compression: int = 1            # gzip level of new tables (1-9)
 
 
 @dataclass(**_DC)

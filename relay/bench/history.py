@@ -48,10 +48,10 @@ def _previous_weekday(day: date, back: int = 1) -> date:
 
 
 def _write(directory: str, source: SimulatorHistory, period: str, symbols: List[str],
-           start: int, end: int, chunk: int) -> Dict[str, float]:
+           start: int, end: int, chunk: int, compression: int) -> Dict[str, float]:
     """Generate, convert and write ``period`` bars of ``symbols``; time each stage."""
     times = {"generate": 0.0, "convert": 0.0, "write": 0.0, "bars": 0.0}
-    files = {m: open_file(directory, m, period, "a") for m in MARKETS}
+    files = {m: open_file(directory, m, period, "a", compression=compression) for m in MARKETS}
     try:
         for k in range(0, len(symbols), chunk):
             group = symbols[k:k + chunk]
@@ -104,6 +104,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--chunk", type=int, default=500, help="securities per commit")
     parser.add_argument("--date", default="2026-12-02",
                         help="the live simulator's date (history ends the day before)")
+    parser.add_argument("--compression", type=int, default=HistoryConfig().compression,
+                        help="gzip level of the tables written (history.compression)")
     parser.add_argument("--dir", help="where to write (default: a temporary directory)")
     args = parser.parse_args(argv)
 
@@ -120,11 +122,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
           f"then the increment {last}; dir {directory}; {os.cpu_count()} CPUs")
     try:
         _report("day", _write(directory, source, "day", symbols, _ymd(day_start),
-                              _ymd(existing_end), args.chunk))
+                              _ymd(existing_end), args.chunk, args.compression))
         for period in ("1min", "5min"):
             _report(period, _write(directory, source, period, symbols, _ymd(minute_start),
-                                   _ymd(existing_end), max(50, args.chunk // 5)))
+                                   _ymd(existing_end), max(50, args.chunk // 5),
+                                   args.compression))
         hc = dataclasses.replace(HistoryConfig(), dir=directory, chunk_codes=args.chunk,
+                                 compression=args.compression,
                                  progress_interval=3600.0)
         config = Config(source=SourceConfig(simulator=sim), history=hc)
         request = ImportRequest(dir=directory, periods=("day", "1min", "5min"),
