@@ -388,10 +388,10 @@ def _open_dataset(group: h5py.Group, name: str) -> Optional[h5py.Dataset]:
 
 
 def _get_int_attr(ds: h5py.Dataset, name: str) -> Optional[int]:
-    key = name.encode()
-    if not h5py.h5a.exists(ds.id, key):
+    try:
+        attr = h5py.h5a.open(ds.id, name.encode())   # our tables have it: no exists() first
+    except KeyError:
         return None
-    attr = h5py.h5a.open(ds.id, key)
     buf = np.empty(attr.shape, dtype=attr.dtype)
     attr.read(buf)
     return int(buf.ravel()[0]) if buf.size else None
@@ -399,12 +399,13 @@ def _get_int_attr(ds: h5py.Dataset, name: str) -> Optional[int]:
 
 def _set_int_attr(ds: h5py.Dataset, name: str, value: int) -> None:
     """Write an integer attribute in place (h5py's ``attrs[...] =`` replaces it whole)."""
-    key = name.encode()
-    if h5py.h5a.exists(ds.id, key):
-        attr = h5py.h5a.open(ds.id, key)
-        if attr.shape == () and attr.dtype.kind in "iu":
-            attr.write(np.array(value, dtype=attr.dtype))
-            return
+    try:
+        attr = h5py.h5a.open(ds.id, name.encode())
+    except KeyError:
+        attr = None
+    if attr is not None and attr.shape == () and attr.dtype.kind in "iu":
+        attr.write(np.array(value, dtype=attr.dtype))
+        return
     ds.attrs[name] = value
 
 
