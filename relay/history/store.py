@@ -931,7 +931,8 @@ class HistoryFile:
                 offset += dts.shape[0]
                 entries = _entries(labels, start_row)
                 if idx is None:
-                    fresh.append((self._file[index], name, entries))
+                    group = self._group(index) or self._file.require_group(index)
+                    fresh.append((group, name, entries))
                     continue
                 size = kept + int(entries.shape[0])
                 _set_size(idx, size)
@@ -981,10 +982,18 @@ class HistoryFile:
                 raw[:piece.shape[0]] = piece.view(np.uint8).reshape(-1, size)
                 jobs.append((ds, k, raw.T.tobytes()))     # HDF5's shuffle: bytes by position
         level = self._compression
+
+        def squeeze(batch: List[Tuple[h5py.Dataset, int, bytes]]) -> List[bytes]:
+            return [zlib.compress(job[2], level) for job in batch]
+
         if len(jobs) > 8:
-            compressed = list(self._pool().map(lambda job: zlib.compress(job[2], level), jobs))
+            # a few large tasks per thread: one future per chunk costs more than its zlib
+            step = max(8, len(jobs) // (4 * max(1, os.cpu_count() or 1)))
+            compressed = [blob for part in self._pool().map(
+                squeeze, [jobs[k:k + step] for k in range(0, len(jobs), step)])
+                for blob in part]
         else:
-            compressed = [zlib.compress(job[2], level) for job in jobs]
+            compressed = squeeze(jobs)
         for (ds, k, _), blob in zip(jobs, compressed):
             ds.id.write_direct_chunk((k,), blob)
         return out
