@@ -378,10 +378,10 @@ def _set_size(ds: h5py.Dataset, rows: int) -> None:
         ds.id.set_extent((rows,))
 
 
-def _open_dataset(group: h5py.Group, name: str) -> Optional[h5py.Dataset]:
+def _open_dataset(group: h5py.Group, name: str, dapl: Any = None) -> Optional[h5py.Dataset]:
     """``group[name]`` when it is a dataset, else None (one HDF5 lookup)."""
     try:
-        dsid = h5py.h5d.open(group.id, name.encode())
+        dsid = h5py.h5d.open(group.id, name.encode(), dapl=dapl)
     except (KeyError, ValueError, TypeError):
         return None
     return h5py.Dataset(dsid)
@@ -457,6 +457,13 @@ class HistoryFile:
         self._dcpl: Dict[int, Any] = {}
         self._open: Dict[str, h5py.Dataset] = {}
         self._groups: Dict[str, h5py.Group] = {}
+        # a writer keeps every table of a file open through a pass (reopening one, and
+        # flushing its chunk cache on close, cost more than the append): a small chunk cache
+        # each (the tail chunks an append touches), not HDF5's 1 MiB default
+        self._dapl: Any = None
+        if mode == "a":
+            self._dapl = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
+            self._dapl.set_chunk_cache(101, 64 * 1024, 0.75)
         # the last rows of tables read this session (rows committed, those rows): the
         # incremental path reads each table's tail once for its last bar and its last day
         self._tails: Dict[str, Tuple[int, npt.NDArray[np.void]]] = {}
@@ -748,10 +755,10 @@ class HistoryFile:
         ds = self._open.get(name)
         if ds is None:
             group = self._group("data")
-            found = _open_dataset(group, name) if group is not None else None
+            found = _open_dataset(group, name, self._dapl) if group is not None else None
             if found is None:
                 return None
-            if len(self._open) >= 1024:    # bounded: each may hold a decompressed chunk
+            if len(self._open) >= 8192:    # bounded: each may hold decompressed chunks
                 self._open.clear()
             ds = self._open[name] = found
         return ds
