@@ -403,7 +403,10 @@ def _set_int_attr(ds: h5py.Dataset, name: str, value: int) -> None:
         attr = h5py.h5a.open(ds.id, name.encode())
     except KeyError:
         attr = None
-    if attr is not None and attr.shape == () and attr.dtype.kind in "iu":
+    if attr is None:      # a new table: a scalar int64, as h5py's attrs[...] = int makes
+        attr = h5py.h5a.create(ds.id, name.encode(), h5py.h5t.STD_I64LE,
+                               h5py.h5s.create(h5py.h5s.SCALAR))
+    if attr.shape == () and attr.dtype.kind in "iu":
         attr.write(np.array(value, dtype=attr.dtype))
         return
     ds.attrs[name] = value
@@ -972,6 +975,7 @@ class HistoryFile:
                 dcpl.set_chunk((chunk,))
                 dcpl.set_shuffle()
                 dcpl.set_deflate(self._compression)
+                dcpl.set_obj_track_times(False)     # as h5py's create_dataset
                 self._dcpl[chunk] = dcpl
             tid = h5py.h5t.py_create(dtype, logical=True)
             space = h5py.h5s.create_simple((rows.shape[0],), (h5py.h5s.UNLIMITED,))
