@@ -782,9 +782,10 @@ class HistoryFile:
         if cached is not None and cached[0] == rows:
             return cached[1]
         tail = _read_rows(ds, max(rows - 256, 0), rows)
-        if len(self._tails) >= 8192:
-            self._tails.clear()
-        self._tails[name] = (rows, tail)
+        if self.mode == "a":    # a writer's pass reads each tail twice; a reader keeps none
+            if len(self._tails) >= 8192:
+                self._tails.clear()
+            self._tails[name] = (rows, tail)
         return tail
 
     def last(self, name: str) -> Optional[int]:
@@ -985,6 +986,11 @@ class HistoryFile:
                 del group[name]
                 dsid = h5py.h5d.create(group.id, name.encode(), tid, space, dcpl=dcpl)
             ds = h5py.Dataset(dsid)
+            if dtype == BAR_DTYPE:
+                # committed: nothing yet, so a writer killed before the commit marks leaves
+                # a table the next open truncates, not one taken as another tool's
+                _set_int_attr(ds, _ROWS_ATTR, 0)
+                _set_int_attr(ds, _INDEXED_ATTR, 0)
             out[name] = ds
             size = dtype.itemsize
             for k in range(0, rows.shape[0], chunk):
