@@ -330,3 +330,33 @@ def test_directory_lock_refuses_a_second_writer(tmp_path: Path) -> None:
         pass
     with pytest.raises(HistoryLockedError), DirectoryLock(tmp_path):
         DirectoryLock(tmp_path).acquire()
+
+
+def test_writer_killed_after_writing_a_new_table_before_its_marks(tmp_path: Path) -> None:
+    """A new table whose rows reached the file but not its commit marks is truncated on open
+    (not taken as another tool's table without index tables); the next write completes it."""
+    import subprocess
+    import sys
+
+    rows = _day_rows(_days(dt.date(2024, 1, 2), 40))
+    np.save(tmp_path / "rows.npy", rows)
+    code = ("import os, sys, numpy as np\n"
+            "from relay.history import store\n"
+            "def die(*args, **kwargs): os._exit(9)\n"
+            "store.HistoryFile._update_indexes = die   # killed right after phase 2\n"
+            "f = store.open_file(sys.argv[1], 'SH', 'day', 'a')\n"
+            "f.append('SH600000', np.load(os.path.join(sys.argv[1], 'rows.npy')))\n"
+            "f.commit()\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                          text=True, timeout=60)
+    assert 9 == proc.returncode, proc.stderr
+    with open_file(tmp_path, "SH", "day", "a") as f:
+        assert ["SH600000"] == f.recovered
+        assert 0 == f.read("SH600000").shape[0]
+        f.merge("SH600000", rows)
+    with open_file(tmp_path, "SH", "day") as f:
+        assert (f.read("SH600000") == rows).all()
+        labels = [int(_label_by_calendar(d, "week").strftime("%Y%m%d")) * 10000
+                  for d in _days(dt.date(2024, 1, 2), 40)]
+        assert _aggregate(rows, labels) == _aggregate_by_index(rows,
+                                                               f.read_index("SH600000", "week"))
