@@ -22,7 +22,8 @@ two bookkeeping attributes per data table: ``relay_rows`` (rows known complete) 
 set while a writer has the file open:
 
 1. tables whose tail is replaced get ``relay_rows`` lowered to the first replaced row; flush;
-2. rows are written (resize, then write); flush;
+2. rows are written (resize, then write; a new data table is created with both marks at 0);
+   flush;
 3. ``relay_rows`` is raised and index tables are extended; flush;
 4. ``relay_indexed`` is raised; flush.
 
