@@ -185,6 +185,31 @@ def _text(matrix: Any, lengths: Any) -> Optional[Tuple[Any, Any]]:
             else matrix * (np.arange(width) < lengths[:, None]))
     if int(data.max()) < 0x80:  # ASCII: each byte is its code point
         return data.astype(_U32, order="C").view(f"<U{width}").reshape(count), lengths
+    # Names are the same message after message (the same securities, in the same order):
+    # a column decoded before is taken from the memo, keyed by its bytes and lengths.
+    key = (count, width, data.tobytes() + lengths.astype(_U32).tobytes())
+    known = _DECODED.get(key)
+    if known is not None:
+        return known
+    decoded = _utf8_text(data, lengths)
+    if decoded is not None:
+        if len(_DECODED) >= _DECODED_LIMIT:
+            _DECODED.clear()
+        for column in decoded:
+            column.flags.writeable = False  # shared by every message with this column
+        _DECODED[key] = decoded
+    return decoded
+
+
+# UTF-8 string columns already decoded, by (records, width, bytes + lengths): bounded,
+# cleared when full.
+_DECODED: Dict[Tuple[int, int, bytes], Tuple[Any, Any]] = {}
+_DECODED_LIMIT = 64
+
+
+def _utf8_text(data: Any, lengths: Any) -> Optional[Tuple[Any, Any]]:
+    """:func:`_text` for a column that is not all ASCII (``data`` masked to the lengths)."""
+    count, width = data.shape
     # UTF-8: one decode for the whole column. A zero byte after every value keeps each value
     # apart, so the column decodes if and only if every value does on its own.
     padded = np.zeros((count, width + 1), _U8)
