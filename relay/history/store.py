@@ -379,6 +379,9 @@ class HistoryFile:
         self._indexes = INDEX_GROUPS[period]
         self._dcpl: Dict[int, Any] = {}
         self._open: Dict[str, h5py.Dataset] = {}
+        # writer only: (committed rows, last datetime or None) of tables seen, so one
+        # incremental pass reads each table's row count and last bar once
+        self._known: Dict[str, Tuple[int, Optional[int]]] = {}
         self._executor: Optional[ThreadPoolExecutor] = None
         self.recovered: List[str] = []
         """Tables truncated or re-indexed when the file was opened after a killed writer."""
@@ -412,7 +415,7 @@ class HistoryFile:
         ds = self._data(name)
         if ds is None:
             return None
-        rows = self._rows(ds)
+        rows = self._rows_of(name, ds)
         if rows == 0:
             return TableInfo(name, 0, None, None)
         first = int(ds[0]["datetime"])
@@ -443,7 +446,7 @@ class HistoryFile:
         ds = self._data(name)
         if ds is None:
             return np.empty(0, dtype=BAR_DTYPE)
-        rows = self._rows(ds)
+        rows = self._rows_of(name, ds)
         if start is not None and end is None and rows > 256:
             tail: npt.NDArray[np.void] = ds[rows - 256:rows]   # incremental work: the tail
             if int(tail[0]["datetime"]) < start:
@@ -489,7 +492,7 @@ class HistoryFile:
             pend.rows = np.concatenate((pend.rows, rows))
             return int(rows.shape[0])
         ds = self._data(name)
-        keep = self._rows(ds) if ds is not None else 0
+        keep = self._rows_of(name, ds) if ds is not None else 0
         last = self._stored_last(name, keep)
         if rows.shape[0] and last is not None and int(rows[0]["datetime"]) <= last:
             raise HistoryError(self.path, f"{name}: rows not after the last stored bar {last}")
@@ -511,7 +514,7 @@ class HistoryFile:
         ds = self._data(name)
         keep = 0
         if ds is not None:
-            keep = self._search(ds, self._rows(ds), datetime, "left")
+            keep = self._search(ds, self._rows_of(name, ds), datetime, "left")
         self._pending[name] = _Pending(keep, rows)
         return int(rows.shape[0])
 
@@ -559,11 +562,13 @@ class HistoryFile:
         self._writable()
         pending, self._pending = self._pending, {}
         data = self._file.require_group("data")
+        known = {name: self._known.pop(name, None) for name in pending}
         # 1. lower the committed mark of tables whose tail will be overwritten
         lowered = False
         for name, pend in pending.items():
             ds = self._data(name)
-            if ds is not None and pend.keep < self._rows(ds):
+            before = known.get(name)
+            if ds is not None and pend.keep < (before[0] if before else self._rows(ds)):
                 ds.attrs[_ROWS_ATTR] = pend.keep
                 ds.attrs[_INDEXED_ATTR] = min(int(ds.attrs.get(_INDEXED_ATTR, pend.keep)),
                                               pend.keep)
@@ -593,6 +598,10 @@ class HistoryFile:
         for name, pend in pending.items():
             handles[name].attrs[_ROWS_ATTR] = pend.keep + int(pend.rows.shape[0])
         self._update_indexes(handles, pending)
+        for name, pend in pending.items():
+            if pend.rows.shape[0]:
+                self._known[name] = (pend.keep + int(pend.rows.shape[0]),
+                                     int(pend.rows[-1]["datetime"]))
         self._file.flush()
         # 4. the index tables are complete
         for name, pend in pending.items():
@@ -666,14 +675,28 @@ class HistoryFile:
         ds = self._data(name)
         if ds is None:
             return None
-        rows = self._rows(ds)
-        return int(ds[rows - 1]["datetime"]) if rows else None
+        return self._stored_last(name, self._rows_of(name, ds))
+
+    def _rows_of(self, name: str, ds: h5py.Dataset) -> int:
+        """Committed rows of ``name`` (remembered by a writer)."""
+        if self.mode != "a":
+            return self._rows(ds)
+        known = self._known.get(name)
+        if known is None:
+            known = self._known[name] = (self._rows(ds), None)
+        return known[0]
 
     def _stored_last(self, name: str, keep: int) -> Optional[int]:
         ds = self._data(name)
         if ds is None or keep == 0:
             return None
-        return int(ds[keep - 1]["datetime"])
+        known = self._known.get(name)
+        if known is not None and known[0] == keep and known[1] is not None:
+            return known[1]
+        last = int(ds[keep - 1]["datetime"])
+        if self.mode == "a" and known is not None and known[0] == keep:
+            self._known[name] = (keep, last)
+        return last
 
     @staticmethod
     def _search(ds: h5py.Dataset, rows: int, value: int, side: Literal["left", "right"]) -> int:
