@@ -113,7 +113,9 @@ class Relay:
         self.security = Security.from_config(config.security)
         self._sinks = [*sinks_from_config(config, supervisor=self.supervisor,
                                          security=self.security), *sinks]
-        self._publisher = Publisher(config.publish.addresses, security=self.security)
+        self._publisher = Publisher(config.publish.addresses,
+                                    send_buffer=config.publish.send_buffer,
+                                    security=self.security)
         norm = config.normalise
         self._normaliser = Normaliser(
             units=norm.units,

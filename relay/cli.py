@@ -11,6 +11,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import sys
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, TextIO, Union
 
@@ -91,6 +92,20 @@ def _parser() -> argparse.ArgumentParser:
                       help="start with the relay's snapshot (latest record of every security)")
     tail.add_argument("--snapshot-url", metavar="URL",
                       help="snapshot address (default: the stream's TCP port + 1)")
+    tail.add_argument("--ca", metavar="FILE",
+                      help="tls+tcp://: CA certificate (PEM) that verifies the relay")
+    tail.add_argument("--cert", metavar="FILE",
+                      help="tls+tcp://: our client certificate (PEM), if the relay wants one")
+    tail.add_argument("--key", metavar="FILE", help="tls+tcp://: the client certificate's key")
+
+    tls = sub.add_parser("tls", help="TLS helpers (needs the tls extra: cryptography)")
+    tls.add_argument("action", choices=["make-test-ca"],
+                     help="make-test-ca: a test CA, a server and a client certificate in DIR")
+    tls.add_argument("dir", metavar="DIR")
+    tls.add_argument("--host", action="append", metavar="NAME",
+                     help="host name or IP the server certificate is for; repeat "
+                          "(default: localhost, 127.0.0.1, ::1)")
+    tls.add_argument("--days", type=int, default=365, help="validity (default 365 days)")
     tail.add_argument("--replay-from", metavar="SEQ|TIME",
                       help="nats:// only: start with stored messages, after relay sequence "
                            "SEQ or from a China time YYYY-MM-DDTHH:MM[:SS]")
@@ -135,6 +150,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         return service_command(args.action, args.config, username=args.username,
                                password=args.password)
+    if args.command == "tls":
+        return _tls(args)
     if args.command == "record":
         return _record(args)
     if args.command == "export":
@@ -235,9 +252,14 @@ def _check_config(path: str) -> int:
         return EXIT_CONFIG
     import yaml  # noqa: PLC0415
 
+    shown = config_to_dict(config)
+    nats = shown["bridge"]["nats"]  # never print the bridge's secrets
+    for key in ("password", "token"):
+        if nats[key]:
+            nats[key] = "***"
+    nats["url"] = [re.sub(r"://([^:/@]*):[^@/]*@", r"://\1:***@", u) for u in nats["url"]]
     _say(f"# {path}: OK")
-    write_text(sys.stdout, yaml.safe_dump(config_to_dict(config), sort_keys=False,
-                                          allow_unicode=True))
+    write_text(sys.stdout, yaml.safe_dump(shown, sort_keys=False, allow_unicode=True))
     return EXIT_OK
 
 
@@ -302,10 +324,10 @@ def _tail(args: argparse.Namespace) -> int:
     try:
         sub = Subscriber(args.url, codes=codes, snapshot=args.snapshot,
                          snapshot_url=args.snapshot_url, replay_from=replay_from,
-                         on_event=_tail_event)
-    except (ValueError, ImportError) as exc:
-        _error(str(exc) if isinstance(exc, ValueError)
-               else "nats:// needs nats-py: pip install 'qmt-relay[nats]'")
+                         on_event=_tail_event, ca=args.ca, cert=args.cert, key=args.key)
+    except (OSError, ValueError, ImportError) as exc:  # bad URL or PEM file, no nats-py
+        _error("nats:// needs nats-py: pip install 'qmt-relay[nats]'"
+               if isinstance(exc, ImportError) else str(exc))
         return EXIT_CONFIG
     try:
         with sub:
@@ -333,6 +355,26 @@ def _tail(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # `qmt-relay tail | head`
         return EXIT_OK
+    return EXIT_OK
+
+
+def _tls(args: argparse.Namespace) -> int:
+    try:
+        from relay.tls import make_test_ca  # noqa: PLC0415
+
+        paths = make_test_ca(args.dir, hosts=args.host or ("localhost", "127.0.0.1", "::1"),
+                             days=args.days)
+    except ImportError:
+        _error('the tls helper needs cryptography: pip install "qmt-relay[tls]"')
+        return EXIT_CONFIG
+    except OSError as exc:
+        _error(f"cannot write {args.dir}: {exc}")
+        return EXIT_FAILURE
+    for name, path in paths.items():
+        print(f"{name:<11} {path}")
+    cert, key = paths["server"], paths["server_key"]
+    print(f"relay config:  security: {{tls: {{cert: {cert}, key: {key}}}}}")
+    print(f"subscriber:    Subscriber('tls+tcp://HOST:PORT', ca={paths['ca']!r})")
     return EXIT_OK
 
 

@@ -199,6 +199,9 @@ class PublishConfig:
     addresses: Tuple[str, ...] = DEFAULT_ADDRESSES
     max_message_bytes: int = 512 * 1024
     heartbeat_interval: float = 1.0
+    # messages NNG queues per subscriber; a subscriber that falls further behind loses the
+    # oldest (a gap it sees in seq). Queued messages are shared, so this bounds memory.
+    send_buffer: int = 256
     # REQ/REP late joiners; "auto" = the port plan (P+1), null or "" = off
     snapshot_address: Optional[str] = AUTO
 
@@ -359,7 +362,9 @@ def planned_address(addresses: Sequence[str], service: str) -> str:
     if port > 65535:
         port = FALLBACK_PORT + SERVICE_OFFSETS[service]
     if service == "metrics":
-        return f"{'https' if scheme == 'tls+tcp' else 'http'}://{host}:{port}"
+        # plain HTTP even beside a tls+tcp stream: the endpoint has no TLS (the allow-list
+        # applies to it like to every TCP service)
+        return f"http://{host}:{port}"
     return f"{scheme}://{host}:{port}"
 
 
@@ -576,6 +581,7 @@ _CHECKS: Mapping[str, _Check] = {
     "publish.addresses[]": _address,
     "publish.max_message_bytes": _between(4096, 64 * 1024 * 1024),
     "publish.heartbeat_interval": _positive,
+    "publish.send_buffer": _between(2, 8192),
     "publish.snapshot_address": _service_address,
     "history.address": _service_address,
     "history.dir": lambda v: None if v else "must not be empty",

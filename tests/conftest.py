@@ -31,4 +31,4 @@ def procs() -> Iterator[List[subprocess.Popen[str]]]:
         for proc in started:
             if proc.poll() is None:
                 proc.kill()
-                proc.communicate()
+            proc.communicate()  # also closes the pipes of one that already exited

@@ -84,8 +84,14 @@ def snapshot_request(url: str, *, source: str = "127.0.0.1", body: bytes = b"sna
 
 def start_relay(tmp_path: Path, procs: List[subprocess.Popen[str]], publish: str,
                 snapshot: str, extra: str = "", securities: int = 50,
-                push_interval: float = 0.2, name: str = "relay") -> subprocess.Popen[str]:
-    """A simulator relay subprocess publishing fast, with stdout piped (JSON log lines)."""
+                push_interval: float = 0.2, name: str = "relay", history: Optional[str] = None,
+                metrics: Optional[str] = None) -> subprocess.Popen[str]:
+    """A simulator relay subprocess publishing fast, with stdout piped (JSON log lines).
+
+    The history and metrics services are off unless their addresses are given.
+    """
+    services = (f"history: {{address: {json.dumps(history)}, dir: {json.dumps(str(tmp_path))}}}\n"
+                f"metrics: {{address: {json.dumps(metrics)}}}\n")
     proc = run_relay_with(tmp_path, f"""
 source:
   kind: simulator
@@ -95,7 +101,7 @@ publish:
   snapshot_address: "{snapshot}"
   heartbeat_interval: 0.2
 logging: {{format: json}}
-{extra}
+{services}{extra}
 """, name=name)
     procs.append(proc)
     return proc

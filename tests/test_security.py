@@ -135,3 +135,53 @@ def test_relay_subprocess_refuses_outsiders_on_stream_and_snapshot(
     assert 0 == proc.returncode
     refused = {e["service"] for e in log_events(out) if e["event"] == "peer_refused"}
     assert {"publish", "snapshot"} == refused
+
+
+def test_metrics_http_endpoint_applies_the_allow_list() -> None:
+    """The HTTP endpoint answers allowed peers and closes others before reading a byte."""
+    from relay.ops.http import OpsServer
+    from relay.ops.metrics import build_registry
+
+    registry, _ = build_registry(lambda: None, run_id="r", version="0", source="simulator")
+    sec = Security(["127.0.0.1"])
+    server = OpsServer(f"http://127.0.0.1:{free_tcp_port()}", registry, lambda: None,
+                       allow=sec.is_allowed, refuse=sec.refuse)
+    server.start()
+    try:
+        url = server.url
+        for source, expect_reply in (("127.0.0.1", True), ("127.0.0.2", False)):
+            with connect(url.replace("http://", "tcp://"), source=source) as s:
+                s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+                reply = read_until_closed(s, timeout=5)
+            assert expect_reply == reply.startswith(b"HTTP/1.1 200"), (source, reply[:60])
+    finally:
+        server.close()
+    assert 1 == sec.refused("metrics")
+
+
+def test_refused_peers_are_not_counted_as_subscribers() -> None:
+    """The publisher's subscriber count sees allowed peers only."""
+    import time
+
+    from relay.publish import Publisher
+
+    address = tcp_address()
+    with capture_logs():
+        pub = Publisher([address], security=Security(["127.0.0.1"]))
+        pub.start()
+        good = [connect(address) for _ in range(2)]
+        try:
+            for g in good:
+                g.sendall(SP_SUB)
+            for _ in range(3):
+                with connect(address, source="127.0.0.2") as bad:
+                    bad.sendall(SP_SUB)
+                    read_until_closed(bad, timeout=5)
+            deadline = time.monotonic() + 10
+            while pub.subscribers != 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert 2 == pub.subscribers
+        finally:
+            for g in good:
+                g.close()
+            pub.close()

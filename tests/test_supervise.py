@@ -10,6 +10,7 @@ from typing import Any, List
 
 import pytest
 from helpers import CollectingSink, ScriptedSource, real_tick, run_relay_with, tcp_address
+from hostile import log_events
 from structlog.testing import capture_logs
 
 from relay.app import Relay
@@ -215,3 +216,37 @@ publish: {{addresses: ["{address}"], snapshot_address: "{tcp_address()}",
     proc.terminate()
     assert 0 == proc.wait(20)
 
+
+
+def test_cli_maps_a_crash_to_exit_1_and_one_log_line(
+        monkeypatch: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """A bug escaping Relay.run: exit 1, a relay_crashed error event, no bare traceback."""
+    from relay import cli
+
+    def crash(self: Relay) -> None:
+        raise ZeroDivisionError("bug")
+
+    monkeypatch.setattr(Relay, "run", crash)
+    code = cli.main(["run", "--publish", tcp_address(), "--snapshot", "off"])
+    assert 1 == code
+    out, err = capsys.readouterr()
+    crashed = [e for e in log_events(out) if e["event"] == "relay_crashed"]
+    assert 1 == len(crashed) and "ZeroDivisionError" in crashed[0]["error"]
+    assert "Traceback (most recent call last)" in crashed[0]["exception"]  # in the JSON line
+    assert "Traceback" not in err and "the relay crashed" in err
+
+
+def test_cli_maps_service_error_to_exit_1(monkeypatch: Any,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """A service that kept failing ends `qmt-relay run` with exit code 1 and its reason."""
+    from relay import cli
+
+    def give_up(self: Relay) -> None:
+        self.state = self.state.__class__.RUNNING
+        raise ServiceError("snapshot", 5, 60.0, "RuntimeError('x')")
+
+    monkeypatch.setattr(Relay, "run", give_up)
+    with capture_logs():
+        code = cli.main(["run", "--publish", tcp_address(), "--snapshot", "off"])
+    assert 1 == code
+    assert "service snapshot failed 5 times within 60 s" in capsys.readouterr().err

@@ -18,6 +18,8 @@ BENCHES: Dict[str, str] = {
     "spot": "relay.bench.spot:main",          # normalise + encode, decode, end to end
     "recorder": "relay.bench.recorder:main",  # HDF5 recorder throughput and size
     "client": "relay.bench.client:main",      # subscriber library decode paths
+    "load": "relay.bench.load:main",          # 50 subscribers, a stalled one: CPU, memory
+    "abuse": "relay.bench.abuse:main",        # requests/s and stream latency under abuse
     "history": "relay.bench.history:main",    # hikyuu HDF5 K-line writer, incremental import
     "history-sync": "relay.bench.history_sync:main",  # history service -> mirror, loopback
     "ops": "relay.bench.ops:main",            # metrics cost on the hot path, /metrics rate

@@ -21,7 +21,7 @@ import struct
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from relay.client._batch import Batch, CodeFilter, Message
-from relay.client._transport import parse_url, request
+from relay.client._transport import client_tls_context, parse_url, request
 from relay.errors import DecodeError
 from relay.records import SpotRecord
 from relay.wire import SPOT_PREFIX
@@ -97,18 +97,19 @@ def decode_snapshot_reply(body: bytes) -> Tuple[Dict[str, Any], List[bytes]]:
 def default_snapshot_url(url: str) -> str:
     """The snapshot address that goes with a stream address by convention.
 
-    ``tcp://HOST:PORT`` -> ``tcp://HOST:PORT+1`` (the relay's defaults are 9200 and 9201);
-    ``ipc://...`` -> ``tcp://127.0.0.1:9201``.
+    ``tcp://HOST:PORT`` -> ``tcp://HOST:PORT+1`` (the relay's defaults are 9200 and 9201),
+    the same for ``tls+tcp://``; ``ipc://...`` -> ``tcp://127.0.0.1:9201``.
     """
     scheme, host, port = parse_url(url)
-    if scheme == "tcp":
+    if scheme != "ipc":
         shown = f"[{host}]" if ":" in host else host
-        return f"tcp://{shown}:{port + 1}"
+        return f"{scheme}://{shown}:{port + 1}"
     return f"tcp://127.0.0.1:{DEFAULT_SNAPSHOT_PORT}"
 
 
 def fetch_snapshot(url: str, *, codes: Optional[Sequence[str]] = None, timeout: float = 10.0,
-                   max_message_bytes: int = 1 << 30) -> Batch:
+                   max_message_bytes: int = 1 << 30, ca: Optional[str] = None,
+                   cert: Optional[str] = None, key: Optional[str] = None) -> Batch:
     """Fetch the relay's latest record of every security, in one request.
 
     Args:
@@ -116,6 +117,8 @@ def fetch_snapshot(url: str, *, codes: Optional[Sequence[str]] = None, timeout: 
         codes: keep only these securities (``"600000.SH"`` or ``"600000"``).
         timeout: seconds allowed to connect and for the reply.
         max_message_bytes: refuse larger replies.
+        ca, cert, key: for ``tls+tcp://``: the CA file that verifies the relay (default: the
+            system's trust store) and our client certificate and key, if the relay wants one.
 
     Returns:
         A :class:`Batch` with ``snapshot=True``; its ``first_seq`` and ``last_seq`` are the
@@ -125,7 +128,9 @@ def fetch_snapshot(url: str, *, codes: Optional[Sequence[str]] = None, timeout: 
         TransportError: the snapshot service is unreachable or did not answer in time.
         DecodeError: the reply is malformed.
     """
-    body = request(url, SNAPSHOT_REQUEST, timeout=timeout, max_message_bytes=max_message_bytes)
+    tls = client_tls_context(ca, cert, key) if url.startswith("tls+tcp://") else None
+    body = request(url, SNAPSHOT_REQUEST, timeout=timeout, max_message_bytes=max_message_bytes,
+                   tls=tls)
     return snapshot_batch(body, CodeFilter.of(codes))
 
 

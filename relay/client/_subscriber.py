@@ -48,6 +48,7 @@ from relay.client._transport import (
     PynngSub,
     TcpSub,
     TransportError,
+    client_tls_context,
     parse_url,
     request,
 )
@@ -123,6 +124,10 @@ class Subscriber:
             messages column by column straight out of their buffers (needs NumPy; without
             it, :attr:`Batch.columns` still works). Messages are still checked on arrival:
             a malformed one is reported and skipped exactly as in the default mode.
+        ca: for ``tls+tcp://``: PEM file of the CA that issued the relay's certificate
+            (``None``: the system's trust store). The certificate is always verified.
+        cert: PEM file of our client certificate, for a relay that requires one.
+        key: its private key (``None``: in ``cert``).
     """
 
     def __init__(
@@ -141,6 +146,9 @@ class Subscriber:
         connect_timeout: float = 5.0,
         max_message_bytes: int = 256 * 1024 * 1024,
         columns: bool = False,
+        ca: Optional[str] = None,
+        cert: Optional[str] = None,
+        key: Optional[str] = None,
     ) -> None:
         nats = is_nats_url(url)
         if replay_from is not None and not nats:
@@ -148,6 +156,7 @@ class Subscriber:
         if replay_from is not None and snapshot:
             raise ValueError("use either snapshot=True or replay_from=, not both")
         scheme, host, port = ("nats", "", 0) if nats else parse_url(url)
+        self._tls = client_tls_context(ca, cert, key) if scheme == "tls+tcp" else None
         self.url = url
         self._keep = CodeFilter.of(list(codes) if codes is not None else None)
         self._snapshot = snapshot
@@ -163,9 +172,9 @@ class Subscriber:
         self._columns = columns
         self._numpy = columns and numpy_available()
         self._transport: Union[TcpSub, PynngSub, NatsSub]
-        if scheme == "tcp":
+        if scheme in ("tcp", "tls+tcp"):
             self._transport = TcpSub(host, port, connect_timeout=connect_timeout,
-                                     max_message_bytes=max_message_bytes)
+                                     max_message_bytes=max_message_bytes, tls=self._tls)
         elif nats:
             # JetStream's idle heartbeats: two missed ones recreate the consumer
             idle = 2.0 if heartbeat_timeout is None else min(5.0, max(0.5, heartbeat_timeout / 2))
@@ -174,8 +183,9 @@ class Subscriber:
         else:
             self._transport = PynngSub(url, _TOPICS, max_message_bytes=max_message_bytes)
         # tcp and nats connect synchronously; pynng reports its pipes as events
-        self._sync_connect = scheme in ("tcp", "nats")
-        self._redial_on_silence = scheme == "tcp"  # a half-open TCP connection never heals
+        self._sync_connect = scheme in ("tcp", "tls+tcp", "nats")
+        # a half-open TCP connection never heals
+        self._redial_on_silence = scheme in ("tcp", "tls+tcp")
         self._snapshot_loaded = False
         self._rng = random.Random()
         self._lock = threading.Lock()
@@ -404,7 +414,8 @@ class Subscriber:
             else:
                 assert self.snapshot_url is not None
                 body = request(self.snapshot_url, SNAPSHOT_REQUEST,
-                               timeout=self._connect_timeout, max_message_bytes=1 << 30)
+                               timeout=self._connect_timeout, max_message_bytes=1 << 30,
+                               tls=self._tls)
             batch = snapshot_batch(body, self._keep, columns=self._columns,
                                    numpy=self._numpy)
         except (TransportError, DecodeError, ValueError) as exc:

@@ -1,4 +1,4 @@
-"""NNG transports for the subscriber: pure-Python TCP (SUB, REQ), pynng for ``ipc://``.
+"""NNG transports for the subscriber: pure-Python TCP and TLS (SUB, REQ), pynng for ``ipc://``.
 
 NNG's scalability protocols over TCP are simple: each side first sends an 8-byte header,
 ``\\x00SP\\x00``, its 16-bit big-endian protocol id and two zero bytes; after that every
@@ -8,6 +8,11 @@ bit set before its body, and the REP reply echoes it.
 
 A lying length never makes us allocate more than what has actually arrived, and a length
 above ``max_message_bytes`` drops the connection.
+
+``tls+tcp://`` is the same framing inside a TLS session (NNG's TLS transport), spoken with
+the standard library's :mod:`ssl`: the server certificate is verified (against ``ca``, or the
+system's trust store) and its name checked against the URL's host; ``cert``/``key`` present a
+client certificate to a relay that requires one.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import ssl
 import struct
 import threading
 from collections import deque
@@ -27,6 +33,7 @@ __all__ = [
     "PROTO_SUB",
     "Requester",
     "TransportError",
+    "client_tls_context",
     "parse_url",
     "request",
 ]
@@ -48,19 +55,40 @@ class TransportError(OSError):
 
 
 def parse_url(url: str) -> Tuple[str, str, int]:
-    """Split ``tcp://HOST:PORT`` or ``ipc://PATH`` into ``(scheme, host or path, port)``.
+    """Split ``tcp://HOST:PORT``, ``tls+tcp://HOST:PORT`` or ``ipc://PATH`` into
+    ``(scheme, host or path, port)``.
 
     Raises:
         ValueError: any other kind of URL.
     """
     if url.startswith("ipc://"):
         return "ipc", url[6:], 0
-    if url.startswith("tcp://"):
-        host, sep, port = url[6:].rpartition(":")
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme in ("tcp", "tls+tcp"):
+        host, sep, port = rest.rpartition(":")
         if sep and port.isdigit() and host:
             host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-            return "tcp", host, int(port)
-    raise ValueError(f"expected tcp://HOST:PORT or ipc://PATH, got {url!r}")
+            return scheme, host, int(port)
+    raise ValueError(f"expected tcp://HOST:PORT, tls+tcp://HOST:PORT or ipc://PATH, got {url!r}")
+
+
+def client_tls_context(ca: Optional[str] = None, cert: Optional[str] = None,
+                       key: Optional[str] = None) -> ssl.SSLContext:
+    """A verifying client TLS context for ``tls+tcp://`` relays.
+
+    Args:
+        ca: PEM file of the CA that issued the relay's certificate; ``None`` = the system's
+            trust store.
+        cert: PEM file of our client certificate (for a relay that requires one).
+        key: its private key (``None``: the key is in ``cert``).
+
+    Raises:
+        OSError: a file cannot be read. ssl.SSLError: a file is not a certificate or key.
+    """
+    context = ssl.create_default_context(cafile=ca)
+    if cert is not None:
+        context.load_cert_chain(cert, key)
+    return context
 
 
 class TcpConnection:
@@ -72,12 +100,13 @@ class TcpConnection:
         peer: the protocol id the peer must announce.
         timeout: seconds allowed to connect and handshake.
         max_message_bytes: larger messages break the connection.
+        tls: speak TLS with this context (the host name is verified against ``host``).
     """
 
     __slots__ = ("_buf", "_closed", "_max", "_sock")
 
     def __init__(self, host: str, port: int, proto: int, peer: int, *, timeout: float,
-                 max_message_bytes: int) -> None:
+                 max_message_bytes: int, tls: Optional[ssl.SSLContext] = None) -> None:
         self._max = max_message_bytes
         self._buf = bytearray()
         self._closed = False
@@ -85,6 +114,12 @@ class TcpConnection:
             sock = socket.create_connection((host, port), timeout=timeout)
         except OSError as exc:
             raise TransportError(f"cannot connect to {host}:{port}: {exc}") from None
+        if tls is not None:
+            try:
+                sock = tls.wrap_socket(sock, server_hostname=host)
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                sock.close()
+                raise TransportError(f"TLS handshake with {host}:{port} failed: {exc}") from None
         self._sock = sock
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -167,17 +202,18 @@ class TcpConnection:
 
 
 class TcpSub:
-    """A SUB connection over pure-Python TCP (topic filtering is done by the caller)."""
+    """A SUB connection over pure-Python TCP or TLS (topic filtering is done by the caller)."""
 
-    __slots__ = ("_conn", "_host", "_max", "_port", "_timeout")
+    __slots__ = ("_conn", "_host", "_max", "_port", "_timeout", "_tls")
 
     events_need_poll = False
 
     def __init__(self, host: str, port: int, *, connect_timeout: float,
-                 max_message_bytes: int) -> None:
+                 max_message_bytes: int, tls: Optional[ssl.SSLContext] = None) -> None:
         self._host, self._port = host, port
         self._timeout = connect_timeout
         self._max = max_message_bytes
+        self._tls = tls
         self._conn: Optional[TcpConnection] = None
 
     def connect(self) -> None:
@@ -187,7 +223,8 @@ class TcpSub:
             TransportError: the relay is unreachable or not an NNG PUB socket.
         """
         self._conn = TcpConnection(self._host, self._port, PROTO_SUB, PROTO_PUB,
-                                   timeout=self._timeout, max_message_bytes=self._max)
+                                   timeout=self._timeout, max_message_bytes=self._max,
+                                   tls=self._tls)
 
     def recv(self, timeout: float) -> Optional[bytes]:
         conn = self._conn
@@ -264,19 +301,28 @@ def take_all(events: Deque[Tuple[str, str]]) -> Deque[Tuple[str, str]]:
 class Requester:
     """A REQ connection kept open for several requests (one at a time).
 
-    Pure-Python TCP for ``tcp://``, pynng for ``ipc://``. A broken connection is dropped and
-    the next request connects again; a request that fails is not retried.
+    Pure-Python TCP for ``tcp://`` (TLS for ``tls+tcp://``), pynng for ``ipc://``. A broken
+    connection is dropped and the next request connects again; a request that fails is not
+    retried.
 
     Args:
         url: the REP socket's address.
         timeout: seconds allowed to connect and for each reply.
         max_message_bytes: refuse larger replies.
+        tls: the client TLS context for ``tls+tcp://`` (default: a verifying one with the
+            system's trust store).
     """
 
-    __slots__ = ("_conn", "_host", "_max", "_port", "_scheme", "_timeout", "_url")
+    __slots__ = ("_conn", "_host", "_max", "_port", "_scheme", "_timeout", "_tls", "_url")
 
-    def __init__(self, url: str, *, timeout: float, max_message_bytes: int) -> None:
+    def __init__(self, url: str, *, timeout: float, max_message_bytes: int,
+                 tls: Optional[ssl.SSLContext] = None) -> None:
         self._scheme, self._host, self._port = parse_url(url)
+        if self._scheme != "tls+tcp":
+            tls = None
+        elif tls is None:
+            tls = client_tls_context()
+        self._tls = tls
         self._url = url
         self._timeout = timeout
         self._max = max_message_bytes
@@ -300,7 +346,7 @@ class Requester:
         if conn is None:
             conn = self._conn = TcpConnection(self._host, self._port, PROTO_REQ, PROTO_REP,
                                               timeout=self._timeout,
-                                              max_message_bytes=self._max + 4)
+                                              max_message_bytes=self._max + 4, tls=self._tls)
         try:
             req_id = int.from_bytes(os.urandom(4), "big") | 0x80000000
             conn.send(_REQ_ID.pack(req_id) + body)
@@ -320,16 +366,18 @@ class Requester:
             conn.close()
 
 
-def request(url: str, body: bytes, *, timeout: float, max_message_bytes: int) -> bytes:
+def request(url: str, body: bytes, *, timeout: float, max_message_bytes: int,
+            tls: Optional[ssl.SSLContext] = None) -> bytes:
     """Send one REQ message to a REP socket and return the reply body.
 
-    Uses pure-Python TCP for ``tcp://`` and pynng for ``ipc://``.
+    Uses pure-Python TCP for ``tcp://`` (and TLS for ``tls+tcp://``: ``tls`` or a default
+    verifying context) and pynng for ``ipc://``.
 
     Raises:
         TransportError: unreachable, timed out, or a protocol violation.
         ValueError: an unsupported URL.
     """
-    with Requester(url, timeout=timeout, max_message_bytes=max_message_bytes) as req:
+    with Requester(url, timeout=timeout, max_message_bytes=max_message_bytes, tls=tls) as req:
         return req.request(body)
 
 

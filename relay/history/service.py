@@ -74,7 +74,7 @@ log = structlog.get_logger("relay.history.service")
 _POLL_MS = 200
 _ROWS_ATTR = "relay_rows"        # the store's marks: rows committed, ...
 _INDEXED_ATTR = "relay_indexed"  # ... and rows its index tables are derived from
-_TABLE_OVERHEAD = 96            # bytes a Table costs beyond its records, roughly
+_TABLE_OVERHEAD = 192           # bytes a Table costs beyond its records, at most
 _CATALOGUE_ENTRY = 64           # bytes a catalogue entry costs, at most for 16-letter codes
 _CATALOGUE_READS = 1000         # tables per catalogue page with ranges (two reads each)
 

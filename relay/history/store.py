@@ -332,6 +332,82 @@ def _entries(labels: npt.NDArray[np.uint64], offset: int) -> npt.NDArray[np.void
     return out
 
 
+# -- low-level HDF5 access (the incremental path touches thousands of tables; h5py's
+#    high-level objects cost several times the HDF5 work for a one-row read) -----------
+
+_BAR_TID = h5py.h5t.py_create(BAR_DTYPE, logical=True)
+_INDEX_TID = h5py.h5t.py_create(INDEX_DTYPE, logical=True)
+
+
+def _tid_of(dtype: np.dtype[Any]) -> Any:
+    if dtype == BAR_DTYPE:
+        return _BAR_TID
+    if dtype == INDEX_DTYPE:
+        return _INDEX_TID
+    return h5py.h5t.py_create(dtype, logical=True)
+
+
+def _read_rows(ds: h5py.Dataset, lo: int, hi: int, dtype: np.dtype[Any] = BAR_DTYPE
+               ) -> npt.NDArray[np.void]:
+    """Rows ``[lo, hi)`` of a one-dimensional compound dataset, read as ``dtype``."""
+    n = max(hi - lo, 0)
+    out: npt.NDArray[np.void] = np.empty(n, dtype=dtype)
+    if n:
+        fspace = ds.id.get_space()
+        fspace.select_hyperslab((lo,), (n,))
+        ds.id.read(h5py.h5s.create_simple((n,)), fspace, out, _tid_of(dtype))
+    return out
+
+
+def _write_rows(ds: h5py.Dataset, lo: int, rows: npt.NDArray[np.void]) -> None:
+    """Write ``rows`` at row ``lo`` of a one-dimensional dataset (already large enough)."""
+    n = int(rows.shape[0])
+    if n:
+        fspace = ds.id.get_space()
+        fspace.select_hyperslab((lo,), (n,))
+        ds.id.write(h5py.h5s.create_simple((n,)), fspace, np.ascontiguousarray(rows),
+                    _tid_of(rows.dtype))
+
+
+def _size(ds: h5py.Dataset) -> int:
+    return int(ds.id.shape[0])
+
+
+def _set_size(ds: h5py.Dataset, rows: int) -> None:
+    if int(ds.id.shape[0]) != rows:
+        ds.id.set_extent((rows,))
+
+
+def _open_dataset(group: h5py.Group, name: str) -> Optional[h5py.Dataset]:
+    """``group[name]`` when it is a dataset, else None (one HDF5 lookup)."""
+    try:
+        dsid = h5py.h5d.open(group.id, name.encode())
+    except (KeyError, ValueError, TypeError):
+        return None
+    return h5py.Dataset(dsid)
+
+
+def _get_int_attr(ds: h5py.Dataset, name: str) -> Optional[int]:
+    key = name.encode()
+    if not h5py.h5a.exists(ds.id, key):
+        return None
+    attr = h5py.h5a.open(ds.id, key)
+    buf = np.empty(attr.shape, dtype=attr.dtype)
+    attr.read(buf)
+    return int(buf.ravel()[0]) if buf.size else None
+
+
+def _set_int_attr(ds: h5py.Dataset, name: str, value: int) -> None:
+    """Write an integer attribute in place (h5py's ``attrs[...] =`` replaces it whole)."""
+    key = name.encode()
+    if h5py.h5a.exists(ds.id, key):
+        attr = h5py.h5a.open(ds.id, key)
+        if attr.shape == () and attr.dtype.kind in "iu":
+            attr.write(np.array(value, dtype=attr.dtype))
+            return
+    ds.attrs[name] = value
+
+
 # -- the file -----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -379,6 +455,13 @@ class HistoryFile:
         self._indexes = INDEX_GROUPS[period]
         self._dcpl: Dict[int, Any] = {}
         self._open: Dict[str, h5py.Dataset] = {}
+        self._groups: Dict[str, h5py.Group] = {}
+        # the last rows of tables read this session (rows committed, those rows): the
+        # incremental path reads each table's tail once for its last bar and its last day
+        self._tails: Dict[str, Tuple[int, npt.NDArray[np.void]]] = {}
+        # writer only: (committed rows, last datetime or None) of tables seen, so one
+        # incremental pass reads each table's row count and last bar once
+        self._known: Dict[str, Tuple[int, Optional[int]]] = {}
         self._executor: Optional[ThreadPoolExecutor] = None
         self.recovered: List[str] = []
         """Tables truncated or re-indexed when the file was opened after a killed writer."""
@@ -412,7 +495,7 @@ class HistoryFile:
         ds = self._data(name)
         if ds is None:
             return None
-        rows = self._rows(ds)
+        rows = self._rows_of(name, ds)
         if rows == 0:
             return TableInfo(name, 0, None, None)
         first = int(ds[0]["datetime"])
@@ -443,10 +526,10 @@ class HistoryFile:
         ds = self._data(name)
         if ds is None:
             return np.empty(0, dtype=BAR_DTYPE)
-        rows = self._rows(ds)
-        if start is not None and end is None and rows > 256:
-            tail: npt.NDArray[np.void] = ds[rows - 256:rows]   # incremental work: the tail
-            if int(tail[0]["datetime"]) < start:
+        rows = self._rows_of(name, ds)
+        if start is not None and end is None and rows:
+            tail = self._tail(name, ds, rows)    # incremental work: the tail
+            if rows <= 256 or int(tail[0]["datetime"]) < start:
                 picked: npt.NDArray[np.void] = tail[tail["datetime"] >= np.uint64(start)]
                 return picked
         lo = 0 if start is None else self._search(ds, rows, start, "left")
@@ -489,7 +572,7 @@ class HistoryFile:
             pend.rows = np.concatenate((pend.rows, rows))
             return int(rows.shape[0])
         ds = self._data(name)
-        keep = self._rows(ds) if ds is not None else 0
+        keep = self._rows_of(name, ds) if ds is not None else 0
         last = self._stored_last(name, keep)
         if rows.shape[0] and last is not None and int(rows[0]["datetime"]) <= last:
             raise HistoryError(self.path, f"{name}: rows not after the last stored bar {last}")
@@ -511,7 +594,7 @@ class HistoryFile:
         ds = self._data(name)
         keep = 0
         if ds is not None:
-            keep = self._search(ds, self._rows(ds), datetime, "left")
+            keep = self._search(ds, self._rows_of(name, ds), datetime, "left")
         self._pending[name] = _Pending(keep, rows)
         return int(rows.shape[0])
 
@@ -559,14 +642,19 @@ class HistoryFile:
         self._writable()
         pending, self._pending = self._pending, {}
         data = self._file.require_group("data")
+        known = {name: self._known.pop(name, None) for name in pending}
+        for name in pending:
+            self._tails.pop(name, None)
         # 1. lower the committed mark of tables whose tail will be overwritten
         lowered = False
         for name, pend in pending.items():
             ds = self._data(name)
-            if ds is not None and pend.keep < self._rows(ds):
-                ds.attrs[_ROWS_ATTR] = pend.keep
-                ds.attrs[_INDEXED_ATTR] = min(int(ds.attrs.get(_INDEXED_ATTR, pend.keep)),
-                                              pend.keep)
+            before = known.get(name)
+            if ds is not None and pend.keep < (before[0] if before else self._rows(ds)):
+                _set_int_attr(ds, _ROWS_ATTR, pend.keep)
+                indexed = _get_int_attr(ds, _INDEXED_ATTR)
+                _set_int_attr(ds, _INDEXED_ATTR,
+                              pend.keep if indexed is None else min(indexed, pend.keep))
                 lowered = True
         if lowered:
             self._file.flush()
@@ -580,10 +668,8 @@ class HistoryFile:
             if ds is None:
                 fresh.append((data, name, pend.rows))
             else:
-                if ds.shape[0] != total:
-                    ds.resize((total,))
-                if pend.rows.shape[0]:
-                    ds[pend.keep:total] = pend.rows
+                _set_size(ds, total)
+                _write_rows(ds, pend.keep, pend.rows)
                 handles[name] = ds
             written[name] = int(pend.rows.shape[0])
         created = self._create_tables(fresh)
@@ -591,12 +677,16 @@ class HistoryFile:
         self._file.flush()
         # 3. commit marks, index tables
         for name, pend in pending.items():
-            handles[name].attrs[_ROWS_ATTR] = pend.keep + int(pend.rows.shape[0])
+            _set_int_attr(handles[name], _ROWS_ATTR, pend.keep + int(pend.rows.shape[0]))
         self._update_indexes(handles, pending)
+        for name, pend in pending.items():
+            if pend.rows.shape[0]:
+                self._known[name] = (pend.keep + int(pend.rows.shape[0]),
+                                     int(pend.rows[-1]["datetime"]))
         self._file.flush()
         # 4. the index tables are complete
         for name, pend in pending.items():
-            handles[name].attrs[_INDEXED_ATTR] = pend.keep + int(pend.rows.shape[0])
+            _set_int_attr(handles[name], _INDEXED_ATTR, pend.keep + int(pend.rows.shape[0]))
         self._file.flush()
         return written
 
@@ -642,38 +732,77 @@ class HistoryFile:
         for index in self._indexes:
             self._file.require_group(index)
 
+    def _group(self, name: str) -> Optional[h5py.Group]:
+        group = self._groups.get(name)
+        if group is None:
+            found = self._file.get(name)
+            if not isinstance(found, h5py.Group):
+                return None
+            group = self._groups[name] = found
+        return group
+
     def _data(self, name: str) -> Optional[h5py.Dataset]:
         # open datasets are kept: each keeps its chunk cache, so the reads of one table's
         # tail (last row, last day, index update) decompress its last chunk once
         ds = self._open.get(name)
         if ds is None:
-            found = self._file.get(f"data/{name}")
-            if not isinstance(found, h5py.Dataset):
+            group = self._group("data")
+            found = _open_dataset(group, name) if group is not None else None
+            if found is None:
                 return None
             if len(self._open) >= 1024:    # bounded: each may hold a decompressed chunk
                 self._open.clear()
             ds = self._open[name] = found
         return ds
 
+    def _index(self, index: str, name: str) -> Optional[h5py.Dataset]:
+        group = self._group(index)
+        return _open_dataset(group, name) if group is not None else None
+
     @staticmethod
     def _rows(ds: h5py.Dataset) -> int:
-        committed = ds.attrs.get(_ROWS_ATTR)
-        n = int(ds.shape[0])
-        return n if committed is None else min(n, int(committed))
+        committed = _get_int_attr(ds, _ROWS_ATTR)
+        n = _size(ds)
+        return n if committed is None else min(n, committed)
+
+    def _tail(self, name: str, ds: h5py.Dataset, rows: int) -> npt.NDArray[np.void]:
+        """The last (up to) 256 of the first ``rows`` rows of ``name`` (read once)."""
+        cached = self._tails.get(name)
+        if cached is not None and cached[0] == rows:
+            return cached[1]
+        tail = _read_rows(ds, max(rows - 256, 0), rows)
+        if len(self._tails) >= 8192:
+            self._tails.clear()
+        self._tails[name] = (rows, tail)
+        return tail
 
     def last(self, name: str) -> Optional[int]:
         """The last stored ``datetime`` of ``name`` (None: absent or empty); reads one row."""
         ds = self._data(name)
         if ds is None:
             return None
-        rows = self._rows(ds)
-        return int(ds[rows - 1]["datetime"]) if rows else None
+        return self._stored_last(name, self._rows_of(name, ds))
+
+    def _rows_of(self, name: str, ds: h5py.Dataset) -> int:
+        """Committed rows of ``name`` (remembered by a writer)."""
+        if self.mode != "a":
+            return self._rows(ds)
+        known = self._known.get(name)
+        if known is None:
+            known = self._known[name] = (self._rows(ds), None)
+        return known[0]
 
     def _stored_last(self, name: str, keep: int) -> Optional[int]:
         ds = self._data(name)
         if ds is None or keep == 0:
             return None
-        return int(ds[keep - 1]["datetime"])
+        known = self._known.get(name)
+        if known is not None and known[0] == keep and known[1] is not None:
+            return known[1]
+        last = int(self._tail(name, ds, keep)[-1]["datetime"])
+        if self.mode == "a" and known is not None and known[0] == keep:
+            self._known[name] = (keep, last)
+        return last
 
     @staticmethod
     def _search(ds: h5py.Dataset, rows: int, value: int, side: Literal["left", "right"]) -> int:
@@ -735,7 +864,8 @@ class HistoryFile:
         appended: List[Tuple[str, npt.NDArray[np.uint64], int]] = []
         for name, pend in pending.items():
             ds = handles[name]
-            indexed = int(ds.attrs.get(_INDEXED_ATTR, -1))
+            found = _get_int_attr(ds, _INDEXED_ATTR)
+            indexed = -1 if found is None else found
             if not reread and pend.last is not None and pend.keep > 0 and indexed == pend.keep:
                 # a pure append to a consistent table: only periods that start in the new
                 # rows add entries; nothing needs reading
@@ -746,11 +876,11 @@ class HistoryFile:
             valid = pend.keep if reread else min(pend.keep, max(indexed, 0))
             per_index: List[Tuple[Any, int, int]] = []
             for index in self._indexes:
-                idx = self._file[index].get(name) if pend.keep or reread else None
+                idx = self._index(index, name) if pend.keep or reread else None
                 kept, start_row = 0, 0
-                if idx is not None and valid > 0 and idx.shape[0]:
-                    size = int(idx.shape[0])
-                    last_start = int(idx[size - 1]["start"])
+                if idx is not None and valid > 0 and _size(idx):
+                    size = _size(idx)
+                    last_start = int(_read_rows(idx, size - 1, size, INDEX_DTYPE)[0]["start"])
                     if last_start <= valid - 1:   # the usual append: the last period grows
                         kept, start_row = size - 1, last_start
                     else:
@@ -786,13 +916,13 @@ class HistoryFile:
                 entries = _entries(labels, keep - 1)[1:]   # [0] is the stored last period
                 if not entries.shape[0]:
                     continue
-                idx = self._file[index].get(name)
+                idx = self._index(index, name)
                 if idx is None:       # an index table gone missing: rebuild it below
                     broken.add(name)
                     continue
-                size = int(idx.shape[0])
-                idx.resize((size + entries.shape[0],))
-                idx[size:] = entries
+                size = _size(idx)
+                _set_size(idx, size + int(entries.shape[0]))
+                _write_rows(idx, size, entries)
             offset = 0
             for name, first, dts, per_index in plans:
                 idx, kept, start_row = per_index[k]
@@ -803,10 +933,8 @@ class HistoryFile:
                     fresh.append((self._file[index], name, entries))
                     continue
                 size = kept + int(entries.shape[0])
-                if idx.shape[0] != size:
-                    idx.resize((size,))
-                if entries.shape[0]:
-                    idx[kept:size] = entries
+                _set_size(idx, size)
+                _write_rows(idx, kept, entries)
         self._create_tables(fresh)
         for name in sorted(broken):
             for index in self._indexes:

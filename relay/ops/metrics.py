@@ -107,22 +107,38 @@ class FeedTracker:
 
     def securities_today(self) -> Dict[str, int]:
         """Securities with a record today, by market."""
-        return dict(Counter(symbol.rpartition(".")[2] for symbol in self.last_seen))
+        return self.summary(0.0, 0.0)[0]
 
     def quiet(self, now: float, quiet_after: float, limit: int = 200) -> List[str]:
         """Securities silent for ``quiet_after`` seconds while their market is still active.
 
-        A market counts as active (open) while any of its securities had a record within
-        ``quiet_after`` seconds, so a closed market or a lost feed does not list every
-        security as quiet. Returns at most ``limit`` symbols (``CODE.MARKET``), the longest
+        See :meth:`summary`.
+        """
+        return self.summary(now, quiet_after, limit)[1]
+
+    def summary(self, now: float, quiet_after: float,
+                limit: int = 200) -> Tuple[Dict[str, int], List[str]]:
+        """Securities with a record today by market, and the quiet ones, in one pass.
+
+        A security is quiet when silent for ``quiet_after`` seconds while its market is still
+        active: a market counts as active (open) while any of its securities had a record
+        within ``quiet_after`` seconds, so a closed market or a lost feed does not list every
+        security as quiet. At most ``limit`` quiet symbols (``CODE.MARKET``), the longest
         silent first.
         """
         cutoff = now - quiet_after
-        active = {symbol.rpartition(".")[2] for symbol, seen in self.last_seen.items()
-                  if seen >= cutoff}
-        silent = sorted((seen, symbol) for symbol, seen in self.last_seen.items()
-                        if seen < cutoff and symbol.rpartition(".")[2] in active)
-        return [symbol for _, symbol in silent[:limit]]
+        today: Dict[str, int] = {}
+        active = set()
+        silent: List[Tuple[float, str, str]] = []
+        for symbol, seen in self.last_seen.items():
+            market = symbol[symbol.rfind(".") + 1:]
+            today[market] = today.get(market, 0) + 1
+            if seen >= cutoff:
+                active.add(market)
+            else:
+                silent.append((seen, symbol, market))
+        quiet = sorted((seen, symbol) for seen, symbol, market in silent if market in active)
+        return today, [symbol for _, symbol in quiet[:limit]]
 
 
 @dataclass(frozen=True)

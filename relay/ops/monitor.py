@@ -153,6 +153,7 @@ class Operations:
                                last_batch_age=age, stall_timeout=self._stall_timeout,
                                started_for=0.0 if since is None else now - since)
         tracker = self.tracker
+        today, quiet = tracker.summary(now, mc.quiet_after)
         self._history.add(now, tracker.records_by_market)
         all_counters = dict(counters)
         all_counters.update(self.alerts.counters())
@@ -163,8 +164,7 @@ class Operations:
             batches=totals["batches"], records=totals["records"], messages=totals["messages"],
             bytes=totals["bytes"], errors=totals["errors"], dropped=dict(dropped),
             records_by_market=dict(tracker.records_by_market),
-            securities_today=tracker.securities_today(),
-            quiet=tuple(tracker.quiet(now, mc.quiet_after)), counters=all_counters,
+            securities_today=today, quiet=tuple(quiet), counters=all_counters,
             health=health, rates=self._history.rates(), services=tuple(services),
             refused=dict(refused or {}))
         self.latest = status

@@ -191,6 +191,7 @@ class NatsBridge:
         self._encoders: Dict[Tuple[str, str], SpotEncoder] = {}
         self._folded: Optional[Tuple[str, str, int]] = None     # run_id, source, last seq
         self._acked: Optional[Tuple[str, int, int]] = None      # run_id, seq, stream seq
+        self._marked: Optional[Tuple[str, int, int]] = None     # what the marker says
         self._pending_acks: Deque[Tuple[float, Any]] = deque()
         self.stats = _Stats()
 
@@ -519,8 +520,10 @@ class NatsBridge:
 
     async def _publish_latest(self) -> None:
         """Publish the changed latest records, then the snapshot marker."""
-        if not self._dirty or not self._connected or self._folded is None:
+        if not self._connected or self._folded is None:
             return
+        if not self._dirty and self._acked == self._marked:
+            return  # nothing new: the marker already says it
         dirty, self._dirty = self._dirty, {}
         nc, subj = self._nc, self.subjects
         _, source, _ = self._folded
@@ -564,9 +567,13 @@ class NatsBridge:
                   "seq": acked[1] if acked else None,
                   "stream_seq": acked[2] if acked else None,
                   "source": source, "time_ms": now_ms}
-        with contextlib.suppress(Exception):  # the next round writes it again
+        try:
             await self._js.publish(subj.snapshot, json.dumps(marker).encode(),
                                    timeout=_ACK_TIMEOUT)
+        except Exception as exc:  # the next round writes it again
+            log.debug("nats_marker_failed", error=repr(exc))
+        else:
+            self._marked = acked
 
     async def _disconnect(self) -> None:
         nc, self._nc = self._nc, None

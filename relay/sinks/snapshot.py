@@ -70,6 +70,7 @@ class SnapshotService:
         self._thread: Optional[ServiceHandle] = None
         self._stop = threading.Event()
         self.requests = 0
+        self.bad_requests = 0
 
     @classmethod
     def from_config(cls, config: Config, *, supervisor: Optional[Supervisor] = None,
@@ -174,11 +175,14 @@ class SnapshotService:
                     return
                 log.exception("snapshot_recv_failed")
                 continue
+            if request is None:
+                continue
             try:
                 if request == SNAPSHOT_REQUEST:
                     self.requests += 1
                     answer = self.reply()
                 else:
+                    self.bad_requests += 1  # hostile or confused peer: answered, counted
                     answer = ERROR_PREFIX + b"unknown request"
                 sock.send(answer)
             except pynng.exceptions.NNGException as exc:

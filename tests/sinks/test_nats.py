@@ -117,9 +117,8 @@ def quiet_relay(tmp_path_factory: Any) -> Iterator[Tuple[Relay, CollectingSink, 
         last = sink.batches[-1]
         last_seq = last.first_seq + len(last.messages) - 1
         wait_for(lambda: bridge.stats.acked == last_seq, what="every message acknowledged")
-        wait_for(lambda: bridge._acked is not None and bridge._acked[1] == last_seq
-                 and not bridge._dirty, what="latest records published")
-        time.sleep(0.3)  # one more latest round writes the marker for last_seq
+        wait_for(lambda: bridge._marked is not None and bridge._marked[1] == last_seq
+                 and not bridge._dirty, what="latest records and marker published")
         yield relay, sink, nats_server.url, snapshot
     finally:
         relay.request_stop()
@@ -441,3 +440,17 @@ def test_a_long_outage_fills_the_reconnect_buffer_then_drops_and_recovers(
         wait_for(lambda: bridge.stats.acked >= acked + 20, what="a batch after the outage")
     finally:
         bridge.close()
+
+
+def test_check_config_hides_the_bridge_secrets(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """`check-config` prints bridge.nats without its password, token or URL password."""
+    from relay.cli import main
+
+    cfg = tmp_path / "relay.yaml"
+    cfg.write_text("bridge:\n  nats:\n    url: [nats://relay:s3cret@127.0.0.1:4222]\n"
+                   "    password: s3cret\n    token: t0ken\n")
+    assert 0 == main(["check-config", str(cfg)])
+    out = capsys.readouterr().out
+    assert "s3cret" not in out and "t0ken" not in out
+    assert "nats://relay:***@127.0.0.1:4222" in out
