@@ -185,6 +185,51 @@ def _text(matrix: Any, lengths: Any) -> Optional[Tuple[Any, Any]]:
             else matrix * (np.arange(width) < lengths[:, None]))
     if int(data.max()) < 0x80:  # ASCII: each byte is its code point
         return data.astype(_U32, order="C").view(f"<U{width}").reshape(count), lengths
+    # Names are the same message after message (the same securities, in the same order):
+    # a column decoded before is taken from the memo, keyed by its bytes and lengths.
+    if count * (width + 4) > _MEMO_COLUMN_BYTES:
+        return _utf8_text(data, lengths)
+    key = (count, width, data.tobytes() + lengths.astype(_U32).tobytes())
+    known = _DECODED.get(key)
+    if known is not None:
+        return known
+    decoded = _utf8_text(data, lengths)
+    if decoded is not None:
+        for column in decoded:
+            column.flags.writeable = False  # shared by every message with this column
+        _DECODED.put(key, decoded, len(key[2]) + sum(column.nbytes for column in decoded))
+    return decoded
+
+
+class _ColumnMemo:
+    """Decoded UTF-8 string columns by ``(records, width, bytes + lengths)``; bounded by the
+    bytes it holds (started over when full), so a hostile stream cannot grow it."""
+
+    __slots__ = ("_bytes", "_items", "_limit")
+
+    def __init__(self, limit: int) -> None:
+        self._items: Dict[Tuple[int, int, bytes], Tuple[Any, Any]] = {}
+        self._bytes = 0
+        self._limit = limit
+
+    def get(self, key: Tuple[int, int, bytes]) -> Optional[Tuple[Any, Any]]:
+        return self._items.get(key)
+
+    def put(self, key: Tuple[int, int, bytes], value: Tuple[Any, Any], size: int) -> None:
+        if self._bytes + size > self._limit:
+            self._items.clear()
+            self._bytes = 0
+        self._items[key] = value
+        self._bytes += size
+
+
+_MEMO_COLUMN_BYTES = 1 << 20  # larger columns (not the relay's 512 KiB messages) are not kept
+_DECODED = _ColumnMemo(16 << 20)
+
+
+def _utf8_text(data: Any, lengths: Any) -> Optional[Tuple[Any, Any]]:
+    """:func:`_text` for a column that is not all ASCII (``data`` masked to the lengths)."""
+    count, width = data.shape
     # UTF-8: one decode for the whole column. A zero byte after every value keeps each value
     # apart, so the column decodes if and only if every value does on its own.
     padded = np.zeros((count, width + 1), _U8)

@@ -126,6 +126,25 @@ def test_relay_messages_take_the_column_route() -> None:
     assert "000003.SZ" == frame.index[3] and 3.0 == frame["close"].iloc[3]
 
 
+def test_a_name_column_seen_before_decodes_the_same() -> None:
+    """The memo of decoded UTF-8 columns: the second message with the same names (and one
+    with the same bytes but other lengths) gives the same arrays as the records, writable."""
+    def market(names: Sequence[str]) -> List[SpotRecord]:
+        return [SpotRecord("SZ", f"{i:06d}", name, "2024-12-02 13:55:54", *(1.0,) * 7,
+                           (), (), (), (), i, 3, i) for i, name in enumerate(names)]
+
+    first = market(["平安银行", "万科A", "ab\x00"])
+    other = market(["平安银行", "万科A", "ab"])  # same padded bytes, another length
+    for recs in (first, first, other, first):
+        msgs = SpotEncoder("run", "simulator", 1 << 20).encode(recs, first_seq=1,
+                                                               publish_time_ms=0)
+        batch = read_batch(msgs)
+        arrays = batch.to_numpy()
+        assert_same_arrays(records_arrays(recs), arrays)
+        assert repr(recs) == repr(batch.records)
+        arrays["name"][0] = "x"  # the caller's copy, not the memo's
+
+
 def build_generated(recs: Sequence[SpotRecord]) -> bytes:
     """A SpotList built the ordinary way (flatbuffers.Builder + generated builders)."""
     b = flatbuffers.Builder(0)
