@@ -149,13 +149,13 @@ class _SpotReader:
     def _compile_fast(self, present: List[Tuple[int, int, int]],
                       defaults: Tuple[object, ...]) -> Callable[[bytes, int, int], SpotRecord]:
         names = [f"f{fid}" for _, fid, _ in present]
-        key = ", ".join(f"f{fid}" for _, fid, _ in self._ref_slots)
+        key = "".join(f"f{fid}, " for _, fid, _ in self._ref_slots)  # "()" when none
         scalars = ", ".join(f"f{fid}" for _, fid, kind in present if kind not in (_STR, _VEC))
         lines = ["def read(buf, tpos, n):"]
         if names:
             lines.append(f"    {', '.join(names)}, = unpack(buf, tpos)")
         lines += [
-            f"    key = ({key},)",
+            f"    key = ({key})",
             "    shape = shapes_get(key)",
             "    if shape is not None:",
             f"        rec = shape(buf, tpos, {scalars})" if scalars else
@@ -199,7 +199,9 @@ class _SpotReader:
             else:
                 value[fid] = var
         args = ", ".join(value.get(fid, f"d{fid}") for fid in range(len(_SPOT_KINDS)))
-        lines.append(f"    return new(SpotRecord, ({args},)), ({', '.join(learned)},)")
+        # A record with no string or vector field learns nothing: "()" , never "(,)".
+        pieces = "".join(f"{piece}, " for piece in learned)
+        lines.append(f"    return new(SpotRecord, ({args},)), ({pieces})")
         ns: Dict[str, Any] = {"u32": _u32, "doubles": _doubles_struct,
                               "DecodeError": DecodeError, "new": _new_record,
                               "SpotRecord": SpotRecord}

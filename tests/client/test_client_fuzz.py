@@ -109,3 +109,28 @@ def test_snapshot_reply_round_trip() -> None:
     assert (3, "r", 1) == (header["seq"], header["run_id"], header["messages"])
     assert [b":spot:" + VALID] == parts
     assert 4 == len(decode_spot_list(parts[0], 6).records)
+
+
+def test_records_with_no_string_or_vector_field_decode_to_defaults() -> None:
+    """A Spot table whose vtable lists no field (Hypothesis found one) decodes to defaults."""
+    import flatbuffers
+
+    from relay._flatgen import load
+
+    spot_mod, list_mod = load()
+    builder = flatbuffers.Builder(256)
+    spots = []
+    for _ in range(3):
+        spot_mod.SpotStart(builder)
+        spots.append(spot_mod.SpotEnd(builder))
+    list_mod.SpotListStartSpotVector(builder, len(spots))
+    for spot in reversed(spots):
+        builder.PrependUOffsetTRelative(spot)
+    vector = builder.EndVector()
+    list_mod.SpotListStart(builder)
+    list_mod.SpotListAddSpot(builder, vector)
+    builder.Finish(list_mod.SpotListEnd(builder))
+    decoded = decode_spot_list(bytes(builder.Output()))
+    assert 3 == len(decoded.records)
+    assert {("", "", "", 0.0, ())} == {(r.market, r.code, r.datetime, r.close, r.bid)
+                                       for r in decoded.records}
