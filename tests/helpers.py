@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import os
 import socket
@@ -12,7 +13,7 @@ import tempfile
 import threading
 import uuid
 from pathlib import Path
-from typing import Any, AsyncIterator, Dict, List, Mapping, Optional, Sequence
+from typing import Any, AsyncIterator, Dict, Iterator, List, Mapping, Optional, Sequence
 
 from relay.app import PublishedBatch
 
@@ -34,6 +35,20 @@ def real_tick(**changes: Any) -> Dict[str, Any]:
     t = copy.deepcopy(REAL_TICK)
     t.update(changes)
     return t
+
+
+@contextlib.contextmanager
+def no_streams() -> Iterator[None]:
+    """No console, as under pythonservice.exe or pythonw: sys.stdout = sys.stderr = None.
+
+    Set inside the test body: pytest puts its capture back on sys.stdout after fixtures.
+    """
+    saved = sys.stdout, sys.stderr
+    sys.stdout = sys.stderr = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved
 
 
 def free_tcp_port() -> int:

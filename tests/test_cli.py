@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import signal
@@ -14,7 +13,7 @@ from typing import Any, Dict, Iterator, List, Tuple
 
 import pynng
 import pytest
-from helpers import REPO, ipc_address, relay_env, run_relay_with, tcp_address
+from helpers import REPO, ipc_address, no_streams, relay_env, run_relay_with, tcp_address
 
 from relay import cli
 from relay.app import Relay
@@ -110,19 +109,6 @@ def test_check_config_prints_effective_config(capsys: Any) -> None:
     out = capsys.readouterr().out
     assert "OK" in out and "ipc:///tmp/hikyuu_real.ipc" in out
 
-
-@contextlib.contextmanager
-def no_streams() -> Iterator[None]:
-    """No console, as under pythonservice.exe or pythonw: sys.stdout = sys.stderr = None.
-
-    Set inside the test body: pytest puts its capture back on sys.stdout after fixtures.
-    """
-    saved = sys.stdout, sys.stderr
-    sys.stdout = sys.stderr = None  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        sys.stdout, sys.stderr = saved
 
 
 def test_commands_without_streams_do_not_crash(tmp_path: Path) -> None:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import threading
 import types
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import pytest
+from helpers import no_streams
 
 from relay import cli
 from relay.config import Config, LoggingConfig, load_config
@@ -123,19 +123,6 @@ def _default_log_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr(service, "DEFAULT_LOG_FILE", str(path))
     return path
 
-
-@contextlib.contextmanager
-def no_streams() -> Iterator[None]:
-    """No console, as under pythonservice.exe: sys.stdout and sys.stderr are None.
-
-    Set inside the test body: pytest puts its capture back on sys.stdout after fixtures.
-    """
-    saved = sys.stdout, sys.stderr
-    sys.stdout = sys.stderr = None  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        sys.stdout, sys.stderr = saved
 
 
 @pytest.mark.parametrize(("action", "state", "expected"), [
