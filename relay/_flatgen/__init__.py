@@ -22,21 +22,29 @@ __all__ = ["GENERATED_DIR", "load", "load_history"]
 GENERATED_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
+def _import_generated(package: str, *modules: str) -> Tuple[ModuleType, ...]:
+    """Import ``package.<module>`` for each module from the generated code beside this file.
+
+    Raises:
+        RuntimeError: another package named ``package`` is already imported.
+    """
+    existing = sys.modules.get(package)
+    if existing is not None and not str(getattr(existing, "__file__", "")).startswith(
+        GENERATED_DIR
+    ):
+        raise RuntimeError(f"a different {package!r} package is already imported")
+    if GENERATED_DIR not in sys.path:
+        sys.path.insert(0, GENERATED_DIR)
+    return tuple(importlib.import_module(f"{package}.{module}") for module in modules)
+
+
 def load() -> Tuple[ModuleType, ModuleType]:
     """Import and return the generated ``Spot`` and ``SpotList`` modules.
 
     Raises:
         RuntimeError: another package named ``hikyuu`` is already imported.
     """
-    existing = sys.modules.get("hikyuu")
-    if existing is not None and not str(getattr(existing, "__file__", "")).startswith(
-        GENERATED_DIR
-    ):
-        raise RuntimeError("a different 'hikyuu' package is already imported")
-    if GENERATED_DIR not in sys.path:
-        sys.path.insert(0, GENERATED_DIR)
-    spot = importlib.import_module("hikyuu.flat.Spot")
-    spot_list = importlib.import_module("hikyuu.flat.SpotList")
+    spot, spot_list = _import_generated("hikyuu", "flat.Spot", "flat.SpotList")
     return spot, spot_list
 
 
@@ -46,11 +54,5 @@ def load_history() -> ModuleType:
     Raises:
         RuntimeError: another package named ``qmt_relay`` is already imported.
     """
-    existing = sys.modules.get("qmt_relay")
-    if existing is not None and not str(getattr(existing, "__file__", "")).startswith(
-        GENERATED_DIR
-    ):
-        raise RuntimeError("a different 'qmt_relay' package is already imported")
-    if GENERATED_DIR not in sys.path:
-        sys.path.insert(0, GENERATED_DIR)
-    return importlib.import_module("qmt_relay.history.Reply")
+    (reply,) = _import_generated("qmt_relay", "history.Reply")
+    return reply

@@ -45,7 +45,11 @@ def wine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Wine]:
 
 @pytest.fixture
 def wine_procs() -> Iterator[List[subprocess.Popen[bytes]]]:
-    """Wine processes a test starts; any still running at the end are killed."""
+    """Wine processes a test starts; any still running at the end are killed.
+
+    Unlike the suite's ``procs``, a process that already exited is left alone: Wine's own
+    processes may still hold its pipes, so ``communicate()`` on it could wait forever.
+    """
     started: List[subprocess.Popen[bytes]] = []
     try:
         yield started
