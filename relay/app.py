@@ -74,6 +74,16 @@ class _Stats:
         self.lag_ms_max: Optional[int] = None
         self.dropped: Dict[str, int] = {}
 
+    def add(self, other: _Stats) -> None:
+        """Fold ``other``'s counts into these (``lag_ms_max`` is per interval, not summed)."""
+        self.batches += other.batches
+        self.records += other.records
+        self.messages += other.messages
+        self.bytes += other.bytes
+        self.errors += other.errors
+        for reason, n in other.dropped.items():
+            self.dropped[reason] = self.dropped.get(reason, 0) + n
+
 
 class Relay:
     """Runs one source through normalise -> encode -> publish (and sinks) until stopped.
@@ -461,21 +471,19 @@ class Relay:
         ops, source = self._ops, self._source
         if ops is None:
             return
-        s, t = self._stats, self._totals
-        dropped = dict(t.dropped)
-        for reason, n in s.dropped.items():
-            dropped[reason] = dropped.get(reason, 0) + n
+        now = _Stats()   # the totals so far: the logged intervals plus the current one
+        now.add(self._totals)
+        now.add(self._stats)
         self._ops_status = ops.sample(
             state=self.state.value,
             connected=bool(source is not None and source.connected),
             last_batch_at=self._last_batch_at, lag_ms=self._last_lag_ms, seq=self._seq,
             subscribers=self._publisher.subscribers,
-            totals={"batches": t.batches + s.batches, "records": t.records + s.records,
-                    "messages": t.messages + s.messages, "bytes": t.bytes + s.bytes,
-                    "errors": t.errors + s.errors},
-            dropped=dropped, counters=self._counters(),
-            services=[(s.name, s.alive, s.failures, s.restarts)
-                      for s in self.supervisor.status()],
+            totals={"batches": now.batches, "records": now.records, "messages": now.messages,
+                    "bytes": now.bytes, "errors": now.errors},
+            dropped=now.dropped, counters=self._counters(),
+            services=[(service.name, service.alive, service.failures, service.restarts)
+                      for service in self.supervisor.status()],
             refused=self.security.refusals())
 
     def _log_stats(self) -> None:
@@ -494,13 +502,7 @@ class Relay:
             seq=self._seq,
             service_failures=self.supervisor.failures,
         )
-        t.batches += s.batches
-        t.records += s.records
-        t.messages += s.messages
-        t.bytes += s.bytes
-        t.errors += s.errors
-        for reason, n in s.dropped.items():
-            t.dropped[reason] = t.dropped.get(reason, 0) + n
+        t.add(s)
         self._stats = _Stats()
 
     async def shutdown(self) -> None:
