@@ -28,6 +28,8 @@ from typing import (
     Mapping,
     Optional,
     Tuple,
+    Type,
+    Union,
 )
 
 from prometheus_client import CollectorRegistry, Histogram, Info
@@ -277,21 +279,23 @@ class _StatusCollector:
         def gauge(name: str, text: str, value: float) -> GaugeMetricFamily:
             return GaugeMetricFamily(p + name, text, value=value)
 
+        def labelled(family: Type[Union[CounterMetricFamily, GaugeMetricFamily]], name: str,
+                     text: str, label: str, values: Mapping[str, float]) -> Metric:
+            """One family with a sample per label value, in label order."""
+            metric = family(p + name, text, labels=[label])
+            for key, value in sorted(values.items()):
+                metric.add_metric([key], value)
+            return metric
+
         yield counter("batches", "Batches published.", s.batches)
         yield counter("records", "Records published.", s.records)
         yield counter("messages", "Messages published (framing tags included).", s.messages)
         yield counter("bytes", "Bytes published.", s.bytes)
         yield counter("errors", "Errors (failed batches, failing sinks).", s.errors)
-        dropped = CounterMetricFamily(p + "ticks_dropped", "Ticks dropped by the normaliser.",
-                                      labels=["reason"])
-        for reason, n in sorted(s.dropped.items()):
-            dropped.add_metric([reason], n)
-        yield dropped
-        by_market = CounterMetricFamily(p + "market_records", "Records published, per market.",
-                                        labels=["market"])
-        for market, n in sorted(s.records_by_market.items()):
-            by_market.add_metric([market], n)
-        yield by_market
+        yield labelled(CounterMetricFamily, "ticks_dropped", "Ticks dropped by the normaliser.",
+                       "reason", s.dropped)
+        yield labelled(CounterMetricFamily, "market_records", "Records published, per market.",
+                       "market", s.records_by_market)
         requests = CounterMetricFamily(p + "requests", "Requests served, per service.",
                                        labels=["service"])
         request_errors = CounterMetricFamily(p + "request_errors", "Requests answered with an "
@@ -323,17 +327,11 @@ class _StatusCollector:
                                        "of the last batch (qmt source).", s.lag_s)
         yield gauge("subscribers", "Subscribers connected to the stream.", s.subscribers)
         yield gauge("seq", "Sequence number of the last published message.", s.seq)
-        today = GaugeMetricFamily(p + "securities_today", "Securities with a record today.",
-                                  labels=["market"])
-        for market, n in sorted(s.securities_today.items()):
-            today.add_metric([market], n)
-        yield today
-        quiet = GaugeMetricFamily(p + "quiet_securities",
-                                  "Securities gone quiet while their market is active.",
-                                  labels=["market"])
-        for market, n in sorted(Counter(sym.rpartition(".")[2] for sym in s.quiet).items()):
-            quiet.add_metric([market], n)
-        yield quiet
+        yield labelled(GaugeMetricFamily, "securities_today", "Securities with a record today.",
+                       "market", s.securities_today)
+        yield labelled(GaugeMetricFamily, "quiet_securities",
+                       "Securities gone quiet while their market is active.", "market",
+                       Counter(sym.rpartition(".")[2] for sym in s.quiet))
         alive = GaugeMetricFamily(p + "service_up", "1 while a supervised thread or task runs.",
                                   labels=["service"])
         failures = CounterMetricFamily(p + "service_failures", "Unexpected deaths of a "
@@ -347,11 +345,8 @@ class _StatusCollector:
         yield alive
         yield failures
         yield restarts
-        refused = CounterMetricFamily(p + "peers_refused", "Peers refused by the allow-list.",
-                                      labels=["service"])
-        for name, n in sorted(s.refused.items()):
-            refused.add_metric([name], n)
-        yield refused
+        yield labelled(CounterMetricFamily, "peers_refused", "Peers refused by the allow-list.",
+                       "service", s.refused)
 
 
 def build_registry(latest: Callable[[], Optional[OpsStatus]], *, run_id: str, version: str,
