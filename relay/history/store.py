@@ -58,7 +58,20 @@ import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Dict, Iterator, List, Literal, Mapping, Optional, Set, Tuple, Type, Union
+from typing import (
+    Any,
+    Dict,
+    Iterator,
+    List,
+    Literal,
+    Mapping,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+    Type,
+    Union,
+)
 
 import h5py
 import numpy as np
@@ -77,6 +90,7 @@ __all__ = [
     "MergeResult",
     "TableInfo",
     "bars_to_records",
+    "bars_to_records_many",
     "file_name",
     "index_entries",
     "index_labels",
@@ -131,6 +145,7 @@ _INTRADAY_LABELS: Mapping[str, npt.NDArray[np.int64]] = {
 _MAX_PRICE = (2**32 - 1) / 1000.0
 _DIRTY_ATTR = "relay_dirty"
 _LOCK_NAME = ".qmt-relay-history.lock"
+_LOCK_WAIT = 5.0                 # seconds a writer waits for a file HDF5 reports locked
 _TAIL = 256                      # rows of a table's end read for incremental work
 
 Mode = Literal["r", "a"]
@@ -196,8 +211,39 @@ def bars_to_records(
         ``not_increasing`` (a datetime not after the previous kept one: out of order or
         duplicate; the first occurrence is kept).
     """
+    rec, rejected, _ = _convert(datetime, (open_, high, low, close), amount, volume, None)
+    return rec, rejected
+
+
+def bars_to_records_many(bars: Sequence[Any]
+                         ) -> Tuple[List[npt.NDArray[np.void]], Dict[str, int]]:
+    """:func:`bars_to_records` of many securities at once (one vectorised pass).
+
+    Args:
+        bars: per security, an object with ``datetime``, ``open``, ``high``, ``low``,
+            ``close``, ``amount`` and ``volume`` arrays (a source's bars).
+
+    Returns:
+        The records of each security, in order, and the rejected bars of all by reason.
+    """
+    if not bars:
+        return [], {}
+    lengths = np.array([len(b.datetime) for b in bars], dtype=np.int64)
+    columns = [np.concatenate([np.asarray(getattr(b, f)).ravel() for b in bars])
+               for f in ("datetime", "open", "high", "low", "close", "amount", "volume")]
+    segment = np.repeat(np.arange(len(bars), dtype=np.uint64), lengths)
+    rec, rejected, keep = _convert(columns[0], columns[1:5], columns[5], columns[6], segment)
+    counts = np.bincount(segment[keep].astype(np.int64), minlength=len(bars))
+    return np.split(rec, np.cumsum(counts)[:-1]), rejected
+
+
+def _convert(datetime: npt.ArrayLike, prices: Sequence[npt.ArrayLike], amount: npt.ArrayLike,
+             volume: npt.ArrayLike, segment: Optional[npt.NDArray[np.uint64]]
+             ) -> Tuple[npt.NDArray[np.void], Dict[str, int], npt.NDArray[np.intp]]:
+    """Validate and convert; ``segment`` numbers the security of each bar (the order check
+    is within a security). Returns the records, rejections and the kept bars' positions."""
     dt = np.asarray(datetime).astype(np.uint64, copy=False).ravel()
-    cols = [np.asarray(c, dtype=np.float64).ravel() for c in (open_, high, low, close)]
+    cols = [np.asarray(c, dtype=np.float64).ravel() for c in prices]
     amt = np.asarray(amount, dtype=np.float64).ravel()
     vol = np.asarray(volume, dtype=np.float64).ravel()
     n = dt.shape[0]
@@ -205,10 +251,10 @@ def bars_to_records(
         raise ValueError("bar columns differ in length")
     rejected: Dict[str, int] = {}
     with np.errstate(invalid="ignore"):
-        prices = np.stack(cols) if n else np.zeros((4, 0))
+        prices_ = np.stack(cols) if n else np.zeros((4, 0))
         bad_dt = (dt < 100_000_000_000) | (dt > 999_999_999_999)
-        bad_price = ~bad_dt & ~np.all(np.isfinite(prices) & (prices > 0)
-                                      & (prices <= _MAX_PRICE), axis=0)
+        bad_price = ~bad_dt & ~np.all(np.isfinite(prices_) & (prices_ > 0)
+                                      & (prices_ <= _MAX_PRICE), axis=0)
         ok = ~bad_dt & ~bad_price
         hl = ok & (cols[1] < cols[2])
         ok &= ~hl
@@ -220,7 +266,9 @@ def bars_to_records(
         if count:
             rejected[reason] = count
     keep = np.flatnonzero(ok)
-    kdt = dt[keep]
+    # the order key: datetimes (12 digits) after the security's number, so that the
+    # running maximum starts anew with each security
+    kdt = dt[keep] if segment is None else segment[keep] * np.uint64(10**12) + dt[keep]
     if kdt.shape[0] > 1:
         # keep a bar only if it is after every kept bar before it
         prior = np.maximum.accumulate(kdt)
@@ -236,7 +284,7 @@ def bars_to_records(
         rec[name] = np.floor(col[keep] * 1000.0 + 0.5)
     rec["transAmount"] = np.floor(amt[keep] / 1000.0 + 0.5)
     rec["transCount"] = np.floor(vol[keep] + 0.5)
-    return rec, rejected
+    return rec, rejected, keep
 
 
 # -- index labels -----------------------------------------------------------------------
@@ -347,49 +395,59 @@ def _tid_of(dtype: np.dtype[Any]) -> Any:
     return h5py.h5t.py_create(dtype, logical=True)
 
 
-def _read_rows(ds: h5py.Dataset, lo: int, hi: int, dtype: np.dtype[Any] = BAR_DTYPE
+Table = Any
+"""A table as the store's internals handle it: h5py's low-level ``DatasetID`` (the
+high-level ``h5py.Dataset`` is accepted too and costs a wrapper per table)."""
+
+
+def _dsid(ds: Table) -> Any:
+    return ds.id if isinstance(ds, h5py.Dataset) else ds
+
+
+def _read_rows(ds: Table, lo: int, hi: int, dtype: np.dtype[Any] = BAR_DTYPE
                ) -> npt.NDArray[np.void]:
     """Rows ``[lo, hi)`` of a one-dimensional compound dataset, read as ``dtype``."""
     n = max(hi - lo, 0)
     out: npt.NDArray[np.void] = np.empty(n, dtype=dtype)
     if n:
-        fspace = ds.id.get_space()
+        dsid = _dsid(ds)
+        fspace = dsid.get_space()
         fspace.select_hyperslab((lo,), (n,))
-        ds.id.read(h5py.h5s.create_simple((n,)), fspace, out, _tid_of(dtype))
+        dsid.read(h5py.h5s.create_simple((n,)), fspace, out, _tid_of(dtype))
     return out
 
 
-def _write_rows(ds: h5py.Dataset, lo: int, rows: npt.NDArray[np.void]) -> None:
+def _write_rows(ds: Table, lo: int, rows: npt.NDArray[np.void]) -> None:
     """Write ``rows`` at row ``lo`` of a one-dimensional dataset (already large enough)."""
     n = int(rows.shape[0])
     if n:
-        fspace = ds.id.get_space()
+        dsid = _dsid(ds)
+        fspace = dsid.get_space()
         fspace.select_hyperslab((lo,), (n,))
-        ds.id.write(h5py.h5s.create_simple((n,)), fspace, np.ascontiguousarray(rows),
-                    _tid_of(rows.dtype))
+        dsid.write(h5py.h5s.create_simple((n,)), fspace, np.ascontiguousarray(rows),
+                   _tid_of(rows.dtype))
 
 
-def _size(ds: h5py.Dataset) -> int:
-    return int(ds.id.shape[0])
+def _size(ds: Table) -> int:
+    return int(_dsid(ds).shape[0])
 
 
-def _set_size(ds: h5py.Dataset, rows: int) -> None:
-    if int(ds.id.shape[0]) != rows:
-        ds.id.set_extent((rows,))
+def _set_size(ds: Table, rows: int) -> None:
+    _dsid(ds).set_extent((rows,))
 
 
-def _open_dataset(group: h5py.Group, name: str, dapl: Any = None) -> Optional[h5py.Dataset]:
+def _open_dataset(group: h5py.Group, name: str, dapl: Any = None) -> Optional[Table]:
     """``group[name]`` when it is a dataset, else None (one HDF5 lookup)."""
     try:
         dsid = h5py.h5d.open(group.id, name.encode(), dapl=dapl)
     except (KeyError, ValueError, TypeError):
         return None
-    return h5py.Dataset(dsid)
+    return dsid
 
 
-def _get_int_attr(ds: h5py.Dataset, name: str) -> Optional[int]:
+def _get_int_attr(ds: Table, name: str) -> Optional[int]:
     try:
-        attr = h5py.h5a.open(ds.id, name.encode())
+        attr = h5py.h5a.open(_dsid(ds), name.encode())
     except KeyError:
         return None
     buf = np.empty(attr.shape, dtype=attr.dtype)
@@ -419,7 +477,7 @@ def _decode_chunk(dsid: Any, lo: int, chunk: int, dtype: np.dtype[Any]
     """The ``chunk`` rows of the stored chunk starting at row ``lo`` (None: not stored, or
     not in the store's own shuffle+deflate form)."""
     try:
-        mask, blob = dsid.read_direct_chunk((lo,))
+        mask, blob = _dsid(dsid).read_direct_chunk((lo,))
     except (KeyError, ValueError, RuntimeError, OSError):
         return None
     if mask:
@@ -467,7 +525,7 @@ class _State:
         else:
             self.legacy = True
 
-    def get(self, name: str, ds: Optional[h5py.Dataset] = None) -> Optional[List[int]]:
+    def get(self, name: str, ds: Optional[Table] = None) -> Optional[List[int]]:
         found = self.rows.get(name)
         if found is None and self.legacy and ds is not None:
             rows = _get_int_attr(ds, "relay_rows")
@@ -576,7 +634,7 @@ class HistoryFile:
         self._pending: Dict[str, _Pending] = {}
         self._indexes = INDEX_GROUPS[period]
         self._dcpl: Dict[int, Any] = {}
-        self._open: Dict[str, h5py.Dataset] = {}
+        self._open: Dict[str, Table] = {}
         self._groups: Dict[str, h5py.Group] = {}
         # a writer keeps the tables of a file open through a pass; their own chunks are
         # read and written directly, so a small chunk cache each is enough
@@ -665,8 +723,8 @@ class HistoryFile:
             return np.empty(0, dtype=BAR_DTYPE)
         rows = self._rows_of(name, ds)
         if start is not None and end is None and rows:
-            tail = self._tail(name, ds, rows)    # incremental work: the tail
-            if rows <= _TAIL or int(tail[0]["datetime"]) < start:
+            tail = self._tail(name, ds, rows, start)    # incremental work: the tail
+            if tail.shape[0] == rows or int(tail[0]["datetime"]) < start:
                 picked: npt.NDArray[np.void] = tail[tail["datetime"] >= np.uint64(start)]
                 return picked
         lo = 0 if start is None else search_datetime(ds, rows, start, "left")
@@ -789,7 +847,7 @@ class HistoryFile:
             if ds is None:
                 state.set(name, 0, 0, self._chunk_rows, self._index_chunk)
             elif row is None:
-                state.set(name, _size(ds), 0, _layout_of(ds.id), 0)
+                state.set(name, _size(ds), 0, _layout_of(ds), 0)
             elif pend.keep < row[0] or pend.keep < _size(ds):
                 state.set(name, pend.keep, min(row[1], pend.keep))
         if state.dirty:
@@ -797,7 +855,7 @@ class HistoryFile:
             self._file.flush()
         # 2. the rows (every chunk of a commit compressed on every core)
         written: Dict[str, int] = {}
-        handles: Dict[str, h5py.Dataset] = {}
+        handles: Dict[str, Table] = {}
         fresh: List[Tuple[h5py.Group, str, npt.NDArray[np.void]]] = []
         chunks = _Chunks(self)
         for name, pend in pending.items():
@@ -911,11 +969,11 @@ class HistoryFile:
             found = state.get(name, ds) if ds is not None else None
             if ds is None or found is None:
                 continue
-            chunk = _layout_of(ds.id)
+            chunk = _layout_of(ds)
             ichunks = set()
             for index in self._indexes:
                 idx = self._index(index, name)
-                ichunks.add(_layout_of(idx.id, INDEX_DTYPE) if idx is not None else 0)
+                ichunks.add(_layout_of(idx, INDEX_DTYPE) if idx is not None else 0)
             ichunk = ichunks.pop() if len(ichunks) == 1 else 0
             state.rows[name] = [found[0], found[1], chunk, ichunk]
         state.legacy = False
@@ -930,7 +988,7 @@ class HistoryFile:
             group = self._groups[name] = found
         return group
 
-    def _data(self, name: str) -> Optional[h5py.Dataset]:
+    def _data(self, name: str) -> Optional[Table]:
         ds = self._open.get(name)
         if ds is None:
             group = self._group("data")
@@ -942,32 +1000,41 @@ class HistoryFile:
             ds = self._open[name] = found
         return ds
 
-    def _index(self, index: str, name: str) -> Optional[h5py.Dataset]:
+    def _index(self, index: str, name: str) -> Optional[Table]:
         group = self._group(index)
         return _open_dataset(group, name, self._dapl) if group is not None else None
 
-    def _tail(self, name: str, ds: h5py.Dataset, rows: int) -> npt.NDArray[np.void]:
-        """The last (up to) :data:`_TAIL` of the first ``rows`` rows of ``name`` (read once)."""
+    def _tail(self, name: str, ds: Table, rows: int, start: Optional[int] = None
+              ) -> npt.NDArray[np.void]:
+        """The end of the first ``rows`` rows of ``name``: at least its last row, and every
+        row from ``start`` on when given (up to :data:`_TAIL` rows; read once, then grown
+        backwards a chunk at a time as asked)."""
         cached = self._tails.get(name)
-        if cached is not None and cached[0] == rows:
-            return cached[1]
-        lo = max(rows - _TAIL, 0)
+        tail = cached[1] if cached is not None and cached[0] == rows else None
+        if tail is not None and (start is None or tail.shape[0] >= min(rows, _TAIL)
+                                 or int(tail[0]["datetime"]) < start):
+            return tail
         row = self._state.get(name)
         chunk = row[2] if row is not None else 0
-        tail: Optional[npt.NDArray[np.void]] = None
         if chunk and rows:
-            first = lo // chunk * chunk
-            parts = []
-            for at in range(first, rows, chunk):
-                part = _decode_chunk(ds.id, at, chunk, BAR_DTYPE)
+            have = 0 if tail is None else int(tail.shape[0])
+            parts = [] if tail is None else [tail]
+            while have < min(rows, _TAIL):
+                end = rows - have
+                at = (end - 1) // chunk * chunk
+                part = _decode_chunk(ds, at, chunk, BAR_DTYPE)
                 if part is None:
+                    parts = []
                     break
-                parts.append(part)
-            else:
-                tail = np.concatenate(parts)[lo - first:rows - first] if len(parts) > 1 \
-                    else parts[0][lo - first:rows - first]
+                parts.insert(0, part[:end - at])
+                have += end - at
+                if start is None or int(part[0]["datetime"]) < start:
+                    break
+            tail = (parts[0] if len(parts) == 1 else np.concatenate(parts)) if parts else None
+        else:
+            tail = None
         if tail is None:
-            tail = _read_rows(ds, lo, rows)
+            tail = _read_rows(ds, max(rows - _TAIL, 0), rows)
         if self.mode == "a":    # a writer's pass reads each tail twice; a reader keeps none
             if len(self._tails) >= 8192:
                 self._tails.clear()
@@ -981,14 +1048,14 @@ class HistoryFile:
             return None
         return self._stored_last(name, self._rows_of(name, ds))
 
-    def committed(self, name: str, ds: h5py.Dataset) -> int:
+    def committed(self, name: str, ds: Table) -> int:
         """Committed rows of table ``name`` open as ``ds`` (its whole size when another
         tool wrote it); reads the commit record only, so another thread may call it."""
         row = self._state.get(name, ds)
         n = _size(ds)
         return n if row is None else min(n, row[0])
 
-    def _rows_of(self, name: str, ds: h5py.Dataset) -> int:
+    def _rows_of(self, name: str, ds: Table) -> int:
         """Committed rows of ``name`` (remembered by a writer)."""
         if self.mode == "a":
             known = self._known.get(name)
@@ -1026,17 +1093,17 @@ class HistoryFile:
             raise HistoryError(self.path, f"{name}: rows not strictly increasing by datetime")
         return rows
 
-    def _reindex(self, name: str, ds: h5py.Dataset, total: int) -> None:
+    def _reindex(self, name: str, ds: Table, total: int) -> None:
         """Make every index table of ``name`` describe ``/data`` rows ``[0, total)``."""
         row = self._state.rows.get(name)
         if row is None:
-            self._state.set(name, total, 0, _layout_of(ds.id), 0)
+            self._state.set(name, total, 0, _layout_of(ds), 0)
         self._state.set(name, total, 0)
         self._update_indexes({name: ds}, {name: _Pending(0, np.empty(0, BAR_DTYPE))},
                              reread=True)
         self._state.set(name, total, total)
 
-    def _update_indexes(self, handles: Mapping[str, h5py.Dataset],
+    def _update_indexes(self, handles: Mapping[str, Table],
                         pending: Mapping[str, _Pending], *, reread: bool = False) -> None:
         """Extend the index tables of the tables just written.
 
@@ -1071,7 +1138,8 @@ class HistoryFile:
                     if last_start <= valid - 1:   # the usual append: the last period grows
                         kept, start_row = size - 1, last_start
                     else:
-                        starts = np.asarray(idx[:]["start"], dtype=np.int64)
+                        starts = np.asarray(_read_rows(idx, 0, size, INDEX_DTYPE)["start"],
+                                            dtype=np.int64)
                         kept = max(int(np.searchsorted(starts, valid - 1, side="right")) - 1,
                                    0)
                         start_row = int(starts[kept])
@@ -1129,10 +1197,10 @@ class HistoryFile:
             self._reindex(name, handles[name], state.rows[name][0])
 
     def _create_tables(self, tables: List[Tuple[h5py.Group, str, npt.NDArray[np.void]]],
-                       chunks: _Chunks) -> Dict[str, h5py.Dataset]:
+                       chunks: _Chunks) -> Dict[str, Table]:
         """Create chunked, extendable, gzip+shuffle tables holding the given rows (their
         chunks go to ``chunks``, which compresses them while the next tables are made)."""
-        out: Dict[str, h5py.Dataset] = {}
+        out: Dict[str, Table] = {}
         for group, name, rows in tables:
             dtype = rows.dtype
             is_data = dtype == BAR_DTYPE
@@ -1155,7 +1223,7 @@ class HistoryFile:
                 del group[name]
                 dsid = h5py.h5d.create(group.id, name.encode(), _tid_of(dtype), space,
                                        dcpl=dcpl)
-            ds = h5py.Dataset(dsid)
+            ds = dsid
             row = self._state.rows.get(name)
             if is_data:
                 self._open[name] = ds
@@ -1182,7 +1250,7 @@ class HistoryFile:
             committed, indexed = row[0], row[1]
             changed = False
             if _size(ds) != committed:
-                ds.id.set_extent((committed,))
+                ds.set_extent((committed,))
                 changed = True
             if changed or indexed != committed:
                 self._reindex(name, ds, committed)
@@ -1205,13 +1273,13 @@ class _Chunks:
     def __init__(self, owner: HistoryFile) -> None:
         self._owner = owner
         self._level = owner._compression
-        self._targets: List[Tuple[Optional[h5py.Dataset], int]] = []
+        self._targets: List[Tuple[Optional[Table], int]] = []
         self._raw: List[bytes] = []
         self._futures: List[Future[List[bytes]]] = []
         self._submitted = 0
         self._waiting: List[int] = []    # indexes in _targets still to get their dataset
 
-    def put(self, ds: h5py.Dataset, keep: int, rows: npt.NDArray[np.void], chunk: int,
+    def put(self, ds: Table, keep: int, rows: npt.NDArray[np.void], chunk: int,
             prefix: Optional[npt.NDArray[np.void]] = None) -> None:
         """Make rows ``[keep, keep + len(rows))`` of ``ds`` be ``rows`` and its size their
         end. ``chunk``: the table's rows per chunk when the store made it (0: another
@@ -1225,7 +1293,7 @@ class _Chunks:
             if prefix is not None and prefix.shape[0] >= head:
                 part = prefix[prefix.shape[0] - head:]
             else:
-                decoded = _decode_chunk(ds.id, start, chunk, rows.dtype)
+                decoded = _decode_chunk(ds, start, chunk, rows.dtype)
                 part = decoded[:head] if decoded is not None else None
             if part is None:
                 chunk = 0
@@ -1251,7 +1319,7 @@ class _Chunks:
             self._raw.append(piece)
         self._submit()
 
-    def assign(self, ds: h5py.Dataset, chunk: int) -> None:
+    def assign(self, ds: Table, chunk: int) -> None:
         """The table :meth:`queue` was called for now exists."""
         for i in self._waiting:
             self._targets[i] = (ds, self._targets[i][1])
@@ -1277,7 +1345,7 @@ class _Chunks:
             for blob in future.result():
                 ds, offset = self._targets[k]
                 assert ds is not None
-                ds.id.write_direct_chunk((offset,), blob)
+                ds.write_direct_chunk((offset,), blob)
                 k += 1
         self._targets, self._raw, self._futures, self._submitted = [], [], [], 0
 
@@ -1291,6 +1359,7 @@ def _layout_of(dsid: Any, dtype: np.dtype[Any] = BAR_DTYPE) -> int:
     shuffle then deflate (the store's own layout, whose chunks it reads and writes
     directly), else 0."""
     try:
+        dsid = _dsid(dsid)
         if dsid.dtype != dtype or len(dsid.shape) != 1:
             return 0
         dcpl = dsid.get_create_plist()
@@ -1304,7 +1373,7 @@ def _layout_of(dsid: Any, dtype: np.dtype[Any] = BAR_DTYPE) -> int:
         return 0
 
 
-def search_datetime(ds: h5py.Dataset, rows: int, value: int,
+def search_datetime(ds: Table, rows: int, value: int,
                     side: Literal["left", "right"]) -> int:
     """Binary search of ``datetime`` over the first ``rows`` rows of a ``/data`` table,
     reading few chunks. Incremental work looks near the end: the last rows are tried first.
@@ -1372,18 +1441,36 @@ def open_file(
         raise HistoryError(path, "no such file")
     if mode == "a":
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    try:
-        file = h5py.File(path, mode)   # h5py's default format: hikyuu and PyTables read it
-    except OSError as exc:
-        if mode != "a" or not recover_corrupt or not os.path.exists(path):
-            raise HistoryError(path, f"cannot open: {exc}") from exc
-        os.replace(path, f"{path}.corrupt-{int(time.time())}")
-        file = h5py.File(path, mode)
+    deadline = time.monotonic() + _LOCK_WAIT
+    while True:
+        try:
+            file = h5py.File(path, mode)   # h5py's default format: hikyuu and PyTables read it
+            break
+        except OSError as exc:
+            if _locked(exc):
+                # HDF5's own file lock: another program has it open (a viewer, or the
+                # writer process of a killed import still exiting): wait a little, then
+                # give up; never take a locked file for a broken one
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                raise HistoryError(path, "in use by another program (HDF5 file lock); "
+                                         "close it and run again") from exc
+            if mode != "a" or not recover_corrupt or not os.path.exists(path):
+                raise HistoryError(path, f"cannot open: {exc}") from exc
+            os.replace(path, f"{path}.corrupt-{int(time.time())}")
+            file = h5py.File(path, mode)
+            break
     try:
         return HistoryFile(file, period, mode=mode, chunk_rows=rows, compression=compression)
     except Exception:
         file.close()
         raise
+
+
+def _locked(exc: OSError) -> bool:
+    """An HDF5 open refused because of its file lock (not a broken file)."""
+    return isinstance(exc, BlockingIOError) or "unable to lock file" in str(exc)
 
 
 def iter_files(directory: Union[str, os.PathLike[str]]) -> Iterator[Tuple[str, str, str]]:

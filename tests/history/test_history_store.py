@@ -16,6 +16,7 @@ from relay.history.store import (
     INDEX_DTYPE,
     DirectoryLock,
     bars_to_records,
+    bars_to_records_many,
     committed_rows,
     index_labels,
     open_file,
@@ -405,3 +406,69 @@ def test_files_with_per_table_marks_are_read_and_adopted(tmp_path: Path) -> None
             rows, f.read_index("SZ000001", "month"))
     with h5py.File(tmp_path / "sz_day.h5", "r") as h5:
         assert {"SZ000001": (60, 60), "SZ000002": (20, 20)} == committed_rows(h5)
+
+
+def test_bars_to_records_many_equals_one_by_one() -> None:
+    """Converting many securities in one pass gives each one's records and the summed
+    rejections, the order check starting anew with each security."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(5)
+    securities = []
+    for _ in range(6):
+        n = int(rng.integers(0, 40))
+        dt_ = np.sort(rng.choice(np.arange(202401020000, 202401020000 + 400), n,
+                                 replace=False)).astype(np.uint64)
+        if n > 3:
+            dt_[2] = dt_[1]                  # a duplicate
+        close = rng.uniform(1, 50, n)
+        if n > 5:
+            close[4] = np.nan
+        securities.append(SimpleNamespace(datetime=dt_, open=close, high=close + 1,
+                                          low=close - 0.5, close=close,
+                                          amount=rng.uniform(0, 1e6, n),
+                                          volume=rng.uniform(0, 1e4, n)))
+    securities.append(SimpleNamespace(**{f: np.empty(0) for f in (
+        "datetime", "open", "high", "low", "close", "amount", "volume")}))
+    many, rejected = bars_to_records_many(securities)
+    total: Dict[str, int] = {}
+    assert len(many) == len(securities)
+    for got, bars in zip(many, securities):
+        one, bad = bars_to_records(bars.datetime, bars.open, bars.high, bars.low,
+                                   bars.close, bars.amount, bars.volume)
+        assert one.tolist() == got.tolist()
+        for reason, count in bad.items():
+            total[reason] = total.get(reason, 0) + count
+    assert total == rejected
+    assert rejected.get("not_increasing", 0) > 0
+
+
+def test_a_file_another_program_holds_is_waited_for_never_moved_aside(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """HDF5's file lock held by another process (a viewer) makes a writer wait, then fail
+    with a clear error; even with recover_corrupt the file is not taken for a broken one."""
+    import subprocess
+    import sys
+
+    from relay.history import store
+
+    with open_file(tmp_path, "SH", "day", "a") as f:
+        f.append("SH600000", _day_rows(_days(dt.date(2024, 1, 2), 5)))
+    path = tmp_path / "sh_day.h5"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time, h5py\n"
+         "f = h5py.File(sys.argv[1], 'r'); print('open', flush=True); time.sleep(60)",
+         str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and "open" in holder.stdout.readline()
+        monkeypatch.setattr(store, "_LOCK_WAIT", 0.3)
+        with pytest.raises(HistoryError, match="in use by another program"):
+            open_file(tmp_path, "SH", "day", "a", recover_corrupt=True)
+        assert [] == list(tmp_path.glob("*.corrupt-*"))
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+        if holder.stdout is not None:
+            holder.stdout.close()
+    with open_file(tmp_path, "SH", "day", "a", recover_corrupt=True) as f:
+        assert 5 == f.rows("SH600000")
