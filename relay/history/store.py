@@ -463,16 +463,17 @@ def _get_int_attr(ds: Table, name: str) -> Optional[int]:
 #    and re-reads a chunk it rewrites; here the chunks of a commit are compressed on every
 #    core and the last chunk of a table is decoded once, from the bytes already read)
 
-def _shuffled(rows: npt.NDArray[np.void], chunk: int) -> List[bytes]:
+def _shuffled(rows: npt.NDArray[np.void], chunk: int) -> List[Any]:
     """``rows`` cut into chunks of ``chunk`` rows (the last zero-padded), each shuffled as
-    HDF5's shuffle filter does (byte ``j`` of every element together)."""
+    HDF5's shuffle filter does (byte ``j`` of every element together); the chunks are
+    contiguous views of one array (zlib reads them as they are)."""
     size = rows.dtype.itemsize
     n = int(rows.shape[0])
     count = -(-n // chunk)
     raw = np.zeros((count * chunk, size), dtype=np.uint8)
     raw[:n] = np.ascontiguousarray(rows).view(np.uint8).reshape(n, size)
-    blocks = raw.reshape(count, chunk, size).transpose(0, 2, 1)
-    return [blocks[k].tobytes() for k in range(count)]
+    blocks = np.ascontiguousarray(raw.reshape(count, chunk, size).transpose(0, 2, 1))
+    return list(blocks.reshape(count, chunk * size))
 
 
 def _decode_chunk(dsid: Any, lo: int, chunk: int, dtype: np.dtype[Any]
@@ -647,6 +648,7 @@ class HistoryFile:
         self._indexes = INDEX_GROUPS[period]
         self._dcpl: Dict[int, Any] = {}
         self._open: Dict[str, Table] = {}
+        self._absent: Set[str] = set()
         self._groups: Dict[str, h5py.Group] = {}
         # a writer keeps the tables of a file open through a pass; their own chunks are
         # read and written directly, so a small chunk cache each is enough
@@ -1006,9 +1008,13 @@ class HistoryFile:
     def _data(self, name: str) -> Optional[Table]:
         ds = self._open.get(name)
         if ds is None:
+            if name in self._absent:
+                return None
             group = self._group("data")
             found = _open_dataset(group, name, self._dapl) if group is not None else None
             if found is None:
+                if self.mode == "a":      # a writer alone adds tables: remember the misses
+                    self._absent.add(name)
                 return None
             # a few only: HDF5 opens and closes datasets slower the more are open
             if len(self._open) >= _OPEN_TABLES:
@@ -1178,8 +1184,7 @@ class HistoryFile:
             plans.append((name, first, np.asarray(dts, dtype=np.uint64), per_index))
         every = np.concatenate([p[2] for p in plans] + [a[1] for a in appended]
                                ) if plans or appended else np.empty(0, np.uint64)
-        unique, inverse = np.unique(every, return_inverse=True)
-        inverse = inverse.ravel()
+        unique, inverse = _unique_inverse(every)
         fresh: List[Tuple[h5py.Group, str, npt.NDArray[np.void]]] = []
         broken: Set[str] = set()
         chunks = _Chunks(self)
@@ -1248,6 +1253,7 @@ class HistoryFile:
             ds = dsid
             row = self._state.rows.get(name)
             if is_data:
+                self._absent.discard(name)
                 if row is not None:
                     row[2] = chunk
             elif row is not None and row[3] != chunk:   # made by another setting: generic
@@ -1297,7 +1303,7 @@ class _Chunks:
         self._owner = owner
         self._level = owner._compression
         self._targets: List[List[Any]] = []     # [table or None until made, first row]
-        self._raw: List[bytes] = []
+        self._raw: List[Any] = []
         self._flight: Deque[Tuple[Future[List[bytes]], List[List[Any]]]] = deque()
         self._waiting: List[List[Any]] = []     # targets of the table being made
 
@@ -1381,7 +1387,17 @@ class _Chunks:
         self._drain(everything=True)
 
 
-def _deflate(batch: List[bytes], level: int) -> List[bytes]:
+def _unique_inverse(values: npt.NDArray[np.uint64]
+                    ) -> Tuple[npt.NDArray[np.uint64], npt.NDArray[np.intp]]:
+    """``np.unique(values, return_inverse=True)``, faster for what is passed here: runs of
+    sorted datetimes (a stable sort merges the runs)."""
+    ordered = np.sort(values, kind="stable")
+    if ordered.shape[0]:
+        ordered = ordered[np.concatenate(([True], ordered[1:] != ordered[:-1]))]
+    return ordered, np.searchsorted(ordered, values)
+
+
+def _deflate(batch: List[Any], level: int) -> List[bytes]:
     return [zlib.compress(raw, level) for raw in batch]
 
 
