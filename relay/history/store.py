@@ -1172,13 +1172,13 @@ class HistoryFile:
                             kept, start_row = 0, 0
                 per_index.append((idx, kept, start_row))
             first = min(p[2] for p in per_index)
-            ds = self._data(name)
+            stop = state.rows[name][0] if reread else keep    # stored rows read back
+            ds = self._data(name) if stop > first else None
             if reread:
-                total = state.rows[name][0]
-                dts = (_read_rows(ds, first, total)["datetime"] if total > first
+                dts = (_read_rows(ds, first, stop)["datetime"] if ds is not None
                        else np.empty(0, dtype=np.uint64))
             else:
-                head = (_read_rows(ds, first, keep)["datetime"] if keep > first
+                head = (_read_rows(ds, first, stop)["datetime"] if ds is not None
                         else np.empty(0, dtype=np.uint64))
                 dts = np.concatenate((head, pend.rows["datetime"]))
             plans.append((name, first, np.asarray(dts, dtype=np.uint64), per_index))
