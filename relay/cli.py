@@ -639,6 +639,9 @@ def _history_sync_parser(actions: Any) -> None:
                       help="seconds allowed for each reply (default 60)")
     sync.add_argument("--page-bytes", type=int, metavar="N",
                       help="ask for replies of at most N bytes (default: the relay's limit)")
+    sync.add_argument("--writers", type=int, default=0, metavar="N",
+                      help="files mirrored at once, each by a process of its own "
+                           "(default 0: one per CPU, at most 4)")
     sync.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
 
@@ -669,6 +672,9 @@ def _history_sync(args: argparse.Namespace) -> int:
     if args.page_bytes is not None and args.page_bytes < 4096:
         _error("--page-bytes: must be at least 4096")
         return EXIT_CONFIG
+    if not 0 <= args.writers <= 64:
+        _error("--writers: must be 0 (one per CPU) to 64")
+        return EXIT_CONFIG
     from relay.history.sync import progress_printer, sync  # noqa: PLC0415
     from relay.logs import configure_logging  # noqa: PLC0415
 
@@ -677,7 +683,8 @@ def _history_sync(args: argparse.Namespace) -> int:
     try:
         summary = sync(args.url, args.dir, periods=periods, markets=markets,
                        codes=_split(args.codes), timeout=args.timeout,
-                       max_reply_bytes=args.page_bytes, progress=progress)
+                       max_reply_bytes=args.page_bytes, progress=progress,
+                       writers=args.writers)
     except HistoryLockedError as exc:
         _error(str(exc))
         return EXIT_STARTUP

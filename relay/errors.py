@@ -41,6 +41,11 @@ EXIT_UNREACHABLE = 2      # qmt-relay status: no relay reachable (1 = unhealthy)
 class RelayError(Exception):
     """Base class of every error the relay raises on purpose."""
 
+    def __reduce__(self) -> Any:
+        # picklable whatever the subclass's __init__ takes (raised in a writer process,
+        # re-raised in the one that started it)
+        return _restore, (type(self), self.args, dict(self.__dict__))
+
 
 class ConfigError(RelayError):
     """A configuration file or value is invalid.
@@ -116,9 +121,6 @@ class HistoryError(RelayError):
         self.reason = reason
         super().__init__(f"{path}: {reason}")
 
-    def __reduce__(self) -> Any:     # raised in a writer process, re-raised in the importer
-        return HistoryError, (self.path, self.reason)
-
 
 class HistoryLockedError(HistoryError):
     """Another process is writing the history directory (its lock file is held)."""
@@ -126,9 +128,6 @@ class HistoryLockedError(HistoryError):
     def __init__(self, directory: str) -> None:
         super().__init__(directory, "locked by another running import (one writer at a time)")
         self.directory = directory
-
-    def __reduce__(self) -> Any:
-        return HistoryLockedError, (self.directory,)
 
 
 class HistoryUnavailableError(HistoryError):
@@ -148,3 +147,10 @@ class HistoryRequestError(HistoryError):
 
     def __init__(self, reason: str, where: str = "history service") -> None:
         super().__init__(where, reason)
+
+
+def _restore(cls: Any, args: Any, state: Any) -> Any:
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, *args)
+    exc.__dict__.update(state)
+    return exc

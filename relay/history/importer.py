@@ -16,16 +16,10 @@ One run per directory at a time (:class:`~relay.history.store.DirectoryLock`).
 from __future__ import annotations
 
 import datetime as _dt
-import multiprocessing
-import multiprocessing.connection
-import os
-import queue
 import sys
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import (
     TYPE_CHECKING,
@@ -42,8 +36,9 @@ from typing import (
 
 import structlog
 
-from relay.errors import EXIT_INTERRUPTED, HistoryError
+from relay.errors import HistoryError
 from relay.history.store import DirectoryLock, bars_to_records_many, open_file, table_name
+from relay.history.writers import emit, run_jobs, writer_count
 
 if TYPE_CHECKING:
     from relay.config import Config, HistoryConfig
@@ -289,8 +284,7 @@ def _writers(hc: HistoryConfig, source: HistorySource, files: int) -> int:
     processes (the simulator; the QMT source keeps its one xtdata client)."""
     if not getattr(source, "parallel", False) or files < 2:
         return 1
-    wanted = hc.writers or min(os.cpu_count() or 1, 4)
-    return max(1, min(wanted, files))
+    return writer_count(hc.writers, files)
 
 
 def _fold(summary: ImportSummary, part: ImportSummary) -> None:
@@ -306,83 +300,31 @@ def _fold(summary: ImportSummary, part: ImportSummary) -> None:
         log.warning("history_tables_recovered", files=files, tables=len(part.recovered))
 
 
+_COST = {"day": 2, "1min": 2, "5min": 3}   # relative work of a file per security (tables
+                                          # touched, rows written)
+
+
 def _import_parallel(hc: HistoryConfig, request: ImportRequest, source: HistorySource,
                      summary: ImportSummary, progress: _Progress,
                      jobs: Sequence[Tuple[str, str, List[str]]], end: int, writers: int) -> None:
-    """Each file imported by a writer process of its own, ``writers`` at a time (the
-    HDF5 library serialises every call of a process); progress comes back on a queue."""
-    context = multiprocessing.get_context("spawn")   # the same on every OS
-    events: Any = context.Queue()
-    with ProcessPoolExecutor(max_workers=writers, mp_context=context,
-                             initializer=_writer_start, initargs=(events,)) as pool:
-        # the longest files first, so that no writer is left with a big one at the end
-        order = sorted(jobs, key=lambda job: -len(job[2]) * _COST[job[0]])
-        futures = [pool.submit(_writer_job, hc, request, source, period, market, codes, end)
-                   for period, market, codes in order]
-        try:
-            pending = set(futures)
-            while pending:
-                _drain(events, progress, timeout=0.1)
-                pending = {f for f in pending if not f.done()}
-            _drain(events, progress, timeout=0.0)
-            for future in futures:
-                try:
-                    part = future.result()
-                except BrokenProcessPool as exc:
-                    raise HistoryError(request.dir, "a writer process died") from exc
-                _fold(summary, part)
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
-
-
-def _drain(events: Any, progress: _Progress, *, timeout: float) -> None:
-    try:
-        securities, bars = events.get(timeout=timeout) if timeout else events.get_nowait()
-        progress.advance(securities, bars)
-        while True:
-            securities, bars = events.get_nowait()
-            progress.advance(securities, bars)
-    except queue.Empty:
-        return
-
-
-_COST = {"day": 2, "1min": 2, "5min": 3}   # relative work of a file per security (tables
-                                          # touched, rows written)
-_EVENTS: List[Any] = []     # a writer process's progress queue (set once, at its start)
-
-
-def _writer_start(events: Any) -> None:
-    """A writer process: it dies with the importer (its parent), as a killed run must leave
-    no process writing; its progress goes to ``events``."""
-    _EVENTS.append(events)
-    if sys.platform.startswith("linux"):
-        # the kernel kills it with the importer, even by SIGKILL
-        import ctypes  # noqa: PLC0415
-        import signal  # noqa: PLC0415
-
-        ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))   # PR_SET_PDEATHSIG
-    parent = multiprocessing.parent_process()
-    if parent is not None:
-        def watch() -> None:
-            multiprocessing.connection.wait([parent.sentinel])
-            os._exit(EXIT_INTERRUPTED)
-
-        threading.Thread(target=watch, name="history-parent-watch", daemon=True).start()
+    """Each file imported by a writer process of its own (:mod:`relay.history.writers`),
+    the longest files first, so that no writer is left with a big one at the end."""
+    order = sorted(jobs, key=lambda job: -len(job[2]) * _COST[job[0]])
+    parts = run_jobs(request.dir, [(_writer_job, (hc, request, source, period, market, codes,
+                                                  end)) for period, market, codes in order],
+                     writers, lambda event: progress.advance(*event))
+    for part in parts:
+        _fold(summary, part)
 
 
 class _RemoteProgress:
     """The progress of a writer process, sent to the importer."""
 
-    def __init__(self, events: Any) -> None:
-        self._events = events
-
     def partial(self, finished: int) -> None:
         """Within-chunk progress is the importer's own source's business: not sent."""
 
     def advance(self, securities: int, bars: int) -> None:
-        self._events.put((securities, bars))
+        emit((securities, bars))
 
 
 def _writer_job(hc: HistoryConfig, request: ImportRequest, source: HistorySource,
@@ -390,8 +332,7 @@ def _writer_job(hc: HistoryConfig, request: ImportRequest, source: HistorySource
     part = ImportSummary(source=source.kind)
     source.open()
     try:
-        _import_file(hc, request, source, part, _RemoteProgress(_EVENTS[0]), period, market,
-                     codes, end)
+        _import_file(hc, request, source, part, _RemoteProgress(), period, market, codes, end)
     finally:
         source.close()
     return part

@@ -1488,6 +1488,8 @@ def open_file(
         raise HistoryError(path, "no such file")
     if mode == "a":
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        if not os.path.exists(path):
+            _create_file(path, period)
     deadline = time.monotonic() + _LOCK_WAIT
     while True:
         try:
@@ -1513,6 +1515,16 @@ def open_file(
     except Exception:
         file.close()
         raise
+
+
+def _create_file(path: str, period: str) -> None:
+    """A new file with its groups, made under a temporary name and renamed into place, so
+    that a kill at any moment never leaves a half-made file under the real name."""
+    tmp = f"{path}.new-{os.getpid()}"
+    with h5py.File(tmp, "w") as file:
+        for group in ("data", *INDEX_GROUPS[period]):
+            file.create_group(group)
+    os.replace(tmp, path)
 
 
 def _locked(exc: OSError) -> bool:

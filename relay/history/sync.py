@@ -54,6 +54,7 @@ from relay.history.store import (
     file_name,
     open_file,
 )
+from relay.history.writers import emit, run_jobs, writer_count
 
 __all__ = ["SyncSummary", "sync"]
 
@@ -88,7 +89,7 @@ Progress = Callable[[str, int, int, int], None]
 def sync(url: str, directory: str, *, periods: Optional[Sequence[str]] = None,
          markets: Optional[Sequence[str]] = None, codes: Optional[Sequence[str]] = None,
          timeout: float = 60.0, max_reply_bytes: Optional[int] = None,
-         progress: Optional[Progress] = None) -> SyncSummary:
+         progress: Optional[Progress] = None, writers: int = 0) -> SyncSummary:
     """Bring ``directory`` to the relay's content for what is asked.
 
     Args:
@@ -99,6 +100,8 @@ def sync(url: str, directory: str, *, periods: Optional[Sequence[str]] = None,
         timeout: seconds allowed for each reply.
         max_reply_bytes: ask for smaller pages than the relay's own limit.
         progress: called after every reply.
+        writers: files mirrored at once, each by a process of its own with its own
+            connection (0: one per CPU, at most 4; 1: all in this process).
 
     Raises:
         HistoryRequestError: the relay refused a request, or stayed busy.
@@ -112,17 +115,53 @@ def sync(url: str, directory: str, *, periods: Optional[Sequence[str]] = None,
     with DirectoryLock(directory), Requester(url, timeout=timeout,
                                              max_message_bytes=1 << 30) as req:
         tails = _Tails(directory)
+        jobs: List[Tuple[CatalogueSlice, List[int], str]] = []
         for cat in catalogue_pages(req, markets=markets, periods=periods, codes_only=True):
             keep = [i for i, code in enumerate(cat.codes) if wanted.keeps(code, cat.market)]
-            if not keep:
-                continue
-            summary.files += 1
-            name = file_name(cat.market, cat.period)
-            known = tails.get(name)
-            _sync_file(req, directory, cat, keep, summary, max_reply_bytes, progress, known)
-            tails.put(name, known)
+            if keep:
+                jobs.append((cat, keep, file_name(cat.market, cat.period)))
+        summary.files = len(jobs)
+        count = writer_count(writers, len(jobs))
+        if count > 1:
+            # the biggest files first, so that no writer is left with a big one at the end
+            jobs.sort(key=lambda job: -len(job[1]) * _COST.get(job[0].period, 1))
+            results = run_jobs(directory, [
+                (_sync_job, (url, timeout, directory, cat, keep, max_reply_bytes,
+                             progress is not None, tails.get(name)))
+                for cat, keep, name in jobs], count,
+                lambda event: progress(*event) if progress is not None else None)
+            for (_, _, name), (part, known) in zip(jobs, results):
+                _fold(summary, part)
+                tails.put(name, known)
+        else:
+            for cat, keep, name in jobs:
+                known = tails.get(name)
+                _sync_file(req, directory, cat, keep, summary, max_reply_bytes, progress,
+                           known)
+                tails.put(name, known)
     summary.elapsed = time.monotonic() - began
     return summary
+
+
+_COST = {"day": 6, "1min": 2, "5min": 5}    # tables of a security in a file (data + index)
+
+
+def _sync_job(url: str, timeout: float, directory: str, cat: CatalogueSlice, keep: List[int],
+              max_reply: Optional[int], report: bool, known: Dict[str, List[Any]]
+              ) -> Tuple[SyncSummary, Dict[str, List[Any]]]:
+    """One file's sync, in a writer process (its own connection to the relay)."""
+    part = SyncSummary()
+    with Requester(url, timeout=timeout, max_message_bytes=1 << 30) as req:
+        _sync_file(req, directory, cat, keep, part, max_reply,
+                   (lambda *event: emit(event)) if report else None, known)
+    return part, known
+
+
+def _fold(summary: SyncSummary, part: SyncSummary) -> None:
+    for name in ("tables", "bars", "index_rows", "index_fixed", "up_to_date", "requests",
+                 "bytes"):
+        setattr(summary, name, getattr(summary, name) + getattr(part, name))
+    summary.refetched.extend(part.refetched)
 
 
 class _Tails:
@@ -163,7 +202,7 @@ class _Tails:
         self._data[name] = {"stat": self._stat(name), "tables": tables}
         tmp = self._path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self._data, f, separators=(",", ":"))
+            f.write(json.dumps(self._data, separators=(",", ":")))
         os.replace(tmp, self._path)
 
 

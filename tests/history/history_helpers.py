@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
@@ -78,3 +79,16 @@ def assert_same_tables(server: Path, mirror: Path, names: List[str] | None = Non
             assert rows.dtype.names == other.dtype.names, (fname, key)
             for field in rows.dtype.names or ():
                 assert rows[field].tolist() == other[field].tolist(), (fname, key, field)
+
+
+def open_when_free(path: Path) -> h5py.File:
+    """Open read-only once HDF5's file lock is free (the writer processes of a killed
+    import die with it, within moments)."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            return h5py.File(path, "r")
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)

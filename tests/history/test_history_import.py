@@ -8,15 +8,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from datetime import date
 from pathlib import Path
 from typing import Any, Dict
 
-import h5py
 import numpy as np
 import pytest
 from helpers import relay_env
+from history_helpers import open_when_free
 
 from relay.config import Config, HistoryConfig, SimulatorConfig, SourceConfig
 from relay.errors import HistoryLockedError
@@ -222,7 +221,7 @@ def test_killed_import_leaves_readable_files_and_rerun_completes(tmp_path: Path)
     files = list(data.glob("*.h5"))
     assert files
     for path in files:
-        with _open_when_free(path) as h5:
+        with open_when_free(path) as h5:
             marks = committed_rows(h5)
             for name, ds in h5["data"].items():
                 rows = ds[: marks.get(name, (ds.shape[0], 0))[0]]
@@ -239,19 +238,6 @@ def test_killed_import_leaves_readable_files_and_rerun_completes(tmp_path: Path)
             assert a.symbols(period) == b.symbols(period)
             for symbol in a.symbols(period):
                 assert a.raw(symbol, period).tolist() == b.raw(symbol, period).tolist()
-
-
-def _open_when_free(path: Path) -> h5py.File:
-    """Open read-only once HDF5's file lock is free (the writer processes of a killed
-    import die with it, within moments)."""
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            return h5py.File(path, "r")
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 def test_open_dir_plain_units(tmp_path: Path) -> None:

@@ -8,19 +8,31 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, List, Tuple
+from typing import Any, Iterator, List, Tuple
 
 import h5py
 import pytest
 from helpers import relay_command, relay_env, run_relay_with, tcp_address
-from history_helpers import assert_same_tables, simulator, tables_of, write_history
+from history_helpers import (
+    assert_same_tables,
+    open_when_free,
+    simulator,
+    tables_of,
+    write_history,
+)
 
 from relay.client import fetch_catalogue
 from relay.history.service import HistoryService
 from relay.history.store import open_file
-from relay.history.sync import sync
+from relay.history.sync import sync as _sync
 
 START = {"day": 20240501, "1min": 20240603, "5min": 20240530}
+
+
+def sync(url: str, directory: str, **options: Any) -> Any:
+    """The library's sync, in this process (writer processes: tests of their own)."""
+    options.setdefault("writers", 1)
+    return _sync(url, directory, **options)
 
 
 @pytest.fixture
@@ -49,6 +61,23 @@ def test_sync_into_empty_dir_equals_the_server(relay_dir: Tuple[str, Path],
     assert (6, total, []) == (summary.files, summary.bars, summary.refetched)
     again = sync(url, str(mirror))
     assert (0, 0, again.tables) == (again.bars, again.index_rows, again.up_to_date)
+
+
+def test_writer_processes_mirror_what_one_process_mirrors(relay_dir: Tuple[str, Path],
+                                                          tmp_path: Path) -> None:
+    """A sync with a writer process per file gives the same files and summary as one in
+    this process, with progress from every file; the next one finds all up to date."""
+    url, server = relay_dir
+    seen: List[str] = []
+    one = sync(url, str(tmp_path / "one"))
+    two = sync(url, str(tmp_path / "two"), writers=2,
+               progress=lambda label, *_: seen.append(label))
+    assert_same_tables(server, tmp_path / "two")
+    assert (one.files, one.tables, one.bars, one.index_rows) == (
+        two.files, two.tables, two.bars, two.index_rows)
+    assert len(set(seen)) == two.files
+    again = sync(url, str(tmp_path / "two"), writers=2)
+    assert (0, again.tables) == (again.bars, again.up_to_date)
 
 
 def test_second_sync_fetches_only_the_new_day(relay_dir: Tuple[str, Path],
@@ -150,7 +179,7 @@ def test_killed_sync_leaves_a_readable_dir_and_resync_completes(
             proc.stdout.close()
     assert -signal.SIGKILL == proc.returncode
     for path in mirror.glob("*.h5"):       # readable as it was left
-        with h5py.File(path, "r") as f:
+        with open_when_free(path) as f:
             assert "data" in f
     summary = sync(url, str(mirror))
     assert summary.bars > 0
