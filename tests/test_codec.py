@@ -440,3 +440,32 @@ def test_spot_columns_records_whatever_the_book_storage(form: str, levels: int) 
     got = SpotColumns(3, levels, cols).records
     assert recs == got
     assert all(type(x) is float for r in got for book in r[11:15] for x in book)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_decode_leaves_the_garbage_collector_as_it_found_it(enabled: bool) -> None:
+    """Record building pauses the cyclic collector; it is enabled again afterwards only if it
+    was enabled before, on the column path and the record-by-record one, and after an error."""
+    import gc
+
+    recs = [SAMPLE._replace(code=f"{600000 + i}") for i in range(5)]
+    (ours,) = SpotEncoder("r", "s").encode(recs, first_seq=1, publish_time_ms=0)
+    plain = build_generated(recs, None)
+    was = gc.isenabled()
+    try:
+        if enabled:
+            gc.enable()
+        else:
+            gc.disable()
+        assert decode_spot_list(ours, 6).records == recs
+        assert gc.isenabled() is enabled
+        assert decode_spot_list(plain).records == recs
+        assert gc.isenabled() is enabled
+        with pytest.raises(DecodeError):
+            decode_spot_list(plain[:-40])
+        assert gc.isenabled() is enabled
+    finally:
+        if was:
+            gc.enable()
+        else:
+            gc.disable()
