@@ -469,3 +469,33 @@ def test_decode_leaves_the_garbage_collector_as_it_found_it(enabled: bool) -> No
             gc.enable()
         else:
             gc.disable()
+
+
+def test_encoder_reusing_its_buffer_writes_what_a_fresh_encoder_writes() -> None:
+    """The encoder keeps a message buffer between batches: nothing of an earlier batch (a
+    longer name, more records, other numbers) shows through in a later one, and two batches
+    encoded interleaved (two generators of one encoder) each get their own buffer."""
+    from relay.records import SpotColumns
+
+    def batch(n: int, name: str, price: float) -> SpotColumns:
+        cols = SpotColumns.from_records([
+            SAMPLE._replace(code=f"{600000 + i}", name=name if i % 2 else "",
+                            close=price + i, bid=(price,) * 5) for i in range(n)])
+        assert cols is not None
+        return cols
+
+    big, small = batch(3000, "浦发银行股份有限公司", 99.5), batch(700, "浦发", 1.25)
+    shared = SpotEncoder("r", "s", max_message_bytes=64 * 1024)
+
+    def fresh(cols: SpotColumns) -> List[bytes]:
+        return SpotEncoder("r", "s", max_message_bytes=64 * 1024).encode(
+            cols, first_seq=1, publish_time_ms=5)
+
+    assert shared.encode(big, first_seq=1, publish_time_ms=5) == fresh(big)
+    assert shared.encode(small, first_seq=1, publish_time_ms=5) == fresh(small)
+    one = shared.iter_messages(big, first_seq=1, publish_time_ms=5)
+    two = shared.iter_messages(small, first_seq=1, publish_time_ms=5)
+    got_one, got_two = [next(one)], list(two)
+    got_one += list(one)
+    assert got_one == fresh(big)
+    assert got_two == fresh(small)
