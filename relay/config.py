@@ -276,6 +276,7 @@ class HistoryConfig:
     retry_max: float = 60.0         # ... this cap, with jitter
     progress_interval: float = 5.0  # seconds between history_progress log lines (no terminal)
     compression: int = 1            # gzip level of new tables (1-9)
+    writers: int = 0                # processes writing files at once; 0 = one per CPU (max 4)
 
 
 @dataclass(**_DC)
@@ -546,6 +547,7 @@ _CHECKS: Mapping[str, _Check] = {
     "history.retry_max": _positive,
     "history.progress_interval": _positive,
     "history.compression": _between(1, 9),
+    "history.writers": _between(0, 64),
     "shutdown_timeout": _positive,
     "source.simulator.securities": _between(10, 20_000),
     "source.simulator.speed": _positive,

@@ -8,6 +8,8 @@ Stdlib only (the subscriber library raises :class:`DecodeError`).
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "EXIT_CONFIG",
     "EXIT_FAILURE",
@@ -114,6 +116,9 @@ class HistoryError(RelayError):
         self.reason = reason
         super().__init__(f"{path}: {reason}")
 
+    def __reduce__(self) -> Any:     # raised in a writer process, re-raised in the importer
+        return HistoryError, (self.path, self.reason)
+
 
 class HistoryLockedError(HistoryError):
     """Another process is writing the history directory (its lock file is held)."""
@@ -121,6 +126,9 @@ class HistoryLockedError(HistoryError):
     def __init__(self, directory: str) -> None:
         super().__init__(directory, "locked by another running import (one writer at a time)")
         self.directory = directory
+
+    def __reduce__(self) -> Any:
+        return HistoryLockedError, (self.directory,)
 
 
 class HistoryUnavailableError(HistoryError):

@@ -6,7 +6,7 @@ re-read: an intraday run stores a partial day), or from the default start when n
 stored (day bars: from listing; minute bars: ``minute_days`` back from the end; ``start``
 overrides). Securities sharing a start are fetched in chunks of ``chunk_codes`` and, for
 minute bars, windows of ``chunk_days``; each chunk is validated
-(:func:`~relay.history.store.bars_to_records`), merged (unchanged bars are left alone, a
+(:func:`~relay.history.store.bars_to_records_many`), merged (unchanged bars are left alone, a
 changed tail is replaced, new bars appended) and committed before the next, so a killed run
 keeps everything committed and the next run goes on from there.
 
@@ -16,17 +16,34 @@ One run per directory at a time (:class:`~relay.history.store.DirectoryLock`).
 from __future__ import annotations
 
 import datetime as _dt
+import multiprocessing
+import multiprocessing.connection
+import os
+import queue
 import sys
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, TextIO, Tuple
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    List,
+    Optional,
+    Sequence,
+    TextIO,
+    Tuple,
+    Union,
+)
 
 import structlog
 
-from relay.errors import HistoryError
-from relay.history.store import DirectoryLock, bars_to_records, open_file, table_name
+from relay.errors import EXIT_INTERRUPTED, HistoryError
+from relay.history.store import DirectoryLock, bars_to_records_many, open_file, table_name
 
 if TYPE_CHECKING:
     from relay.config import Config, HistoryConfig
@@ -249,20 +266,140 @@ def _import(hc: HistoryConfig, request: ImportRequest, source: HistorySource,
                          stream=stream)
     log.info("history_import_started", source=source.kind, dir=request.dir,
              securities=len(symbols), periods=list(request.periods), end=end)
+    jobs = [(period, market, by_market[market]) for period in request.periods
+            for market in markets if by_market.get(market)]
+    writers = _writers(hc, source, len(jobs))
     try:
-        for period in request.periods:
-            for market in markets:
-                codes = by_market.get(market, [])
-                if codes:
-                    _import_file(hc, request, source, summary, progress, period, market,
-                                 codes, end)
+        if writers > 1:
+            _import_parallel(hc, request, source, summary, progress, jobs, end, writers)
+        else:
+            for period, market, codes in jobs:
+                part = ImportSummary(source=summary.source)
+                try:
+                    _import_file(hc, request, source, part, progress, period, market, codes,
+                                 end)
+                finally:
+                    _fold(summary, part)
     finally:
         progress.close()
 
 
+def _writers(hc: HistoryConfig, source: HistorySource, files: int) -> int:
+    """Files written at once: several only for a source that can be copied into writer
+    processes (the simulator; the QMT source keeps its one xtdata client)."""
+    if not getattr(source, "parallel", False) or files < 2:
+        return 1
+    wanted = hc.writers or min(os.cpu_count() or 1, 4)
+    return max(1, min(wanted, files))
+
+
+def _fold(summary: ImportSummary, part: ImportSummary) -> None:
+    """Add one file's outcome to the run's (and log the tables it repaired)."""
+    for mine, theirs in ((summary.written, part.written), (summary.unchanged, part.unchanged),
+                         (summary.replaced, part.replaced), (summary.rejected, part.rejected)):
+        for key, count in theirs.items():
+            mine[key] = mine.get(key, 0) + count
+    summary.failed.update(part.failed)
+    summary.recovered.extend(part.recovered)
+    if part.recovered:
+        files = sorted({entry.rpartition(":")[0] for entry in part.recovered})
+        log.warning("history_tables_recovered", files=files, tables=len(part.recovered))
+
+
+def _import_parallel(hc: HistoryConfig, request: ImportRequest, source: HistorySource,
+                     summary: ImportSummary, progress: _Progress,
+                     jobs: Sequence[Tuple[str, str, List[str]]], end: int, writers: int) -> None:
+    """Each file imported by a writer process of its own, ``writers`` at a time (the
+    HDF5 library serialises every call of a process); progress comes back on a queue."""
+    context = multiprocessing.get_context("spawn")   # the same on every OS
+    events: Any = context.Queue()
+    with ProcessPoolExecutor(max_workers=writers, mp_context=context,
+                             initializer=_writer_start, initargs=(events,)) as pool:
+        # the longest files first, so that no writer is left with a big one at the end
+        order = sorted(jobs, key=lambda job: -len(job[2]) * _COST[job[0]])
+        futures = [pool.submit(_writer_job, hc, request, source, period, market, codes, end)
+                   for period, market, codes in order]
+        try:
+            pending = set(futures)
+            while pending:
+                _drain(events, progress, timeout=0.1)
+                pending = {f for f in pending if not f.done()}
+            _drain(events, progress, timeout=0.0)
+            for future in futures:
+                try:
+                    part = future.result()
+                except BrokenProcessPool as exc:
+                    raise HistoryError(request.dir, "a writer process died") from exc
+                _fold(summary, part)
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
+def _drain(events: Any, progress: _Progress, *, timeout: float) -> None:
+    try:
+        securities, bars = events.get(timeout=timeout) if timeout else events.get_nowait()
+        progress.advance(securities, bars)
+        while True:
+            securities, bars = events.get_nowait()
+            progress.advance(securities, bars)
+    except queue.Empty:
+        return
+
+
+_COST = {"day": 2, "1min": 2, "5min": 3}   # relative work of a file per security (tables
+                                          # touched, rows written)
+_EVENTS: List[Any] = []     # a writer process's progress queue (set once, at its start)
+
+
+def _writer_start(events: Any) -> None:
+    """A writer process: it dies with the importer (its parent), as a killed run must leave
+    no process writing; its progress goes to ``events``."""
+    _EVENTS.append(events)
+    if sys.platform.startswith("linux"):
+        # the kernel kills it with the importer, even by SIGKILL
+        import ctypes  # noqa: PLC0415
+        import signal  # noqa: PLC0415
+
+        ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))   # PR_SET_PDEATHSIG
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        def watch() -> None:
+            multiprocessing.connection.wait([parent.sentinel])
+            os._exit(EXIT_INTERRUPTED)
+
+        threading.Thread(target=watch, name="history-parent-watch", daemon=True).start()
+
+
+class _RemoteProgress:
+    """The progress of a writer process, sent to the importer."""
+
+    def __init__(self, events: Any) -> None:
+        self._events = events
+
+    def partial(self, finished: int) -> None:
+        """Within-chunk progress is the importer's own source's business: not sent."""
+
+    def advance(self, securities: int, bars: int) -> None:
+        self._events.put((securities, bars))
+
+
+def _writer_job(hc: HistoryConfig, request: ImportRequest, source: HistorySource,
+                period: str, market: str, codes: Sequence[str], end: int) -> ImportSummary:
+    part = ImportSummary(source=source.kind)
+    source.open()
+    try:
+        _import_file(hc, request, source, part, _RemoteProgress(_EVENTS[0]), period, market,
+                     codes, end)
+    finally:
+        source.close()
+    return part
+
+
 def _import_file(hc: HistoryConfig, request: ImportRequest, source: HistorySource,
-                 summary: ImportSummary, progress: _Progress, period: str, market: str,
-                 codes: Sequence[str], end: int) -> None:
+                 summary: ImportSummary, progress: Union[_Progress, _RemoteProgress],
+                 period: str, market: str, codes: Sequence[str], end: int) -> None:
     default_start = request.start
     if default_start is None:
         default_start = _FROM_LISTING if period == "day" else _shift(end, -hc.minute_days + 1)
@@ -270,8 +407,6 @@ def _import_file(hc: HistoryConfig, request: ImportRequest, source: HistorySourc
                    recover_corrupt=True) as file:
         if file.recovered:
             summary.recovered.extend(f"{market}:{period}:{n}" for n in file.recovered)
-            log.warning("history_tables_recovered", file=file.path,
-                        tables=len(file.recovered))
         groups: Dict[int, List[str]] = {}
         for symbol in codes:
             last_stored = file.last(table_name(symbol))
@@ -302,14 +437,10 @@ def _import_file(hc: HistoryConfig, request: ImportRequest, source: HistorySourc
                     for symbol, why in fetched.failed.items():
                         summary.failed[f"{symbol} {period}"] = why
                     live = [s for s in live if s not in fetched.failed]
-                    for symbol in live:
-                        bars = fetched.bars.get(symbol)
-                        if bars is None or not len(bars):
-                            continue
-                        rec, bad = bars_to_records(bars.datetime, bars.open, bars.high,
-                                                   bars.low, bars.close, bars.amount,
-                                                   bars.volume)
-                        rejected.update(bad)
+                    present = [s for s in live if len(fetched.bars.get(s) or ())]
+                    converted, bad = bars_to_records_many([fetched.bars[s] for s in present])
+                    rejected.update(bad)
+                    for symbol, rec in zip(present, converted):
                         try:
                             merged = file.merge(table_name(symbol), rec)
                         except HistoryError as exc:

@@ -10,7 +10,7 @@ by the reply size (``history.max_reply_bytes``): bars beyond it are left for the
 Files are opened per request, read-only and without HDF5's file lock, so the importer (a
 separate process) can always open them for writing; a file whose size or modification time
 changed while a request read it is answered with a "retry" error rather than a possibly torn
-read. Only committed rows (the store's ``relay_rows`` mark) are served.
+read. Only committed rows (the store's commit record, ``/relay_state``) are served.
 """
 
 from __future__ import annotations
@@ -56,9 +56,10 @@ from relay.history.store import (
     BAR_DTYPE,
     INDEX_DTYPE,
     INDEX_GROUPS,
-    HistoryFile,
+    committed_rows,
     file_name,
     iter_files,
+    search_datetime,
 )
 from relay.security import Security
 from relay.sinks._rep import recv_request
@@ -72,8 +73,6 @@ __all__ = ["HistoryService", "digest_rows"]
 log = structlog.get_logger("relay.history.service")
 
 _POLL_MS = 200
-_ROWS_ATTR = "relay_rows"        # the store's marks: rows committed, ...
-_INDEXED_ATTR = "relay_indexed"  # ... and rows its index tables are derived from
 _TABLE_OVERHEAD = 192           # bytes a Table costs beyond its records, at most
 _CATALOGUE_ENTRY = 64           # bytes a catalogue entry costs, at most for 16-letter codes
 _CATALOGUE_READS = 1000         # tables per catalogue page with ranges (two reads each)
@@ -114,8 +113,14 @@ class _Listing(NamedTuple):
     ranges: Dict[str, Tuple[int, int, int]]   # name -> (rows, first, last)
 
 
-def _range(ds: h5py.Dataset) -> Tuple[int, int, int]:
-    rows = _committed(ds)
+def _committed(ds: h5py.Dataset, mark: Optional[Tuple[int, int]]) -> int:
+    """Rows of ``ds`` to serve: its committed rows when the store wrote it, else all."""
+    n = int(ds.shape[0])
+    return n if mark is None else min(n, mark[0])
+
+
+def _range(ds: h5py.Dataset, mark: Optional[Tuple[int, int]]) -> Tuple[int, int, int]:
+    rows = _committed(ds, mark)
     if not rows:
         return 0, 0, 0
     return rows, int(ds[0]["datetime"]), int(ds[rows - 1]["datetime"])
@@ -150,6 +155,7 @@ class HistoryService:
         self._thread: Optional[ServiceHandle] = None
         self._stop = threading.Event()
         self._listings: Dict[str, _Listing] = {}   # by file path
+        self._records: Dict[str, Tuple[int, Dict[str, Tuple[int, int]]]] = {}   # by path
         self.requests = 0
         self.errors = 0
 
@@ -260,6 +266,16 @@ class HistoryService:
         # no HDF5 file lock: the importer must always be able to open the file for writing
         return h5py.File(path, "r", locking=False), generation
 
+    def _marks(self, path: str, file: h5py.File, generation: int
+               ) -> Dict[str, Tuple[int, int]]:
+        """The store's commit record of ``file`` (cached until the file changes)."""
+        cached = self._records.get(path)
+        if cached is not None and cached[0] == generation:
+            return cached[1]
+        marks = committed_rows(file)
+        self._records[path] = (generation, marks)
+        return marks
+
     @staticmethod
     def _same(path: str, generation: int) -> None:
         if _generation(path) != generation:
@@ -308,9 +324,11 @@ class HistoryService:
                     file.close()
                     raise _Busy("the file changed between catalogue pages")
                 with file:
+                    marks = self._marks(path, file, generation)
                     for name in missing:
                         ds = file.get(f"data/{name}")
-                        known[name] = _range(ds) if isinstance(ds, h5py.Dataset) else (0, 0, 0)
+                        known[name] = (_range(ds, marks.get(name))
+                                       if isinstance(ds, h5py.Dataset) else (0, 0, 0))
                 self._same(path, generation)
             rows, first, last = (list(col) for col in zip(*(known[n] for n in names)))
         return catalogue_reply(CatalogueSlice(
@@ -328,12 +346,14 @@ class HistoryService:
             if not isinstance(ds, h5py.Dataset):
                 table = TableSlice(request.code, "data", STATUS_MISSING, 0, 0, b"", 0, True)
                 return tables_reply(KIND_BARS, request.market, request.period, [table])
-            rows = _committed(ds)
+            rows = _committed(ds, self._marks(path, file, generation).get(
+                request.market + request.code))
             low = request.start
             if request.after is not None:
                 low = max(low or 0, request.after + 1)
-            lo = 0 if low is None else _search(ds, rows, low, "left")
-            hi = rows if request.end is None else _search(ds, rows, request.end, "right")
+            lo = 0 if low is None else search_datetime(ds, rows, low, "left")
+            hi = rows if request.end is None else search_datetime(ds, rows, request.end,
+                                                                  "right")
             hi = max(hi, lo)
             stop = min(hi, lo + budget)
             data = canonical(ds[lo:stop], BAR_DTYPE) if stop > lo else b""
@@ -351,11 +371,12 @@ class HistoryService:
         answered = 0
         file, generation = self._open(path)
         with file:
+            marks = self._marks(path, file, generation)
             for code, group, have, digest in request.tables:
                 if out and budget < _TABLE_OVERHEAD + BAR_SIZE:
                     break
-                table = self._sync_table(file, request.market, code, group, have, digest,
-                                         budget)
+                table = self._sync_table(file, marks, request.market, code, group, have,
+                                         digest, budget)
                 budget -= _TABLE_OVERHEAD + len(table.data)
                 out.append(table)
                 if not table.complete:
@@ -366,8 +387,8 @@ class HistoryService:
                             generation=generation)
 
     @staticmethod
-    def _sync_table(file: h5py.File, market: str, code: str, group: str, have: int,
-                    digest: str, budget: int) -> TableSlice:
+    def _sync_table(file: h5py.File, marks: Dict[str, Tuple[int, int]], market: str,
+                    code: str, group: str, have: int, digest: str, budget: int) -> TableSlice:
         ds = file.get(f"{group}/{market}{code}")
         if not isinstance(ds, h5py.Dataset):
             return TableSlice(code, group, STATUS_MISSING, 0, 0, b"", 0, True)
@@ -375,12 +396,10 @@ class HistoryService:
         dtype, width = (BAR_DTYPE, BAR_SIZE) if is_data else (INDEX_DTYPE, INDEX_SIZE)
         derived = False
         if is_data:
-            attrs = ds.attrs
-            mark, indexed = attrs.get(_ROWS_ATTR), attrs.get(_INDEXED_ATTR)
-            n = int(ds.shape[0])
-            rows = n if mark is None else min(n, int(mark))
+            mark = marks.get(market + code)
+            rows = _committed(ds, mark)
             # the store keeps this security's index tables derived from its data
-            derived = indexed is not None and int(indexed) == rows
+            derived = mark is not None and mark[1] == rows
         else:
             rows = int(ds.shape[0])
         if have > rows:
@@ -397,7 +416,3 @@ class HistoryService:
                           stop - have, stop >= rows, derived, tail)
 
 
-
-# The store's own readings of a table (committed rows; binary search reading few chunks).
-_committed = HistoryFile._rows
-_search = HistoryFile._search

@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 import zlib
 from datetime import date, timedelta
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import numpy.typing as npt
@@ -198,6 +198,9 @@ class SimulatorHistory:
     """
 
     kind = "simulator"
+    parallel = True
+    """Copies of it in writer processes give the same bars: the importer may write several
+    files at once."""
 
     def __init__(self, config: SimulatorConfig, *, clock: Optional[object] = None) -> None:
         now = clock() if callable(clock) else time.time()
@@ -216,6 +219,13 @@ class SimulatorHistory:
         self._ymd = _ymd(self._days)
         self._seed = config.seed
         self._cache: Dict[Tuple[str, ...], _DayPaths] = {}
+
+    def __getstate__(self) -> Dict[str, Any]:
+        """Picklable (sent to writer processes): the names as a plain dict, no cache."""
+        state = dict(vars(self))
+        state["names"] = dict(self.names)
+        state["_cache"] = {}
+        return state
 
     @classmethod
     def from_config(cls, config: Config, **options: object) -> SimulatorHistory:

@@ -55,10 +55,23 @@ from __future__ import annotations
 import os
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Dict, Iterator, List, Literal, Mapping, Optional, Set, Tuple, Type, Union
+from typing import (
+    Any,
+    Dict,
+    Iterator,
+    List,
+    Literal,
+    Mapping,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+    Type,
+    Union,
+)
 
 import h5py
 import numpy as np
@@ -77,6 +90,7 @@ __all__ = [
     "MergeResult",
     "TableInfo",
     "bars_to_records",
+    "bars_to_records_many",
     "file_name",
     "index_entries",
     "index_labels",
@@ -129,10 +143,10 @@ _INTRADAY_LABELS: Mapping[str, npt.NDArray[np.int64]] = {
 }
 
 _MAX_PRICE = (2**32 - 1) / 1000.0
-_ROWS_ATTR = "relay_rows"
-_INDEXED_ATTR = "relay_indexed"
 _DIRTY_ATTR = "relay_dirty"
 _LOCK_NAME = ".qmt-relay-history.lock"
+_LOCK_WAIT = 5.0                 # seconds a writer waits for a file HDF5 reports locked
+_TAIL = 256                      # rows of a table's end read for incremental work
 
 Mode = Literal["r", "a"]
 
@@ -197,8 +211,39 @@ def bars_to_records(
         ``not_increasing`` (a datetime not after the previous kept one: out of order or
         duplicate; the first occurrence is kept).
     """
+    rec, rejected, _ = _convert(datetime, (open_, high, low, close), amount, volume, None)
+    return rec, rejected
+
+
+def bars_to_records_many(bars: Sequence[Any]
+                         ) -> Tuple[List[npt.NDArray[np.void]], Dict[str, int]]:
+    """:func:`bars_to_records` of many securities at once (one vectorised pass).
+
+    Args:
+        bars: per security, an object with ``datetime``, ``open``, ``high``, ``low``,
+            ``close``, ``amount`` and ``volume`` arrays (a source's bars).
+
+    Returns:
+        The records of each security, in order, and the rejected bars of all by reason.
+    """
+    if not bars:
+        return [], {}
+    lengths = np.array([len(b.datetime) for b in bars], dtype=np.int64)
+    columns = [np.concatenate([np.asarray(getattr(b, f)).ravel() for b in bars])
+               for f in ("datetime", "open", "high", "low", "close", "amount", "volume")]
+    segment = np.repeat(np.arange(len(bars), dtype=np.uint64), lengths)
+    rec, rejected, keep = _convert(columns[0], columns[1:5], columns[5], columns[6], segment)
+    counts = np.bincount(segment[keep].astype(np.int64), minlength=len(bars))
+    return np.split(rec, np.cumsum(counts)[:-1]), rejected
+
+
+def _convert(datetime: npt.ArrayLike, prices: Sequence[npt.ArrayLike], amount: npt.ArrayLike,
+             volume: npt.ArrayLike, segment: Optional[npt.NDArray[np.uint64]]
+             ) -> Tuple[npt.NDArray[np.void], Dict[str, int], npt.NDArray[np.intp]]:
+    """Validate and convert; ``segment`` numbers the security of each bar (the order check
+    is within a security). Returns the records, rejections and the kept bars' positions."""
     dt = np.asarray(datetime).astype(np.uint64, copy=False).ravel()
-    cols = [np.asarray(c, dtype=np.float64).ravel() for c in (open_, high, low, close)]
+    cols = [np.asarray(c, dtype=np.float64).ravel() for c in prices]
     amt = np.asarray(amount, dtype=np.float64).ravel()
     vol = np.asarray(volume, dtype=np.float64).ravel()
     n = dt.shape[0]
@@ -206,10 +251,10 @@ def bars_to_records(
         raise ValueError("bar columns differ in length")
     rejected: Dict[str, int] = {}
     with np.errstate(invalid="ignore"):
-        prices = np.stack(cols) if n else np.zeros((4, 0))
+        prices_ = np.stack(cols) if n else np.zeros((4, 0))
         bad_dt = (dt < 100_000_000_000) | (dt > 999_999_999_999)
-        bad_price = ~bad_dt & ~np.all(np.isfinite(prices) & (prices > 0)
-                                      & (prices <= _MAX_PRICE), axis=0)
+        bad_price = ~bad_dt & ~np.all(np.isfinite(prices_) & (prices_ > 0)
+                                      & (prices_ <= _MAX_PRICE), axis=0)
         ok = ~bad_dt & ~bad_price
         hl = ok & (cols[1] < cols[2])
         ok &= ~hl
@@ -221,7 +266,9 @@ def bars_to_records(
         if count:
             rejected[reason] = count
     keep = np.flatnonzero(ok)
-    kdt = dt[keep]
+    # the order key: datetimes (12 digits) after the security's number, so that the
+    # running maximum starts anew with each security
+    kdt = dt[keep] if segment is None else segment[keep] * np.uint64(10**12) + dt[keep]
     if kdt.shape[0] > 1:
         # keep a bar only if it is after every kept bar before it
         prior = np.maximum.accumulate(kdt)
@@ -237,7 +284,7 @@ def bars_to_records(
         rec[name] = np.floor(col[keep] * 1000.0 + 0.5)
     rec["transAmount"] = np.floor(amt[keep] / 1000.0 + 0.5)
     rec["transCount"] = np.floor(vol[keep] + 0.5)
-    return rec, rejected
+    return rec, rejected, keep
 
 
 # -- index labels -----------------------------------------------------------------------
@@ -348,49 +395,59 @@ def _tid_of(dtype: np.dtype[Any]) -> Any:
     return h5py.h5t.py_create(dtype, logical=True)
 
 
-def _read_rows(ds: h5py.Dataset, lo: int, hi: int, dtype: np.dtype[Any] = BAR_DTYPE
+Table = Any
+"""A table as the store's internals handle it: h5py's low-level ``DatasetID`` (the
+high-level ``h5py.Dataset`` is accepted too and costs a wrapper per table)."""
+
+
+def _dsid(ds: Table) -> Any:
+    return ds.id if isinstance(ds, h5py.Dataset) else ds
+
+
+def _read_rows(ds: Table, lo: int, hi: int, dtype: np.dtype[Any] = BAR_DTYPE
                ) -> npt.NDArray[np.void]:
     """Rows ``[lo, hi)`` of a one-dimensional compound dataset, read as ``dtype``."""
     n = max(hi - lo, 0)
     out: npt.NDArray[np.void] = np.empty(n, dtype=dtype)
     if n:
-        fspace = ds.id.get_space()
+        dsid = _dsid(ds)
+        fspace = dsid.get_space()
         fspace.select_hyperslab((lo,), (n,))
-        ds.id.read(h5py.h5s.create_simple((n,)), fspace, out, _tid_of(dtype))
+        dsid.read(h5py.h5s.create_simple((n,)), fspace, out, _tid_of(dtype))
     return out
 
 
-def _write_rows(ds: h5py.Dataset, lo: int, rows: npt.NDArray[np.void]) -> None:
+def _write_rows(ds: Table, lo: int, rows: npt.NDArray[np.void]) -> None:
     """Write ``rows`` at row ``lo`` of a one-dimensional dataset (already large enough)."""
     n = int(rows.shape[0])
     if n:
-        fspace = ds.id.get_space()
+        dsid = _dsid(ds)
+        fspace = dsid.get_space()
         fspace.select_hyperslab((lo,), (n,))
-        ds.id.write(h5py.h5s.create_simple((n,)), fspace, np.ascontiguousarray(rows),
-                    _tid_of(rows.dtype))
+        dsid.write(h5py.h5s.create_simple((n,)), fspace, np.ascontiguousarray(rows),
+                   _tid_of(rows.dtype))
 
 
-def _size(ds: h5py.Dataset) -> int:
-    return int(ds.id.shape[0])
+def _size(ds: Table) -> int:
+    return int(_dsid(ds).shape[0])
 
 
-def _set_size(ds: h5py.Dataset, rows: int) -> None:
-    if int(ds.id.shape[0]) != rows:
-        ds.id.set_extent((rows,))
+def _set_size(ds: Table, rows: int) -> None:
+    _dsid(ds).set_extent((rows,))
 
 
-def _open_dataset(group: h5py.Group, name: str, dapl: Any = None) -> Optional[h5py.Dataset]:
+def _open_dataset(group: h5py.Group, name: str, dapl: Any = None) -> Optional[Table]:
     """``group[name]`` when it is a dataset, else None (one HDF5 lookup)."""
     try:
         dsid = h5py.h5d.open(group.id, name.encode(), dapl=dapl)
     except (KeyError, ValueError, TypeError):
         return None
-    return h5py.Dataset(dsid)
+    return dsid
 
 
-def _get_int_attr(ds: h5py.Dataset, name: str) -> Optional[int]:
+def _get_int_attr(ds: Table, name: str) -> Optional[int]:
     try:
-        attr = h5py.h5a.open(ds.id, name.encode())   # our tables have it: no exists() first
+        attr = h5py.h5a.open(_dsid(ds), name.encode())
     except KeyError:
         return None
     buf = np.empty(attr.shape, dtype=attr.dtype)
@@ -398,19 +455,136 @@ def _get_int_attr(ds: h5py.Dataset, name: str) -> Optional[int]:
     return int(buf.ravel()[0]) if buf.size else None
 
 
-def _set_int_attr(ds: h5py.Dataset, name: str, value: int) -> None:
-    """Write an integer attribute in place (h5py's ``attrs[...] =`` replaces it whole)."""
+# -- our own chunks: the tables this store creates are chunked, shuffled and deflated, so
+#    it reads and writes their chunks directly (HDF5 applies filters on the calling thread
+#    and re-reads a chunk it rewrites; here the chunks of a commit are compressed on every
+#    core and the last chunk of a table is decoded once, from the bytes already read)
+
+def _shuffled(rows: npt.NDArray[np.void], chunk: int) -> List[bytes]:
+    """``rows`` cut into chunks of ``chunk`` rows (the last zero-padded), each shuffled as
+    HDF5's shuffle filter does (byte ``j`` of every element together)."""
+    size = rows.dtype.itemsize
+    n = int(rows.shape[0])
+    count = -(-n // chunk)
+    raw = np.zeros((count * chunk, size), dtype=np.uint8)
+    raw[:n] = np.ascontiguousarray(rows).view(np.uint8).reshape(n, size)
+    blocks = raw.reshape(count, chunk, size).transpose(0, 2, 1)
+    return [blocks[k].tobytes() for k in range(count)]
+
+
+def _decode_chunk(dsid: Any, lo: int, chunk: int, dtype: np.dtype[Any]
+                  ) -> Optional[npt.NDArray[np.void]]:
+    """The ``chunk`` rows of the stored chunk starting at row ``lo`` (None: not stored, or
+    not in the store's own shuffle+deflate form)."""
     try:
-        attr = h5py.h5a.open(ds.id, name.encode())
-    except KeyError:
-        attr = None
-    if attr is None:      # a new table: a scalar int64, as h5py's attrs[...] = int makes
-        attr = h5py.h5a.create(ds.id, name.encode(), h5py.h5t.STD_I64LE,
-                               h5py.h5s.create(h5py.h5s.SCALAR))
-    if attr.shape == () and attr.dtype.kind in "iu":
-        attr.write(np.array(value, dtype=attr.dtype))
-        return
-    ds.attrs[name] = value
+        mask, blob = _dsid(dsid).read_direct_chunk((lo,))
+    except (KeyError, ValueError, RuntimeError, OSError):
+        return None
+    if mask:
+        return None
+    data = zlib.decompress(blob)
+    size = dtype.itemsize
+    if len(data) != chunk * size:
+        return None
+    rows: npt.NDArray[np.void] = np.frombuffer(data, dtype=np.uint8).reshape(
+        size, chunk).T.copy().view(dtype).ravel()
+    return rows
+
+
+_STATE_NAME = "relay_state"
+STATE_DTYPE = np.dtype([
+    ("name", "S32"),        # table name under /data
+    ("rows", "<u8"),        # rows known complete
+    ("indexed", "<u8"),     # rows the index tables describe
+    ("chunk", "<u4"),       # rows per chunk of the /data table when the store made it, else 0
+    ("ichunk", "<u4"),      # the same for its index tables
+])
+"""The commit record of a file (the dataset ``/relay_state``), one row per table the store
+writes; tables without a row are another tool's and taken as they are."""
+
+
+class _State:
+    """A file's commit record, loaded once and written whole by :meth:`save`.
+
+    Files written before the record existed kept the marks as attributes of each table
+    (``relay_rows``, ``relay_indexed``): read-only, those are read table by table; a writer
+    converts them to a record when it opens the file.
+    """
+
+    def __init__(self, file: h5py.File) -> None:
+        self._file = file
+        self.rows: Dict[str, List[int]] = {}
+        self.legacy = False
+        self.dirty = False
+        ds = file.get(_STATE_NAME)
+        if isinstance(ds, h5py.Dataset):
+            record = ds[:]
+            for row in record:
+                self.rows[row["name"].decode()] = [int(row["rows"]), int(row["indexed"]),
+                                                   int(row["chunk"]), int(row["ichunk"])]
+        else:
+            self.legacy = True
+
+    def get(self, name: str, ds: Optional[Table] = None) -> Optional[List[int]]:
+        found = self.rows.get(name)
+        if found is None and self.legacy and ds is not None:
+            rows = _get_int_attr(ds, "relay_rows")
+            if rows is None:
+                return None
+            indexed = _get_int_attr(ds, "relay_indexed")
+            found = [rows, 0 if indexed is None else indexed, 0, 0]
+        return found
+
+    def set(self, name: str, rows: int, indexed: int, chunk: int = -1,
+            ichunk: int = -1) -> None:
+        row = self.rows.get(name)
+        if row is None:
+            row = self.rows[name] = [rows, indexed, max(chunk, 0), max(ichunk, 0)]
+        else:
+            row[0], row[1] = rows, indexed
+            if chunk >= 0:
+                row[2] = chunk
+            if ichunk >= 0:
+                row[3] = ichunk
+        self.dirty = True
+
+    def save(self) -> None:
+        if not self.dirty:
+            return
+        record = np.zeros(len(self.rows), dtype=STATE_DTYPE)
+        if self.rows:
+            record["name"] = [n.encode() for n in self.rows]
+            values = np.array(list(self.rows.values()), dtype=np.int64)
+            for k, field in enumerate(("rows", "indexed", "chunk", "ichunk")):
+                record[field] = values[:, k]
+        ds = self._file.get(_STATE_NAME)
+        if not isinstance(ds, h5py.Dataset):
+            ds = self._file.create_dataset(_STATE_NAME, shape=(0,), maxshape=(None,),
+                                           dtype=STATE_DTYPE, chunks=(2048,))
+        # rows only ever change in place or are added at the end (a row is never dropped,
+        # even when its table is gone): a kill mid-write leaves each row old or new
+        if ds.shape[0] != record.shape[0]:
+            ds.resize((record.shape[0],))
+        if record.shape[0]:
+            ds[:] = record
+        self.dirty = False
+        self.legacy = False
+
+
+def committed_rows(file: h5py.File) -> Dict[str, Tuple[int, int]]:
+    """``{table: (rows committed, rows indexed)}`` of the tables the store wrote in ``file``
+    (an open h5py file, e.g. a reader's); tables not listed are another tool's, complete as
+    they are. Files written before the commit record are read from their tables' marks."""
+    state = _State(file)
+    if state.legacy:
+        data = file.get("data")
+        if isinstance(data, h5py.Group):
+            for name in data:
+                ds = data[name]
+                found = state.get(name, ds) if isinstance(ds, h5py.Dataset) else None
+                if found is not None:
+                    state.rows[name] = found
+    return {name: (row[0], row[1]) for name, row in state.rows.items()}
 
 
 # -- the file -----------------------------------------------------------------------------
@@ -455,15 +629,15 @@ class HistoryFile:
         self.path = str(file.filename)
         self.mode = mode
         self._chunk_rows = chunk_rows
+        self._index_chunk = max(64, chunk_rows // 8)
         self._compression = compression
         self._pending: Dict[str, _Pending] = {}
         self._indexes = INDEX_GROUPS[period]
         self._dcpl: Dict[int, Any] = {}
-        self._open: Dict[str, h5py.Dataset] = {}
+        self._open: Dict[str, Table] = {}
         self._groups: Dict[str, h5py.Group] = {}
-        # a writer keeps every table of a file open through a pass (reopening one, and
-        # flushing its chunk cache on close, cost more than the append): a small chunk cache
-        # each (the tail chunks an append touches), not HDF5's 1 MiB default
+        # a writer keeps the tables of a file open through a pass; their own chunks are
+        # read and written directly, so a small chunk cache each is enough
         self._dapl: Any = None
         if mode == "a":
             self._dapl = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
@@ -475,13 +649,17 @@ class HistoryFile:
         # incremental pass reads each table's row count and last bar once
         self._known: Dict[str, Tuple[int, Optional[int]]] = {}
         self._executor: Optional[ThreadPoolExecutor] = None
+        self._state = _State(file)
         self.recovered: List[str] = []
         """Tables truncated or re-indexed when the file was opened after a killed writer."""
         if mode == "a":
             self._layout()
+            if self._state.legacy:
+                self._adopt_legacy_marks()
             if self._file.attrs.get(_DIRTY_ATTR, 0):
                 self._recover()
             self._file.attrs[_DIRTY_ATTR] = 1
+            self._state.save()
             self._file.flush()
 
     # -- context manager ------------------------------------------------------------------
@@ -510,8 +688,8 @@ class HistoryFile:
         rows = self._rows_of(name, ds)
         if rows == 0:
             return TableInfo(name, 0, None, None)
-        first = int(ds[0]["datetime"])
-        last = int(ds[rows - 1]["datetime"])
+        first = int(_read_rows(ds, 0, 1)[0]["datetime"])
+        last = int(self._tail(name, ds, rows)[-1]["datetime"])
         return TableInfo(name, rows, first, last)
 
     def tables(self) -> Dict[str, TableInfo]:
@@ -522,6 +700,11 @@ class HistoryFile:
             if info is not None:
                 out[name] = info
         return out
+
+    def rows(self, name: str) -> int:
+        """Committed rows of table ``name`` (0 when absent)."""
+        ds = self._data(name)
+        return 0 if ds is None else self._rows_of(name, ds)
 
     def read(self, name: str, start: Optional[int] = None,
              end: Optional[int] = None) -> npt.NDArray[np.void]:
@@ -540,16 +723,15 @@ class HistoryFile:
             return np.empty(0, dtype=BAR_DTYPE)
         rows = self._rows_of(name, ds)
         if start is not None and end is None and rows:
-            tail = self._tail(name, ds, rows)    # incremental work: the tail
-            if rows <= 256 or int(tail[0]["datetime"]) < start:
+            tail = self._tail(name, ds, rows, start)    # incremental work: the tail
+            if tail.shape[0] == rows or int(tail[0]["datetime"]) < start:
                 picked: npt.NDArray[np.void] = tail[tail["datetime"] >= np.uint64(start)]
                 return picked
-        lo = 0 if start is None else self._search(ds, rows, start, "left")
-        hi = rows if end is None else self._search(ds, rows, end, "right")
+        lo = 0 if start is None else search_datetime(ds, rows, start, "left")
+        hi = rows if end is None else search_datetime(ds, rows, end, "right")
         if hi <= lo:
             return np.empty(0, dtype=BAR_DTYPE)
-        out: npt.NDArray[np.void] = ds[lo:hi]
-        return out
+        return _read_rows(ds, lo, hi)
 
     def read_after(self, name: str, after: int) -> npt.NDArray[np.void]:
         """Rows of ``name`` with datetime strictly after ``after``."""
@@ -606,7 +788,7 @@ class HistoryFile:
         ds = self._data(name)
         keep = 0
         if ds is not None:
-            keep = self._search(ds, self._rows_of(name, ds), datetime, "left")
+            keep = search_datetime(ds, self._rows_of(name, ds), datetime, "left")
         self._pending[name] = _Pending(keep, rows)
         return int(rows.shape[0])
 
@@ -654,53 +836,82 @@ class HistoryFile:
         self._writable()
         pending, self._pending = self._pending, {}
         data = self._file.require_group("data")
-        known = {name: self._known.pop(name, None) for name in pending}
         for name in pending:
-            self._tails.pop(name, None)
-        # 1. lower the committed mark of tables whose tail will be overwritten
-        lowered = False
+            self._known.pop(name, None)
+        state = self._state
+        # 1. lower the committed mark of tables whose tail will be overwritten; record new
+        #    tables (nothing committed) before they exist, and adopt other tools' tables
         for name, pend in pending.items():
             ds = self._data(name)
-            before = known.get(name)
-            if ds is not None and pend.keep < (before[0] if before else self._rows(ds)):
-                _set_int_attr(ds, _ROWS_ATTR, pend.keep)
-                indexed = _get_int_attr(ds, _INDEXED_ATTR)
-                _set_int_attr(ds, _INDEXED_ATTR,
-                              pend.keep if indexed is None else min(indexed, pend.keep))
-                lowered = True
-        if lowered:
+            row = state.get(name, ds)
+            if ds is None:
+                state.set(name, 0, 0, self._chunk_rows, self._index_chunk)
+            elif row is None:
+                state.set(name, _size(ds), 0, _layout_of(ds), 0)
+            elif pend.keep < row[0] or pend.keep < _size(ds):
+                state.set(name, pend.keep, min(row[1], pend.keep))
+        if state.dirty:
+            state.save()
             self._file.flush()
-        # 2. the rows: new tables as pre-compressed chunks (compressed on every core)
+        # 2. the rows (every chunk of a commit compressed on every core)
         written: Dict[str, int] = {}
-        handles: Dict[str, h5py.Dataset] = {}
+        handles: Dict[str, Table] = {}
         fresh: List[Tuple[h5py.Group, str, npt.NDArray[np.void]]] = []
+        chunks = _Chunks(self)
         for name, pend in pending.items():
             ds = self._data(name)
-            total = pend.keep + int(pend.rows.shape[0])
             if ds is None:
                 fresh.append((data, name, pend.rows))
             else:
-                _set_size(ds, total)
-                _write_rows(ds, pend.keep, pend.rows)
+                tail = self._tails.get(name)
+                prefix = None
+                if tail is not None and tail[0] == pend.keep:
+                    prefix = tail[1]
+                chunks.put(ds, pend.keep, pend.rows, state.rows[name][2], prefix)
                 handles[name] = ds
             written[name] = int(pend.rows.shape[0])
-        created = self._create_tables(fresh)
-        handles.update(created)
+        handles.update(self._create_tables(fresh, chunks))
+        chunks.write()
+        for name in pending:
+            self._tails.pop(name, None)
         self._file.flush()
         # 3. commit marks, index tables
         for name, pend in pending.items():
-            _set_int_attr(handles[name], _ROWS_ATTR, pend.keep + int(pend.rows.shape[0]))
+            row = state.rows[name]
+            state.set(name, pend.keep + int(pend.rows.shape[0]), row[1])
         self._update_indexes(handles, pending)
         for name, pend in pending.items():
             if pend.rows.shape[0]:
                 self._known[name] = (pend.keep + int(pend.rows.shape[0]),
                                      int(pend.rows[-1]["datetime"]))
+        state.save()
         self._file.flush()
         # 4. the index tables are complete
         for name, pend in pending.items():
-            _set_int_attr(handles[name], _INDEXED_ATTR, pend.keep + int(pend.rows.shape[0]))
+            total = pend.keep + int(pend.rows.shape[0])
+            state.set(name, total, total)
+        state.save()
         self._file.flush()
         return written
+
+    def put_index(self, name: str, index: str, start: int, rows: npt.NDArray[np.void]) -> bool:
+        """Make ``/<index>/<name>`` rows ``[start, ...)`` be ``rows`` (index tables another
+        tool derived, mirrored as they are; the caller flushes). Returns whether it wrote."""
+        self._writable()
+        rows = np.asarray(rows).astype(INDEX_DTYPE, copy=False)
+        idx = self._index(index, name)
+        chunks = _Chunks(self)
+        row = self._state.rows.get(name)
+        if idx is not None:
+            local = _read_rows(idx, start, _size(idx), INDEX_DTYPE)
+            if local.shape[0] >= rows.shape[0] and bool(np.all(local[:rows.shape[0]] == rows)):
+                return False
+            chunks.put(idx, start, rows, row[3] if row is not None else 0)
+        else:
+            group = self._group(index) or self._file.require_group(index)
+            self._create_tables([(group, name, rows)], chunks)
+        chunks.write()
+        return True
 
     def rebuild_index(self, name: str) -> None:
         """Recompute every index table of ``name`` from its ``/data`` rows."""
@@ -708,15 +919,16 @@ class HistoryFile:
         ds = self._data(name)
         if ds is None:
             return
-        rows = self._rows(ds)
-        self._update_index(name, ds, 0, rows)
-        ds.attrs[_INDEXED_ATTR] = rows
+        rows = self._rows_of(name, ds)
+        self._reindex(name, ds, rows)
+        self._state.save()
         self._file.flush()
 
     def flush(self) -> None:
-        """Commit what is staged (a no-op for a read-only file)."""
+        """Commit what is staged and flush the file (a no-op for a read-only file)."""
         if self.mode == "a":
             self.commit()
+            self._file.flush()
 
     def close(self) -> None:
         """Commit, clear the dirty mark and close. Idempotent."""
@@ -725,9 +937,12 @@ class HistoryFile:
         try:
             if self.mode == "a":
                 self.commit()
+                self._state.save()
                 self._file.attrs[_DIRTY_ATTR] = 0
                 self._file.flush()
         finally:
+            self._open.clear()
+            self._groups.clear()
             self._file.close()
             if self._executor is not None:
                 self._executor.shutdown()
@@ -744,6 +959,26 @@ class HistoryFile:
         for index in self._indexes:
             self._file.require_group(index)
 
+    def _adopt_legacy_marks(self) -> None:
+        """A file written before the commit record: its tables' marks become the record."""
+        state = self._state
+        data = self._group("data")
+        names = sorted(data.keys()) if data is not None else []
+        for name in names:
+            ds = self._data(name)
+            found = state.get(name, ds) if ds is not None else None
+            if ds is None or found is None:
+                continue
+            chunk = _layout_of(ds)
+            ichunks = set()
+            for index in self._indexes:
+                idx = self._index(index, name)
+                ichunks.add(_layout_of(idx, INDEX_DTYPE) if idx is not None else 0)
+            ichunk = ichunks.pop() if len(ichunks) == 1 else 0
+            state.rows[name] = [found[0], found[1], chunk, ichunk]
+        state.legacy = False
+        state.dirty = True
+
     def _group(self, name: str) -> Optional[h5py.Group]:
         group = self._groups.get(name)
         if group is None:
@@ -753,9 +988,7 @@ class HistoryFile:
             group = self._groups[name] = found
         return group
 
-    def _data(self, name: str) -> Optional[h5py.Dataset]:
-        # open datasets are kept: each keeps its chunk cache, so the reads of one table's
-        # tail (last row, last day, index update) decompress its last chunk once
+    def _data(self, name: str) -> Optional[Table]:
         ds = self._open.get(name)
         if ds is None:
             group = self._group("data")
@@ -767,22 +1000,41 @@ class HistoryFile:
             ds = self._open[name] = found
         return ds
 
-    def _index(self, index: str, name: str) -> Optional[h5py.Dataset]:
+    def _index(self, index: str, name: str) -> Optional[Table]:
         group = self._group(index)
-        return _open_dataset(group, name) if group is not None else None
+        return _open_dataset(group, name, self._dapl) if group is not None else None
 
-    @staticmethod
-    def _rows(ds: h5py.Dataset) -> int:
-        committed = _get_int_attr(ds, _ROWS_ATTR)
-        n = _size(ds)
-        return n if committed is None else min(n, committed)
-
-    def _tail(self, name: str, ds: h5py.Dataset, rows: int) -> npt.NDArray[np.void]:
-        """The last (up to) 256 of the first ``rows`` rows of ``name`` (read once)."""
+    def _tail(self, name: str, ds: Table, rows: int, start: Optional[int] = None
+              ) -> npt.NDArray[np.void]:
+        """The end of the first ``rows`` rows of ``name``: at least its last row, and every
+        row from ``start`` on when given (up to :data:`_TAIL` rows; read once, then grown
+        backwards a chunk at a time as asked)."""
         cached = self._tails.get(name)
-        if cached is not None and cached[0] == rows:
-            return cached[1]
-        tail = _read_rows(ds, max(rows - 256, 0), rows)
+        tail = cached[1] if cached is not None and cached[0] == rows else None
+        if tail is not None and (start is None or tail.shape[0] >= min(rows, _TAIL)
+                                 or int(tail[0]["datetime"]) < start):
+            return tail
+        row = self._state.get(name)
+        chunk = row[2] if row is not None else 0
+        if chunk and rows:
+            have = 0 if tail is None else int(tail.shape[0])
+            parts = [] if tail is None else [tail]
+            while have < min(rows, _TAIL):
+                end = rows - have
+                at = (end - 1) // chunk * chunk
+                part = _decode_chunk(ds, at, chunk, BAR_DTYPE)
+                if part is None:
+                    parts = []
+                    break
+                parts.insert(0, part[:end - at])
+                have += end - at
+                if start is None or int(part[0]["datetime"]) < start:
+                    break
+            tail = (parts[0] if len(parts) == 1 else np.concatenate(parts)) if parts else None
+        else:
+            tail = None
+        if tail is None:
+            tail = _read_rows(ds, max(rows - _TAIL, 0), rows)
         if self.mode == "a":    # a writer's pass reads each tail twice; a reader keeps none
             if len(self._tails) >= 8192:
                 self._tails.clear()
@@ -796,14 +1048,23 @@ class HistoryFile:
             return None
         return self._stored_last(name, self._rows_of(name, ds))
 
-    def _rows_of(self, name: str, ds: h5py.Dataset) -> int:
+    def committed(self, name: str, ds: Table) -> int:
+        """Committed rows of table ``name`` open as ``ds`` (its whole size when another
+        tool wrote it); reads the commit record only, so another thread may call it."""
+        row = self._state.get(name, ds)
+        n = _size(ds)
+        return n if row is None else min(n, row[0])
+
+    def _rows_of(self, name: str, ds: Table) -> int:
         """Committed rows of ``name`` (remembered by a writer)."""
-        if self.mode != "a":
-            return self._rows(ds)
-        known = self._known.get(name)
-        if known is None:
-            known = self._known[name] = (self._rows(ds), None)
-        return known[0]
+        if self.mode == "a":
+            known = self._known.get(name)
+            if known is not None:
+                return known[0]
+        rows = self.committed(name, ds)
+        if self.mode == "a":
+            self._known[name] = (rows, None)
+        return rows
 
     def _stored_last(self, name: str, keep: int) -> Optional[int]:
         ds = self._data(name)
@@ -816,30 +1077,6 @@ class HistoryFile:
         if self.mode == "a" and known is not None and known[0] == keep:
             self._known[name] = (keep, last)
         return last
-
-    @staticmethod
-    def _search(ds: h5py.Dataset, rows: int, value: int, side: Literal["left", "right"]) -> int:
-        """Binary search of ``datetime`` over the first ``rows`` rows, reading few chunks.
-
-        Incremental work looks near the end: the last 256 rows are tried first.
-        """
-        if rows > 256:
-            tail = ds[rows - 256:rows]["datetime"]
-            if int(tail[0]) < value:
-                return rows - 256 + int(np.searchsorted(tail, np.uint64(value), side=side))
-        lo, hi = 0, rows
-        # narrow down on a coarse sample first, then read one stretch
-        while hi - lo > 4096:
-            mid = (lo + hi) // 2
-            v = int(ds[mid]["datetime"])
-            if v < value or (side == "right" and v == value):
-                lo = mid + 1
-            else:
-                hi = mid
-        if hi <= lo:
-            return lo
-        block = ds[lo:hi]["datetime"]
-        return lo + int(np.searchsorted(block, np.uint64(value), side=side))
 
     def _check_rows(self, name: str, rows: npt.NDArray[np.void]) -> npt.NDArray[np.void]:
         table_ok = len(name) > 2 and name[:2].isupper() and name[:2].isalpha()
@@ -856,13 +1093,17 @@ class HistoryFile:
             raise HistoryError(self.path, f"{name}: rows not strictly increasing by datetime")
         return rows
 
-    def _update_index(self, name: str, ds: h5py.Dataset, valid: int, total: int) -> None:
+    def _reindex(self, name: str, ds: Table, total: int) -> None:
         """Make every index table of ``name`` describe ``/data`` rows ``[0, total)``."""
-        ds.attrs[_ROWS_ATTR] = total
-        self._update_indexes({name: ds}, {name: _Pending(valid, np.empty(0, BAR_DTYPE))},
+        row = self._state.rows.get(name)
+        if row is None:
+            self._state.set(name, total, 0, _layout_of(ds), 0)
+        self._state.set(name, total, 0)
+        self._update_indexes({name: ds}, {name: _Pending(0, np.empty(0, BAR_DTYPE))},
                              reread=True)
+        self._state.set(name, total, total)
 
-    def _update_indexes(self, handles: Mapping[str, h5py.Dataset],
+    def _update_indexes(self, handles: Mapping[str, Table],
                         pending: Mapping[str, _Pending], *, reread: bool = False) -> None:
         """Extend the index tables of the tables just written.
 
@@ -873,12 +1114,12 @@ class HistoryFile:
         """
         if not self._indexes:
             return
+        state = self._state
         plans: List[Tuple[str, int, npt.NDArray[np.uint64], List[Tuple[Any, int, int]]]] = []
         appended: List[Tuple[str, npt.NDArray[np.uint64], int]] = []
         for name, pend in pending.items():
             ds = handles[name]
-            found = _get_int_attr(ds, _INDEXED_ATTR)
-            indexed = -1 if found is None else found
+            indexed = state.rows[name][1]
             if not reread and pend.last is not None and pend.keep > 0 and indexed == pend.keep:
                 # a pure append to a consistent table: only periods that start in the new
                 # rows add entries; nothing needs reading
@@ -886,7 +1127,7 @@ class HistoryFile:
                                                        pend.rows["datetime"])), pend.keep))
                 continue
             keep = pend.keep if not reread else 0
-            valid = pend.keep if reread else min(pend.keep, max(indexed, 0))
+            valid = 0 if reread else min(pend.keep, indexed)
             per_index: List[Tuple[Any, int, int]] = []
             for index in self._indexes:
                 idx = self._index(index, name) if pend.keep or reread else None
@@ -897,7 +1138,8 @@ class HistoryFile:
                     if last_start <= valid - 1:   # the usual append: the last period grows
                         kept, start_row = size - 1, last_start
                     else:
-                        starts = np.asarray(idx[:]["start"], dtype=np.int64)
+                        starts = np.asarray(_read_rows(idx, 0, size, INDEX_DTYPE)["start"],
+                                            dtype=np.int64)
                         kept = max(int(np.searchsorted(starts, valid - 1, side="right")) - 1,
                                    0)
                         start_row = int(starts[kept])
@@ -906,11 +1148,11 @@ class HistoryFile:
                 per_index.append((idx, kept, start_row))
             first = min(p[2] for p in per_index)
             if reread:
-                total = self._rows(ds)
-                dts = (ds[first:total]["datetime"] if total > first
+                total = state.rows[name][0]
+                dts = (_read_rows(ds, first, total)["datetime"] if total > first
                        else np.empty(0, dtype=np.uint64))
             else:
-                head = (ds[first:keep]["datetime"] if keep > first
+                head = (_read_rows(ds, first, keep)["datetime"] if keep > first
                         else np.empty(0, dtype=np.uint64))
                 dts = np.concatenate((head, pend.rows["datetime"]))
             plans.append((name, first, np.asarray(dts, dtype=np.uint64), per_index))
@@ -920,6 +1162,7 @@ class HistoryFile:
         inverse = inverse.ravel()
         fresh: List[Tuple[h5py.Group, str, npt.NDArray[np.void]]] = []
         broken: Set[str] = set()
+        chunks = _Chunks(self)
         for k, index in enumerate(self._indexes):
             labels_all = index_labels(unique, index)[inverse]
             offset = sum(int(p[2].shape[0]) for p in plans)
@@ -933,9 +1176,7 @@ class HistoryFile:
                 if idx is None:       # an index table gone missing: rebuild it below
                     broken.add(name)
                     continue
-                size = _size(idx)
-                _set_size(idx, size + int(entries.shape[0]))
-                _write_rows(idx, size, entries)
+                chunks.put(idx, _size(idx), entries, state.rows[name][3])
             offset = 0
             for name, first, dts, per_index in plans:
                 idx, kept, start_row = per_index[k]
@@ -946,31 +1187,25 @@ class HistoryFile:
                     group = self._group(index) or self._file.require_group(index)
                     fresh.append((group, name, entries))
                     continue
-                size = kept + int(entries.shape[0])
-                _set_size(idx, size)
-                _write_rows(idx, kept, entries)
-        self._create_tables(fresh)
+                chunks.put(idx, kept, entries, state.rows[name][3])
+        self._create_tables(fresh, chunks)
+        chunks.write()
         for name in sorted(broken):
             for index in self._indexes:
                 if name in self._file[index]:
                     del self._file[index][name]
-            self._update_index(name, handles[name], 0, self._rows(handles[name]))
+            self._reindex(name, handles[name], state.rows[name][0])
 
-    def _create_tables(self, tables: List[Tuple[h5py.Group, str, npt.NDArray[np.void]]]
-                       ) -> Dict[str, h5py.Dataset]:
-        """Create chunked, extendable, gzip+shuffle tables holding the given rows.
-
-        HDF5 compresses on the calling thread only, so full chunks are shuffled and
-        compressed here on a thread pool (zlib releases the GIL) and written as raw chunks;
-        the files are exactly what HDF5's own filters would have written.
-        """
-        out: Dict[str, h5py.Dataset] = {}
-        if not tables:
-            return out
-        jobs: List[Tuple[h5py.Dataset, int, bytes]] = []
+    def _create_tables(self, tables: List[Tuple[h5py.Group, str, npt.NDArray[np.void]]],
+                       chunks: _Chunks) -> Dict[str, Table]:
+        """Create chunked, extendable, gzip+shuffle tables holding the given rows (their
+        chunks go to ``chunks``, which compresses them while the next tables are made)."""
+        out: Dict[str, Table] = {}
         for group, name, rows in tables:
             dtype = rows.dtype
-            chunk = self._chunk_rows if dtype == BAR_DTYPE else max(64, self._chunk_rows // 8)
+            is_data = dtype == BAR_DTYPE
+            chunk = self._chunk_rows if is_data else self._index_chunk
+            chunks.queue(rows, chunk)
             dcpl = self._dcpl.get(chunk)
             if dcpl is None:
                 dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
@@ -978,42 +1213,26 @@ class HistoryFile:
                 dcpl.set_shuffle()
                 dcpl.set_deflate(self._compression)
                 dcpl.set_obj_track_times(False)     # as h5py's create_dataset
+                dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)   # every row is written
                 self._dcpl[chunk] = dcpl
-            tid = h5py.h5t.py_create(dtype, logical=True)
             space = h5py.h5s.create_simple((rows.shape[0],), (h5py.h5s.UNLIMITED,))
             try:
-                dsid = h5py.h5d.create(group.id, name.encode(), tid, space, dcpl=dcpl)
+                dsid = h5py.h5d.create(group.id, name.encode(), _tid_of(dtype), space,
+                                       dcpl=dcpl)
             except ValueError:   # a stray table left by an interrupted run: start it anew
                 del group[name]
-                dsid = h5py.h5d.create(group.id, name.encode(), tid, space, dcpl=dcpl)
-            ds = h5py.Dataset(dsid)
-            if dtype == BAR_DTYPE:
-                # committed: nothing yet, so a writer killed before the commit marks leaves
-                # a table the next open truncates, not one taken as another tool's
-                _set_int_attr(ds, _ROWS_ATTR, 0)
-                _set_int_attr(ds, _INDEXED_ATTR, 0)
+                dsid = h5py.h5d.create(group.id, name.encode(), _tid_of(dtype), space,
+                                       dcpl=dcpl)
+            ds = dsid
+            row = self._state.rows.get(name)
+            if is_data:
+                self._open[name] = ds
+                if row is not None:
+                    row[2] = chunk
+            elif row is not None and row[3] != chunk:   # made by another setting: generic
+                row[3] = 0
+            chunks.assign(ds, chunk)
             out[name] = ds
-            size = dtype.itemsize
-            for k in range(0, rows.shape[0], chunk):
-                piece = rows[k:k + chunk]
-                raw = np.zeros((chunk, size), dtype=np.uint8)
-                raw[:piece.shape[0]] = piece.view(np.uint8).reshape(-1, size)
-                jobs.append((ds, k, raw.T.tobytes()))     # HDF5's shuffle: bytes by position
-        level = self._compression
-
-        def squeeze(batch: List[Tuple[h5py.Dataset, int, bytes]]) -> List[bytes]:
-            return [zlib.compress(job[2], level) for job in batch]
-
-        if len(jobs) > 8:
-            # a few large tasks per thread: one future per chunk costs more than its zlib
-            step = max(8, len(jobs) // (4 * max(1, os.cpu_count() or 1)))
-            compressed = [blob for part in self._pool().map(
-                squeeze, [jobs[k:k + step] for k in range(0, len(jobs), step)])
-                for blob in part]
-        else:
-            compressed = squeeze(jobs)
-        for (ds, k, _), blob in zip(jobs, compressed):
-            ds.id.write_direct_chunk((k,), blob)
         return out
 
     def _pool(self) -> ThreadPoolExecutor:
@@ -1024,24 +1243,158 @@ class HistoryFile:
 
     def _recover(self) -> None:
         """After a killed writer: truncate to committed rows, rebuild stale index tables."""
-        data = self._file["data"]
-        for name in sorted(data.keys()):
-            ds = data[name]
-            committed = ds.attrs.get(_ROWS_ATTR)
-            if committed is None:
+        for name, row in list(self._state.rows.items()):
+            ds = self._data(name)
+            if ds is None:
                 continue
+            committed, indexed = row[0], row[1]
             changed = False
-            if ds.shape[0] != int(committed):
-                ds.resize((int(committed),))
+            if _size(ds) != committed:
+                ds.set_extent((committed,))
                 changed = True
-            indexed = ds.attrs.get(_INDEXED_ATTR)
-            if changed or indexed is None or int(indexed) != int(committed):
-                self._update_index(name, ds, 0, int(committed))
-                ds.attrs[_INDEXED_ATTR] = int(committed)
+            if changed or indexed != committed:
+                self._reindex(name, ds, committed)
                 changed = True
             if changed:
                 self.recovered.append(name)
+        self._known.clear()
+        self._tails.clear()
+        self._state.save()
         self._file.flush()
+
+
+class _Chunks:
+    """The chunks of one commit phase: shuffled at once, compressed on a thread pool (zlib
+    releases the GIL) while the caller goes on, written with ``write_direct_chunk``; the
+    files are exactly what HDF5's own shuffle + deflate filters would have written."""
+
+    _BATCH = 64
+
+    def __init__(self, owner: HistoryFile) -> None:
+        self._owner = owner
+        self._level = owner._compression
+        self._targets: List[Tuple[Optional[Table], int]] = []
+        self._raw: List[bytes] = []
+        self._futures: List[Future[List[bytes]]] = []
+        self._submitted = 0
+        self._waiting: List[int] = []    # indexes in _targets still to get their dataset
+
+    def put(self, ds: Table, keep: int, rows: npt.NDArray[np.void], chunk: int,
+            prefix: Optional[npt.NDArray[np.void]] = None) -> None:
+        """Make rows ``[keep, keep + len(rows))`` of ``ds`` be ``rows`` and its size their
+        end. ``chunk``: the table's rows per chunk when the store made it (0: another
+        layout, written through HDF5). ``prefix``: stored rows ending at ``keep``, if known."""
+        n = int(rows.shape[0])
+        total = keep + n
+        start = keep // chunk * chunk if chunk else keep
+        head = keep - start
+        if n and chunk and head:
+            part: Optional[npt.NDArray[np.void]] = None
+            if prefix is not None and prefix.shape[0] >= head:
+                part = prefix[prefix.shape[0] - head:]
+            else:
+                decoded = _decode_chunk(ds, start, chunk, rows.dtype)
+                part = decoded[:head] if decoded is not None else None
+            if part is None:
+                chunk = 0
+            else:
+                rows = np.concatenate((part, rows))
+        if not chunk or not n:
+            _set_size(ds, total)
+            _write_rows(ds, keep, rows)
+            return
+        _set_size(ds, total)
+        pieces = _shuffled(rows, chunk)
+        for k, piece in enumerate(pieces):
+            self._targets.append((ds, start + k * chunk))
+            self._raw.append(piece)
+        self._submit()
+
+    def queue(self, rows: npt.NDArray[np.void], chunk: int) -> None:
+        """Chunks of a table about to be created (see :meth:`assign`)."""
+        pieces = _shuffled(rows, chunk) if rows.shape[0] else []
+        for k, piece in enumerate(pieces):
+            self._waiting.append(len(self._targets))
+            self._targets.append((None, k * chunk))
+            self._raw.append(piece)
+        self._submit()
+
+    def assign(self, ds: Table, chunk: int) -> None:
+        """The table :meth:`queue` was called for now exists."""
+        for i in self._waiting:
+            self._targets[i] = (ds, self._targets[i][1])
+        self._waiting.clear()
+
+    def _submit(self, force: bool = False) -> None:
+        while len(self._raw) - self._submitted >= self._BATCH or (
+                force and len(self._raw) > self._submitted):
+            batch = self._raw[self._submitted:self._submitted + self._BATCH]
+            self._submitted += len(batch)
+            if force and not self._futures and len(batch) < 8:
+                done: Future[List[bytes]] = Future()
+                done.set_result(_deflate(batch, self._level))
+                self._futures.append(done)
+            else:
+                self._futures.append(self._owner._pool().submit(_deflate, batch, self._level))
+
+    def write(self) -> None:
+        """Wait for the compressed chunks and write them."""
+        self._submit(force=True)
+        k = 0
+        for future in self._futures:
+            for blob in future.result():
+                ds, offset = self._targets[k]
+                assert ds is not None
+                ds.write_direct_chunk((offset,), blob)
+                k += 1
+        self._targets, self._raw, self._futures, self._submitted = [], [], [], 0
+
+
+def _deflate(batch: List[bytes], level: int) -> List[bytes]:
+    return [zlib.compress(raw, level) for raw in batch]
+
+
+def _layout_of(dsid: Any, dtype: np.dtype[Any] = BAR_DTYPE) -> int:
+    """Rows per chunk of a one-dimensional dataset of exactly ``dtype`` filtered by exactly
+    shuffle then deflate (the store's own layout, whose chunks it reads and writes
+    directly), else 0."""
+    try:
+        dsid = _dsid(dsid)
+        if dsid.dtype != dtype or len(dsid.shape) != 1:
+            return 0
+        dcpl = dsid.get_create_plist()
+        if dcpl.get_layout() != h5py.h5d.CHUNKED or dcpl.get_nfilters() != 2:
+            return 0
+        if [dcpl.get_filter(k)[0] for k in range(2)] != [h5py.h5z.FILTER_SHUFFLE,
+                                                         h5py.h5z.FILTER_DEFLATE]:
+            return 0
+        return int(dcpl.get_chunk()[0])
+    except (ValueError, RuntimeError, TypeError):
+        return 0
+
+
+def search_datetime(ds: Table, rows: int, value: int,
+                    side: Literal["left", "right"]) -> int:
+    """Binary search of ``datetime`` over the first ``rows`` rows of a ``/data`` table,
+    reading few chunks. Incremental work looks near the end: the last rows are tried first.
+    """
+    if rows > _TAIL:
+        tail = _read_rows(ds, rows - _TAIL, rows)["datetime"]
+        if int(tail[0]) < value:
+            return rows - _TAIL + int(np.searchsorted(tail, np.uint64(value), side=side))
+    lo, hi = 0, rows
+    # narrow down on a coarse sample first, then read one stretch
+    while hi - lo > 4096:
+        mid = (lo + hi) // 2
+        v = int(_read_rows(ds, mid, mid + 1)[0]["datetime"])
+        if v < value or (side == "right" and v == value):
+            lo = mid + 1
+        else:
+            hi = mid
+    if hi <= lo:
+        return lo
+    block = _read_rows(ds, lo, hi)["datetime"]
+    return lo + int(np.searchsorted(block, np.uint64(value), side=side))
 
 
 def open_file(
@@ -1088,18 +1441,36 @@ def open_file(
         raise HistoryError(path, "no such file")
     if mode == "a":
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    try:
-        file = h5py.File(path, mode)   # h5py's default format: hikyuu and PyTables read it
-    except OSError as exc:
-        if mode != "a" or not recover_corrupt or not os.path.exists(path):
-            raise HistoryError(path, f"cannot open: {exc}") from exc
-        os.replace(path, f"{path}.corrupt-{int(time.time())}")
-        file = h5py.File(path, mode)
+    deadline = time.monotonic() + _LOCK_WAIT
+    while True:
+        try:
+            file = h5py.File(path, mode)   # h5py's default format: hikyuu and PyTables read it
+            break
+        except OSError as exc:
+            if _locked(exc):
+                # HDF5's own file lock: another program has it open (a viewer, or the
+                # writer process of a killed import still exiting): wait a little, then
+                # give up; never take a locked file for a broken one
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                raise HistoryError(path, "in use by another program (HDF5 file lock); "
+                                         "close it and run again") from exc
+            if mode != "a" or not recover_corrupt or not os.path.exists(path):
+                raise HistoryError(path, f"cannot open: {exc}") from exc
+            os.replace(path, f"{path}.corrupt-{int(time.time())}")
+            file = h5py.File(path, mode)
+            break
     try:
         return HistoryFile(file, period, mode=mode, chunk_rows=rows, compression=compression)
     except Exception:
         file.close()
         raise
+
+
+def _locked(exc: OSError) -> bool:
+    """An HDF5 open refused because of its file lock (not a broken file)."""
+    return isinstance(exc, BlockingIOError) or "unable to lock file" in str(exc)
 
 
 def iter_files(directory: Union[str, os.PathLike[str]]) -> Iterator[Tuple[str, str, str]]:

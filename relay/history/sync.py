@@ -197,7 +197,7 @@ def _sync_file(req: Requester, directory: str, cat: CatalogueSlice, keep: List[i
         state = _FileState(label, len(keep), progress)
 
         def fetch(batch: List[Tuple[str, str]]) -> Tuple[List[_Entry], Any]:
-            entries = _entries(raw, cat.market, groups, batch, refetch, known)
+            entries = _entries(hf, raw, cat.market, groups, batch, refetch, known)
             return entries, _request(req, cat, entries, max_reply, summary)
 
         # First pass over the /data tables, pipelined: the next request is under way (on a
@@ -243,7 +243,7 @@ def _check(reply: Any, entries: List[_Entry]) -> List[TableSlice]:
     return tables
 
 
-def _entries(raw: h5py.File, market: str, groups: Sequence[str],
+def _entries(hf: HistoryFile, raw: h5py.File, market: str, groups: Sequence[str],
              batch: List[Tuple[str, str]], refetch: Set[Tuple[str, str]],
              known: Dict[str, List[Any]]) -> List[_Entry]:
     present = {g: set(raw[g].keys()) if g in raw else set() for g in groups}
@@ -255,7 +255,7 @@ def _entries(raw: h5py.File, market: str, groups: Sequence[str],
             continue
         tail = known.get(name) if group == "data" else None
         out.append((code, group, int(tail[0]), str(tail[1])) if tail else
-                   _entry(raw, market, code, group))
+                   _entry(hf, raw, market, code, group))
     return out
 
 
@@ -294,13 +294,13 @@ class _FileState:
         return sorted(again) + partial + [(code, g) for code in foreign for g in groups[1:]]
 
 
-def _entry(raw: h5py.File, market: str, code: str, group: str) -> _Entry:
+def _entry(hf: HistoryFile, raw: h5py.File, market: str, code: str, group: str) -> _Entry:
     """``[code, group, rows held, digest of the last rows]`` for a sync request."""
     ds = raw.get(f"{group}/{market}{code}")
     if not isinstance(ds, h5py.Dataset):
         return code, group, 0, ""
     is_data = group == "data"
-    rows = HistoryFile._rows(ds) if is_data else int(ds.shape[0])
+    rows = hf.committed(market + code, ds) if is_data else int(ds.shape[0])
     if not rows:
         return code, group, 0, ""
     tail = ds[max(0, rows - SYNC_WINDOW):rows]
@@ -374,27 +374,10 @@ def _apply(hf: HistoryFile, raw: h5py.File, market: str,
         refetch.discard(key)   # fetched from 0: a next page continues incrementally
     hf.commit()
     for code, group, have, rows in index_tables:
-        summary.index_fixed += _match_index(raw, group, market + code, have, rows)
+        summary.index_fixed += int(hf.put_index(market + code, group, have, rows))
     if index_tables:
-        raw.flush()
+        hf.flush()
     return again, foreign
-
-
-def _match_index(raw: h5py.File, group: str, name: str, have: int,
-                 rows: np.ndarray[Any, Any]) -> int:
-    """Make ``/<group>/<name>`` rows ``[have, ...)`` the relay's (1 if it had to write)."""
-    ds = raw.get(f"{group}/{name}")
-    if isinstance(ds, h5py.Dataset):
-        local = ds[have:]
-        if local.shape[0] >= rows.shape[0] and canonical(local[:rows.shape[0]],
-                                                         INDEX_DTYPE) == rows.tobytes():
-            return 0
-        ds.resize((have + rows.shape[0],))
-        ds[have:] = rows
-        return 1
-    raw.require_group(group).create_dataset(name, data=rows, maxshape=(None,), chunks=(256,),
-                                            compression="gzip", shuffle=True)
-    return 1
 
 
 def progress_printer(stream: Any = None) -> Tuple[Progress, Callable[[], None]]:

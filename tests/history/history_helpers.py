@@ -47,7 +47,8 @@ def write_history(directory: Path, source: SimulatorHistory, *, start: Dict[str,
 
 
 def tables_of(directory: Path) -> Dict[str, Dict[str, np.ndarray]]:
-    """Every dataset of every history file: {file name: {"/group/table": rows}}."""
+    """Every hikyuu table of every history file: {file name: {"/group/table": rows}} (the
+    store's own commit record, ``relay_state``, is bookkeeping and left out)."""
     out: Dict[str, Dict[str, np.ndarray]] = {}
     for market in ("SH", "SZ", "BJ"):
         for period in PERIODS:
@@ -57,7 +58,7 @@ def tables_of(directory: Path) -> Dict[str, Dict[str, np.ndarray]]:
             found: Dict[str, np.ndarray] = {}
             with h5py.File(path, "r") as f:
                 def visit(name: str, obj: object, found: Dict[str, np.ndarray] = found) -> None:
-                    if isinstance(obj, h5py.Dataset):
+                    if isinstance(obj, h5py.Dataset) and name != "relay_state":
                         found[name] = obj[:]
                 f.visititems(visit)
             out[path.name] = found

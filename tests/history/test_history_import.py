@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from datetime import date
 from pathlib import Path
 from typing import Any, Dict
@@ -22,7 +23,7 @@ from relay.errors import HistoryLockedError
 from relay.history import open_dir
 from relay.history.importer import ImportRequest, run_import
 from relay.history.simulator import SimulatorHistory
-from relay.history.store import DirectoryLock, open_file
+from relay.history.store import DirectoryLock, committed_rows, open_file
 from relay.sources.simulator import SimulatedMarket, SimulatorSource
 
 LIVE_DATE = "2024-12-04"   # a Wednesday: history ends Tuesday 2024-12-03
@@ -30,6 +31,7 @@ SIM = SimulatorConfig(securities=12, date=LIVE_DATE, seed=7)
 
 
 def _config(tmp_path: Path, **history: Any) -> Config:
+    history.setdefault("writers", 1)     # in-process; parallel writers have tests of their own
     hc = dataclasses.replace(HistoryConfig(), dir=str(tmp_path / "data"), chunk_codes=10,
                              **history)
     return Config(source=SourceConfig(simulator=SIM), history=hc)
@@ -118,6 +120,23 @@ def test_import_incremental_and_nothing_new(tmp_path: Path) -> None:
             assert a.raw(symbol, "5min").tolist() == b.raw(symbol, "5min").tolist()
 
 
+def test_parallel_writers_write_what_one_process_writes(tmp_path: Path) -> None:
+    """Files written by writer processes (one per file, two at a time) equal those of an
+    in-process import, and so does the summary; a re-run finds nothing new."""
+    from history_helpers import assert_same_tables
+
+    one = _config(tmp_path / "one", writers=1)
+    two = _config(tmp_path / "two", writers=2)
+    first = run_import(one, _request(one), SimulatorHistory(SIM))
+    second = run_import(two, _request(two), SimulatorHistory(SIM))
+    assert first.written == second.written and first.total_written > 0
+    assert (first.unchanged, first.rejected, first.failed) == (
+        second.unchanged, second.rejected, second.failed)
+    assert_same_tables(Path(one.history.dir), Path(two.history.dir))
+    again = run_import(two, _request(two), SimulatorHistory(SIM))
+    assert 0 == again.total_written
+
+
 def test_partial_last_day_is_replaced(tmp_path: Path) -> None:
     """A partial (intraday) last day stored earlier is completed by the next run."""
     config = _config(tmp_path)
@@ -203,9 +222,10 @@ def test_killed_import_leaves_readable_files_and_rerun_completes(tmp_path: Path)
     files = list(data.glob("*.h5"))
     assert files
     for path in files:
-        with h5py.File(path, "r") as h5:
+        with _open_when_free(path) as h5:
+            marks = committed_rows(h5)
             for name, ds in h5["data"].items():
-                rows = ds[: int(ds.attrs.get("relay_rows", ds.shape[0]))]
+                rows = ds[: marks.get(name, (ds.shape[0], 0))[0]]
                 assert np.all(np.diff(rows["datetime"].astype(np.int64)) > 0), name
     rerun = _cli(tmp_path, "import", "--dir", str(data), "--config", str(cfg), "--periods",
                  "1min", "--start", "20241111")
@@ -219,6 +239,19 @@ def test_killed_import_leaves_readable_files_and_rerun_completes(tmp_path: Path)
             assert a.symbols(period) == b.symbols(period)
             for symbol in a.symbols(period):
                 assert a.raw(symbol, period).tolist() == b.raw(symbol, period).tolist()
+
+
+def _open_when_free(path: Path) -> h5py.File:
+    """Open read-only once HDF5's file lock is free (the writer processes of a killed
+    import die with it, within moments)."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            return h5py.File(path, "r")
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def test_open_dir_plain_units(tmp_path: Path) -> None:

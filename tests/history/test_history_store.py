@@ -16,6 +16,8 @@ from relay.history.store import (
     INDEX_DTYPE,
     DirectoryLock,
     bars_to_records,
+    bars_to_records_many,
+    committed_rows,
     index_labels,
     open_file,
 )
@@ -114,7 +116,9 @@ def test_layout_round_trip_h5py(tmp_path: Path) -> None:
             "closePrice": np.dtype("<u4"), "transAmount": np.dtype("<u8"),
             "transCount": np.dtype("<u8")}
         assert (ds[:] == rows).all()
-        assert set(h5.keys()) == {"data", "week", "month", "quarter", "halfyear", "year"}
+        # hikyuu's groups, and the store's commit record beside them
+        assert set(h5.keys()) == {"data", "week", "month", "quarter", "halfyear", "year",
+                                  "relay_state"}
         assert h5["week/SH600000"].dtype == INDEX_DTYPE
         # h5py's default format (superblock 0), not libver="latest"
         assert h5.libver[0] == "earliest"
@@ -193,7 +197,7 @@ def test_intraday_index_tables(tmp_path: Path, index: str, labels: List[int]) ->
         assert _aggregate(rows, expected_labels) == _aggregate_by_index(rows, idx)
         assert len(idx) == len(labels) * 3
     with h5py.File(tmp_path / "sh_5min.h5", "r") as h5:
-        assert set(h5.keys()) == {"data", "min15", "min30", "min60", "hour2"}
+        assert set(h5.keys()) == {"data", "min15", "min30", "min60", "hour2", "relay_state"}
 
 
 def test_one_minute_file_has_only_data(tmp_path: Path) -> None:
@@ -204,7 +208,7 @@ def test_one_minute_file_has_only_data(tmp_path: Path) -> None:
     with open_file(tmp_path, "BJ", "1min", "a") as f:
         f.append("BJ830799", rows)
     with h5py.File(tmp_path / "bj_1min.h5", "r") as h5:
-        assert list(h5.keys()) == ["data"]
+        assert list(h5.keys()) == ["data", "relay_state"]   # no index groups
         assert h5["data/BJ830799"][-1]["datetime"] == 202403011500
 
 
@@ -360,3 +364,111 @@ def test_writer_killed_after_writing_a_new_table_before_its_marks(tmp_path: Path
                   for d in _days(dt.date(2024, 1, 2), 40)]
         assert _aggregate(rows, labels) == _aggregate_by_index(rows,
                                                                f.read_index("SH600000", "week"))
+
+
+def _to_legacy_marks(path: Path, extra: int = 0) -> None:
+    """Rewrite a store file as the first release wrote it: marks as attributes of each
+    table, no commit record; ``extra`` uncommitted rows appended to every table."""
+    with h5py.File(path, "a") as h5:
+        record = h5["relay_state"][:]
+        del h5["relay_state"]
+        for row in record:
+            ds = h5["data"][row["name"].decode()]
+            ds.attrs["relay_rows"] = int(row["rows"])
+            ds.attrs["relay_indexed"] = int(row["indexed"])
+            if extra:
+                ds.resize((ds.shape[0] + extra,))
+        h5.attrs["relay_dirty"] = 1 if extra else 0
+
+
+def test_files_with_per_table_marks_are_read_and_adopted(tmp_path: Path) -> None:
+    """A file whose commit marks are per-table attributes (the first release) reads with
+    its committed rows only, and a writer adopts the marks (recovering a killed write)."""
+    rows = _day_rows(_days(dt.date(2024, 1, 2), 60))
+    with open_file(tmp_path, "SZ", "day", "a") as f:
+        f.append("SZ000001", rows[:40])
+        f.append("SZ000002", rows[:20])
+    _to_legacy_marks(tmp_path / "sz_day.h5", extra=3)
+    with open_file(tmp_path, "SZ", "day") as f:
+        assert 40 == f.read("SZ000001").shape[0]
+        assert 20 == f.rows("SZ000002")
+    with h5py.File(tmp_path / "sz_day.h5", "r") as h5:
+        assert {"SZ000001": (40, 40), "SZ000002": (20, 20)} == committed_rows(h5)
+    with open_file(tmp_path, "SZ", "day", "a") as f:
+        assert ["SZ000001", "SZ000002"] == sorted(f.recovered)
+        f.merge("SZ000001", rows)
+    with open_file(tmp_path, "SZ", "day") as f:
+        assert (f.read("SZ000001") == rows).all()
+        assert (f.read("SZ000002") == rows[:20]).all()
+        labels = [int(_label_by_calendar(d, "month").strftime("%Y%m%d")) * 10000
+                  for d in _days(dt.date(2024, 1, 2), 60)]
+        assert _aggregate(rows, labels) == _aggregate_by_index(
+            rows, f.read_index("SZ000001", "month"))
+    with h5py.File(tmp_path / "sz_day.h5", "r") as h5:
+        assert {"SZ000001": (60, 60), "SZ000002": (20, 20)} == committed_rows(h5)
+
+
+def test_bars_to_records_many_equals_one_by_one() -> None:
+    """Converting many securities in one pass gives each one's records and the summed
+    rejections, the order check starting anew with each security."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(5)
+    securities = []
+    for _ in range(6):
+        n = int(rng.integers(0, 40))
+        dt_ = np.sort(rng.choice(np.arange(202401020000, 202401020000 + 400), n,
+                                 replace=False)).astype(np.uint64)
+        if n > 3:
+            dt_[2] = dt_[1]                  # a duplicate
+        close = rng.uniform(1, 50, n)
+        if n > 5:
+            close[4] = np.nan
+        securities.append(SimpleNamespace(datetime=dt_, open=close, high=close + 1,
+                                          low=close - 0.5, close=close,
+                                          amount=rng.uniform(0, 1e6, n),
+                                          volume=rng.uniform(0, 1e4, n)))
+    securities.append(SimpleNamespace(**{f: np.empty(0) for f in (
+        "datetime", "open", "high", "low", "close", "amount", "volume")}))
+    many, rejected = bars_to_records_many(securities)
+    total: Dict[str, int] = {}
+    assert len(many) == len(securities)
+    for got, bars in zip(many, securities):
+        one, bad = bars_to_records(bars.datetime, bars.open, bars.high, bars.low,
+                                   bars.close, bars.amount, bars.volume)
+        assert one.tolist() == got.tolist()
+        for reason, count in bad.items():
+            total[reason] = total.get(reason, 0) + count
+    assert total == rejected
+    assert rejected.get("not_increasing", 0) > 0
+
+
+def test_a_file_another_program_holds_is_waited_for_never_moved_aside(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """HDF5's file lock held by another process (a viewer) makes a writer wait, then fail
+    with a clear error; even with recover_corrupt the file is not taken for a broken one."""
+    import subprocess
+    import sys
+
+    from relay.history import store
+
+    with open_file(tmp_path, "SH", "day", "a") as f:
+        f.append("SH600000", _day_rows(_days(dt.date(2024, 1, 2), 5)))
+    path = tmp_path / "sh_day.h5"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time, h5py\n"
+         "f = h5py.File(sys.argv[1], 'r'); print('open', flush=True); time.sleep(60)",
+         str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and "open" in holder.stdout.readline()
+        monkeypatch.setattr(store, "_LOCK_WAIT", 0.3)
+        with pytest.raises(HistoryError, match="in use by another program"):
+            open_file(tmp_path, "SH", "day", "a", recover_corrupt=True)
+        assert [] == list(tmp_path.glob("*.corrupt-*"))
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+        if holder.stdout is not None:
+            holder.stdout.close()
+    with open_file(tmp_path, "SH", "day", "a", recover_corrupt=True) as f:
+        assert 5 == f.rows("SH600000")
