@@ -328,6 +328,34 @@ def _doubles(count: int) -> struct.Struct:
     return struct.Struct(f"={count}d")
 
 
+@lru_cache(maxsize=64)
+def _longs(count: int) -> struct.Struct:
+    return struct.Struct(f"={count}q")
+
+
+def _pack_numbers(row: Any, lo: int, items: List[Any]) -> None:
+    """``items`` as doubles into ``row[lo:lo + len(items)]`` (a contiguous float64 array).
+
+    ``Struct("d")`` reads each item the way ``array("d")`` does in the per-tick path. A
+    Python int goes through a temporary float object that way, so a column that starts
+    with an int (sizes and volumes, which QMT sends as ints) is first packed as int64 --
+    exactly, with no objects -- and cast by numpy, which rounds an int to the nearest double
+    as ``float()`` does; a float in it, or an int outside int64, makes that fail
+    (``struct.error``) and the column is packed as doubles after all.
+    """
+    n = len(items)
+    if n and items[0].__class__ is int:
+        longs = np.empty(n, np.int64)
+        try:
+            _longs(n).pack_into(longs.data, 0, *items)
+        except struct.error:
+            pass
+        else:
+            row[lo:lo + n] = longs
+            return
+    _doubles(n).pack_into(row, 8 * lo, *items)
+
+
 class _Chunk(NamedTuple):
     """The integer columns and book depth of one chunk of ticks, as :meth:`Normaliser._read`
     returns them (its doubles go straight into the batch's arrays)."""
@@ -557,10 +585,8 @@ class Normaliser:
         # Struct("d").pack reads a value as a double exactly as array("d") does in the
         # per-tick path: None, strings and lists are refused (struct.error), ints and bools
         # accepted; NaN, infinity and negatives are caught on the arrays after.
-        n = values.shape[1]
-        pack = _doubles(m).pack_into
         for k in range(7):
-            pack(values, 8 * (k * n + lo), *cells[3 + k::14])
+            _pack_numbers(values[k], lo, cells[3 + k::14])
         lists = cells[10::14] + cells[11::14] + cells[12::14] + cells[13::14]
         lengths = set(map(len, lists))
         if not set(map(type, lists)) <= _SEQUENCES or len(lengths) != 1:
@@ -569,12 +595,10 @@ class Normaliser:
         if levels not in (self._book_levels, 0):
             return None
         if levels:
-            width = book.shape[1]
-            pack = _doubles(m * levels).pack_into
             for k in range(4):
                 flat: List[Any] = []  # list.extend copies a short list without the iterator
                 deque(map(flat.extend, lists[k * m:(k + 1) * m]), maxlen=0)  # object chain
-                pack(book, 8 * (k * width + lo * levels), *flat)  # makes per item: 2x faster
+                _pack_numbers(book[k], lo * levels, flat)  # makes per item: 2x faster
         return _Chunk(times_l, status_l, trades_l, levels)
 
     def _per_tick(self, batch: Mapping[str, Any]) -> BatchResult:
