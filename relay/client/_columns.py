@@ -293,7 +293,10 @@ def batch_arrays(parts: Sequence[MessageColumns],
             out[name] = np.zeros(0, _EMPTY_STR)
             continue
         col = np.concatenate([part.strings[k] for part in parts])
-        width = max(int(part.chars[k].max()) for part in parts) or 1
+        if positions is None:  # each str array is as wide as its longest value
+            width = max(part.strings[k].dtype.itemsize for part in parts) // 4
+        else:  # the records kept may all be shorter
+            width = max(int(part.chars[k].max()) for part in parts) or 1
         out[name] = col if col.dtype.itemsize == 4 * width else col.astype(f"<U{width}")
     # Allocate every numeric column, then fill them message by message: all fields of a
     # message are gathered while its buffer is in the CPU cache.
@@ -322,11 +325,22 @@ def batch_arrays(parts: Sequence[MessageColumns],
                 col[at:end] = view
             else:
                 depth = view.shape[1]
+                if depth == col.shape[1] and depth:
+                    # Each record's book is `depth` contiguous doubles: copied as one item
+                    # each (a strided copy of whole rows is ~2x faster than per double).
+                    _rows_of(col[at:end])[...] = _rows_of(view)
+                    continue
                 col[at:end, :depth] = view
                 if depth < col.shape[1]:
                     col[at:end, depth:] = fill
         at = end
     return out
+
+
+def _rows_of(matrix: Any) -> Any:
+    """A ``(n, depth)`` float64 array whose rows are contiguous as ``n`` opaque items of
+    ``8 * depth`` bytes (a view of the same memory)."""
+    return matrix.view(f"V{8 * matrix.shape[1]}")[:, 0]
 
 
 def _select(parts: Sequence[MessageColumns], positions: Any) -> List[MessageColumns]:
