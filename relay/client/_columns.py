@@ -270,7 +270,7 @@ def spot_columns(buf: bytes, base: int, count: int, table_size: int,
             return None  # a value ends in NUL, which its str array element has lost
     columns: List[Any] = [text.tolist() for text in cols.strings]
     columns += [[0.0] * count if view is None else view for view in cols.doubles]
-    columns += [np.ascontiguousarray(book).reshape(-1) for book in cols.books]
+    columns += [_contiguous(book).reshape(-1) for book in cols.books]
     columns += [[None] * count if view is None else view for view in cols.optional]
     return SpotColumns(count, depths.pop(), columns)
 
@@ -341,6 +341,16 @@ def _rows_of(matrix: Any) -> Any:
     """A ``(n, depth)`` float64 array whose rows are contiguous as ``n`` opaque items of
     ``8 * depth`` bytes (a view of the same memory)."""
     return matrix.view(f"V{8 * matrix.shape[1]}")[:, 0]
+
+
+def _contiguous(matrix: Any) -> Any:
+    """A C-contiguous copy of a ``(n, depth)`` float64 view, record by record (see
+    :func:`_rows_of`)."""
+    if not matrix.shape[1]:
+        return np.zeros(matrix.shape)
+    out = np.empty(matrix.shape)
+    _rows_of(out)[...] = _rows_of(matrix)
+    return out
 
 
 def _select(parts: Sequence[MessageColumns], positions: Any) -> List[MessageColumns]:
