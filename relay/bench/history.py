@@ -7,9 +7,13 @@ Run ``python -m relay.bench history [--securities N] [--years Y] [--minute-days 
    simulator's last day) are generated, converted (:func:`bars_to_records`) and written in
    chunks of ``--chunk`` securities; the three stages are timed separately and together.
 2. 1min and 5min bars of every security for ``minute_days`` trading days, the same way.
-3. The incremental run: :func:`~relay.history.importer.run_import` of the last trading day for
-   all three periods of the whole market over those files (it re-reads the stored last day,
-   finds it unchanged, and appends the new one), timed from lock to summary.
+3. The import end to end: :func:`~relay.history.importer.run_import` of the same day bars into
+   an empty directory, as ``qmt-relay history import`` runs it (generated, converted and
+   written, each market's file by a writer process of its own: ``history.writers``), timed
+   from lock to summary.
+4. The incremental run: :func:`~relay.history.importer.run_import` of the last trading day for
+   all three periods of the whole market over the files of 1 and 2 (it re-reads the stored
+   last day, finds it unchanged, and appends the new one), timed from lock to summary.
 
 Prints figures; asserts nothing. The machine's load shows in them: compare runs on one machine.
 """
@@ -106,6 +110,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         help="the live simulator's date (history ends the day before)")
     parser.add_argument("--compression", type=int, default=HistoryConfig().compression,
                         help="gzip level of the tables written (history.compression)")
+    parser.add_argument("--writers", type=int, default=HistoryConfig().writers,
+                        help="writer processes of the imports (history.writers; 0 = per CPU)")
     parser.add_argument("--dir", help="where to write (default: a temporary directory)")
     args = parser.parse_args(argv)
 
@@ -128,9 +134,20 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                    _ymd(existing_end), max(50, args.chunk // 5),
                                    args.compression))
         hc = dataclasses.replace(HistoryConfig(), dir=directory, chunk_codes=args.chunk,
-                                 compression=args.compression,
+                                 compression=args.compression, writers=args.writers,
                                  progress_interval=3600.0)
         config = Config(source=SourceConfig(simulator=sim), history=hc)
+        fresh = os.path.join(directory, "import")
+        t0 = time.perf_counter()
+        done = run_import(config, ImportRequest(dir=fresh, periods=("day",), markets=MARKETS,
+                                                start=_ymd(day_start), end=_ymd(existing_end)),
+                          SimulatorHistory(sim))
+        elapsed = time.perf_counter() - t0
+        writers = args.writers or min(os.cpu_count() or 1, 4)
+        print(f"  day: {done.total_written:>12,} bars imported end to end (generated, "
+              f"converted, written; {writers} writer processes) in {elapsed:.1f} s: "
+              f"{done.total_written / elapsed:>12,.0f} bars/s")
+        shutil.rmtree(fresh, ignore_errors=True)
         request = ImportRequest(dir=directory, periods=("day", "1min", "5min"),
                                 markets=MARKETS)
         t0 = time.perf_counter()

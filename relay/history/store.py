@@ -55,11 +55,13 @@ from __future__ import annotations
 import os
 import time
 import zlib
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
 from typing import (
     Any,
+    Deque,
     Dict,
     Iterator,
     List,
@@ -146,6 +148,7 @@ _MAX_PRICE = (2**32 - 1) / 1000.0
 _DIRTY_ATTR = "relay_dirty"
 _LOCK_NAME = ".qmt-relay-history.lock"
 _LOCK_WAIT = 5.0                 # seconds a writer waits for a file HDF5 reports locked
+_OPEN_TABLES = 32                # data tables a file keeps open (the ones just used)
 _TAIL = 256                      # rows of a table's end read for incremental work
 
 Mode = Literal["r", "a"]
@@ -460,16 +463,17 @@ def _get_int_attr(ds: Table, name: str) -> Optional[int]:
 #    and re-reads a chunk it rewrites; here the chunks of a commit are compressed on every
 #    core and the last chunk of a table is decoded once, from the bytes already read)
 
-def _shuffled(rows: npt.NDArray[np.void], chunk: int) -> List[bytes]:
+def _shuffled(rows: npt.NDArray[np.void], chunk: int) -> List[Any]:
     """``rows`` cut into chunks of ``chunk`` rows (the last zero-padded), each shuffled as
-    HDF5's shuffle filter does (byte ``j`` of every element together)."""
+    HDF5's shuffle filter does (byte ``j`` of every element together); the chunks are
+    contiguous views of one array (zlib reads them as they are)."""
     size = rows.dtype.itemsize
     n = int(rows.shape[0])
     count = -(-n // chunk)
     raw = np.zeros((count * chunk, size), dtype=np.uint8)
     raw[:n] = np.ascontiguousarray(rows).view(np.uint8).reshape(n, size)
-    blocks = raw.reshape(count, chunk, size).transpose(0, 2, 1)
-    return [blocks[k].tobytes() for k in range(count)]
+    blocks = np.ascontiguousarray(raw.reshape(count, chunk, size).transpose(0, 2, 1))
+    return list(blocks.reshape(count, chunk * size))
 
 
 def _decode_chunk(dsid: Any, lo: int, chunk: int, dtype: np.dtype[Any]
@@ -498,6 +502,7 @@ STATE_DTYPE = np.dtype([
     ("indexed", "<u8"),     # rows the index tables describe
     ("chunk", "<u4"),       # rows per chunk of the /data table when the store made it, else 0
     ("ichunk", "<u4"),      # the same for its index tables
+    ("last", "<u8"),        # datetime of row rows - 1 (0: not recorded)
 ])
 """The commit record of a file (the dataset ``/relay_state``), one row per table the store
 writes; tables without a row are another tool's and taken as they are."""
@@ -521,7 +526,8 @@ class _State:
             record = ds[:]
             for row in record:
                 self.rows[row["name"].decode()] = [int(row["rows"]), int(row["indexed"]),
-                                                   int(row["chunk"]), int(row["ichunk"])]
+                                                   int(row["chunk"]), int(row["ichunk"]),
+                                                   int(row["last"])]
         else:
             self.legacy = True
 
@@ -532,15 +538,22 @@ class _State:
             if rows is None:
                 return None
             indexed = _get_int_attr(ds, "relay_indexed")
-            found = [rows, 0 if indexed is None else indexed, 0, 0]
+            found = [rows, 0 if indexed is None else indexed, 0, 0, 0]
         return found
 
     def set(self, name: str, rows: int, indexed: int, chunk: int = -1,
-            ichunk: int = -1) -> None:
+            ichunk: int = -1, last: int = -1) -> None:
+        """Record a table's marks (``-1``: keep that value; ``last`` is forgotten when the
+        rows change without it)."""
         row = self.rows.get(name)
         if row is None:
-            row = self.rows[name] = [rows, indexed, max(chunk, 0), max(ichunk, 0)]
+            row = self.rows[name] = [rows, indexed, max(chunk, 0), max(ichunk, 0),
+                                     max(last, 0)]
         else:
+            if last >= 0:
+                row[4] = last
+            elif row[0] != rows:
+                row[4] = 0
             row[0], row[1] = rows, indexed
             if chunk >= 0:
                 row[2] = chunk
@@ -555,7 +568,7 @@ class _State:
         if self.rows:
             record["name"] = [n.encode() for n in self.rows]
             values = np.array(list(self.rows.values()), dtype=np.int64)
-            for k, field in enumerate(("rows", "indexed", "chunk", "ichunk")):
+            for k, field in enumerate(("rows", "indexed", "chunk", "ichunk", "last")):
                 record[field] = values[:, k]
         ds = self._file.get(_STATE_NAME)
         if not isinstance(ds, h5py.Dataset):
@@ -635,6 +648,7 @@ class HistoryFile:
         self._indexes = INDEX_GROUPS[period]
         self._dcpl: Dict[int, Any] = {}
         self._open: Dict[str, Table] = {}
+        self._absent: Set[str] = set()
         self._groups: Dict[str, h5py.Group] = {}
         # a writer keeps the tables of a file open through a pass; their own chunks are
         # read and written directly, so a small chunk cache each is enough
@@ -842,6 +856,9 @@ class HistoryFile:
         # 1. lower the committed mark of tables whose tail will be overwritten; record new
         #    tables (nothing committed) before they exist, and adopt other tools' tables
         for name, pend in pending.items():
+            row = state.rows.get(name)
+            if row is not None and pend.keep == row[0]:
+                continue       # a pure append to a table of ours: nothing to record yet
             ds = self._data(name)
             row = state.get(name, ds)
             if ds is None:
@@ -855,7 +872,6 @@ class HistoryFile:
             self._file.flush()
         # 2. the rows (every chunk of a commit compressed on every core)
         written: Dict[str, int] = {}
-        handles: Dict[str, Table] = {}
         fresh: List[Tuple[h5py.Group, str, npt.NDArray[np.void]]] = []
         chunks = _Chunks(self)
         for name, pend in pending.items():
@@ -868,9 +884,8 @@ class HistoryFile:
                 if tail is not None and tail[0] == pend.keep:
                     prefix = tail[1]
                 chunks.put(ds, pend.keep, pend.rows, state.rows[name][2], prefix)
-                handles[name] = ds
             written[name] = int(pend.rows.shape[0])
-        handles.update(self._create_tables(fresh, chunks))
+        self._create_tables(fresh, chunks)
         chunks.write()
         for name in pending:
             self._tails.pop(name, None)
@@ -878,8 +893,10 @@ class HistoryFile:
         # 3. commit marks, index tables
         for name, pend in pending.items():
             row = state.rows[name]
-            state.set(name, pend.keep + int(pend.rows.shape[0]), row[1])
-        self._update_indexes(handles, pending)
+            n = int(pend.rows.shape[0])
+            state.set(name, pend.keep + n, row[1],
+                      last=int(pend.rows[-1]["datetime"]) if n else -1)
+        self._update_indexes(pending)
         for name, pend in pending.items():
             if pend.rows.shape[0]:
                 self._known[name] = (pend.keep + int(pend.rows.shape[0]),
@@ -975,7 +992,7 @@ class HistoryFile:
                 idx = self._index(index, name)
                 ichunks.add(_layout_of(idx, INDEX_DTYPE) if idx is not None else 0)
             ichunk = ichunks.pop() if len(ichunks) == 1 else 0
-            state.rows[name] = [found[0], found[1], chunk, ichunk]
+            state.rows[name] = [found[0], found[1], chunk, ichunk, 0]
         state.legacy = False
         state.dirty = True
 
@@ -991,12 +1008,17 @@ class HistoryFile:
     def _data(self, name: str) -> Optional[Table]:
         ds = self._open.get(name)
         if ds is None:
+            if name in self._absent:
+                return None
             group = self._group("data")
             found = _open_dataset(group, name, self._dapl) if group is not None else None
             if found is None:
+                if self.mode == "a":      # a writer alone adds tables: remember the misses
+                    self._absent.add(name)
                 return None
-            if len(self._open) >= 8192:    # bounded: each may hold decompressed chunks
-                self._open.clear()
+            # a few only: HDF5 opens and closes datasets slower the more are open
+            if len(self._open) >= _OPEN_TABLES:
+                del self._open[next(iter(self._open))]
             ds = self._open[name] = found
         return ds
 
@@ -1042,7 +1064,12 @@ class HistoryFile:
         return tail
 
     def last(self, name: str) -> Optional[int]:
-        """The last stored ``datetime`` of ``name`` (None: absent or empty); reads one row."""
+        """The last stored ``datetime`` of ``name`` (None: absent or empty); reads one row
+        (a writer knows it of the tables it wrote from the commit record)."""
+        row = self._state.rows.get(name)
+        if self.mode == "a" and row is not None and row[0] and row[4] \
+                and name not in self._pending:
+            return row[4]
         ds = self._data(name)
         if ds is None:
             return None
@@ -1099,11 +1126,10 @@ class HistoryFile:
         if row is None:
             self._state.set(name, total, 0, _layout_of(ds), 0)
         self._state.set(name, total, 0)
-        self._update_indexes({name: ds}, {name: _Pending(0, np.empty(0, BAR_DTYPE))},
-                             reread=True)
+        self._update_indexes({name: _Pending(0, np.empty(0, BAR_DTYPE))}, reread=True)
         self._state.set(name, total, total)
 
-    def _update_indexes(self, handles: Mapping[str, Table],
+    def _update_indexes(self,
                         pending: Mapping[str, _Pending], *, reread: bool = False) -> None:
         """Extend the index tables of the tables just written.
 
@@ -1118,7 +1144,6 @@ class HistoryFile:
         plans: List[Tuple[str, int, npt.NDArray[np.uint64], List[Tuple[Any, int, int]]]] = []
         appended: List[Tuple[str, npt.NDArray[np.uint64], int]] = []
         for name, pend in pending.items():
-            ds = handles[name]
             indexed = state.rows[name][1]
             if not reread and pend.last is not None and pend.keep > 0 and indexed == pend.keep:
                 # a pure append to a consistent table: only periods that start in the new
@@ -1147,19 +1172,19 @@ class HistoryFile:
                             kept, start_row = 0, 0
                 per_index.append((idx, kept, start_row))
             first = min(p[2] for p in per_index)
+            stop = state.rows[name][0] if reread else keep    # stored rows read back
+            ds = self._data(name) if stop > first else None
             if reread:
-                total = state.rows[name][0]
-                dts = (_read_rows(ds, first, total)["datetime"] if total > first
+                dts = (_read_rows(ds, first, stop)["datetime"] if ds is not None
                        else np.empty(0, dtype=np.uint64))
             else:
-                head = (_read_rows(ds, first, keep)["datetime"] if keep > first
+                head = (_read_rows(ds, first, stop)["datetime"] if ds is not None
                         else np.empty(0, dtype=np.uint64))
                 dts = np.concatenate((head, pend.rows["datetime"]))
             plans.append((name, first, np.asarray(dts, dtype=np.uint64), per_index))
         every = np.concatenate([p[2] for p in plans] + [a[1] for a in appended]
                                ) if plans or appended else np.empty(0, np.uint64)
-        unique, inverse = np.unique(every, return_inverse=True)
-        inverse = inverse.ravel()
+        unique, inverse = _unique_inverse(every)
         fresh: List[Tuple[h5py.Group, str, npt.NDArray[np.void]]] = []
         broken: Set[str] = set()
         chunks = _Chunks(self)
@@ -1194,7 +1219,9 @@ class HistoryFile:
             for index in self._indexes:
                 if name in self._file[index]:
                     del self._file[index][name]
-            self._reindex(name, handles[name], state.rows[name][0])
+            ds = self._data(name)
+            if ds is not None:
+                self._reindex(name, ds, state.rows[name][0])
 
     def _create_tables(self, tables: List[Tuple[h5py.Group, str, npt.NDArray[np.void]]],
                        chunks: _Chunks) -> Dict[str, Table]:
@@ -1226,7 +1253,7 @@ class HistoryFile:
             ds = dsid
             row = self._state.rows.get(name)
             if is_data:
-                self._open[name] = ds
+                self._absent.discard(name)
                 if row is not None:
                     row[2] = chunk
             elif row is not None and row[3] != chunk:   # made by another setting: generic
@@ -1265,19 +1292,20 @@ class HistoryFile:
 
 class _Chunks:
     """The chunks of one commit phase: shuffled at once, compressed on a thread pool (zlib
-    releases the GIL) while the caller goes on, written with ``write_direct_chunk``; the
-    files are exactly what HDF5's own shuffle + deflate filters would have written."""
+    releases the GIL) while the caller goes on, and written (``write_direct_chunk``) as
+    they come back, so that few tables stay open; the files are exactly what HDF5's own
+    shuffle + deflate filters would have written."""
 
-    _BATCH = 64
+    _BATCH = 64        # chunks per compression task
+    _AHEAD = 4         # tasks in flight before the caller waits for the oldest
 
     def __init__(self, owner: HistoryFile) -> None:
         self._owner = owner
         self._level = owner._compression
-        self._targets: List[Tuple[Optional[Table], int]] = []
-        self._raw: List[bytes] = []
-        self._futures: List[Future[List[bytes]]] = []
-        self._submitted = 0
-        self._waiting: List[int] = []    # indexes in _targets still to get their dataset
+        self._targets: List[List[Any]] = []     # [table or None until made, first row]
+        self._raw: List[Any] = []
+        self._flight: Deque[Tuple[Future[List[bytes]], List[List[Any]]]] = deque()
+        self._waiting: List[List[Any]] = []     # targets of the table being made
 
     def put(self, ds: Table, keep: int, rows: npt.NDArray[np.void], chunk: int,
             prefix: Optional[npt.NDArray[np.void]] = None) -> None:
@@ -1299,58 +1327,77 @@ class _Chunks:
                 chunk = 0
             else:
                 rows = np.concatenate((part, rows))
+        _set_size(ds, total)
         if not chunk or not n:
-            _set_size(ds, total)
             _write_rows(ds, keep, rows)
             return
-        _set_size(ds, total)
-        pieces = _shuffled(rows, chunk)
-        for k, piece in enumerate(pieces):
-            self._targets.append((ds, start + k * chunk))
+        for k, piece in enumerate(_shuffled(rows, chunk)):
+            self._targets.append([ds, start + k * chunk])
             self._raw.append(piece)
         self._submit()
+        self._drain()
 
     def queue(self, rows: npt.NDArray[np.void], chunk: int) -> None:
         """Chunks of a table about to be created (see :meth:`assign`)."""
         pieces = _shuffled(rows, chunk) if rows.shape[0] else []
         for k, piece in enumerate(pieces):
-            self._waiting.append(len(self._targets))
-            self._targets.append((None, k * chunk))
+            target: List[Any] = [None, k * chunk]
+            self._waiting.append(target)
+            self._targets.append(target)
             self._raw.append(piece)
         self._submit()
 
     def assign(self, ds: Table, chunk: int) -> None:
         """The table :meth:`queue` was called for now exists."""
-        for i in self._waiting:
-            self._targets[i] = (ds, self._targets[i][1])
+        for target in self._waiting:
+            target[0] = ds
         self._waiting.clear()
+        self._drain()
 
     def _submit(self, force: bool = False) -> None:
-        while len(self._raw) - self._submitted >= self._BATCH or (
-                force and len(self._raw) > self._submitted):
-            batch = self._raw[self._submitted:self._submitted + self._BATCH]
-            self._submitted += len(batch)
-            if force and not self._futures and len(batch) < 8:
+        while len(self._raw) >= self._BATCH or (force and self._raw):
+            batch, self._raw = self._raw[:self._BATCH], self._raw[self._BATCH:]
+            targets, self._targets = self._targets[:len(batch)], self._targets[len(batch):]
+            if force and not self._flight and len(batch) < 8:
                 done: Future[List[bytes]] = Future()
                 done.set_result(_deflate(batch, self._level))
-                self._futures.append(done)
+                self._flight.append((done, targets))
             else:
-                self._futures.append(self._owner._pool().submit(_deflate, batch, self._level))
+                self._flight.append((self._owner._pool().submit(_deflate, batch, self._level),
+                                     targets))
+
+    def _drain(self, everything: bool = False) -> None:
+        """Write the compressed batches that are back (all of them, or wait while too many
+        are in flight), oldest first."""
+        while self._flight:
+            future, targets = self._flight[0]
+            if not (everything or len(self._flight) > self._AHEAD or future.done()):
+                return
+            if any(t[0] is None for t in targets):   # a table not made yet
+                if not everything:
+                    return
+                raise AssertionError("chunks of a table that was never made")
+            self._flight.popleft()
+            for (ds, offset), blob in zip(targets, future.result()):
+                ds.write_direct_chunk((offset,), blob)
 
     def write(self) -> None:
-        """Wait for the compressed chunks and write them."""
+        """Write every chunk still pending."""
         self._submit(force=True)
-        k = 0
-        for future in self._futures:
-            for blob in future.result():
-                ds, offset = self._targets[k]
-                assert ds is not None
-                ds.write_direct_chunk((offset,), blob)
-                k += 1
-        self._targets, self._raw, self._futures, self._submitted = [], [], [], 0
+        self._drain(everything=True)
 
 
-def _deflate(batch: List[bytes], level: int) -> List[bytes]:
+def _unique_inverse(values: npt.NDArray[np.uint64]
+                    ) -> Tuple[npt.NDArray[np.uint64], npt.NDArray[np.intp]]:
+    """``np.unique(values, return_inverse=True)``, faster for what is passed here: runs of
+    sorted datetimes (a stable sort merges the runs)."""
+    ordered = np.sort(values, kind="stable")
+    if ordered.shape[0]:
+        ordered = ordered[np.concatenate(([True], ordered[1:] != ordered[:-1]))]
+    return ordered, np.searchsorted(ordered, values)
+
+
+def _deflate(batch: List[Any], level: int) -> List[bytes]:
     return [zlib.compress(raw, level) for raw in batch]
 
 
