@@ -26,7 +26,7 @@ prefix)::
 from __future__ import annotations
 
 import struct
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Generator, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -152,7 +152,7 @@ class SpotEncoder:
         max_message_bytes: no message (prefix included) is larger than this.
     """
 
-    __slots__ = ("_bytes", "_header_strings", "_layouts", "_max", "_source_rel",
+    __slots__ = ("_bytes", "_header_strings", "_layouts", "_max", "_scratch", "_source_rel",
                  "_strings_size")
 
     def __init__(self, run_id: str, source: str, max_message_bytes: int = 512 * 1024) -> None:
@@ -167,6 +167,10 @@ class SpotEncoder:
         self._header_strings = run_obj + src_obj
         self._strings_size = len(self._header_strings)
         self._source_rel = len(run_obj)  # where the source string starts, after run_id
+        # A message buffer kept between batches: writing a fresh one touches fresh pages
+        # (a page fault every 4 KiB). A list, so that a batch takes it with one pop() and a
+        # second batch encoded at the same time (another thread) makes its own.
+        self._scratch: List[bytearray] = []
 
     def _layout(self, key: Tuple[int, ...]) -> _Layout:
         layout = self._layouts.get(key)
@@ -222,12 +226,13 @@ class SpotEncoder:
         for seq, (a, b) in enumerate(zip([0, *cuts], cuts), first_seq):
             yield self._message(items[a:b], seq, publish_time_ms), b - a
 
-    def _header(self, n: int, seq: int, publish_time_ms: int,
-                body: int) -> Tuple[bytearray, int, int]:
+    def _header(self, n: int, seq: int, publish_time_ms: int, body: int,
+                scratch: Optional[bytearray] = None) -> Tuple[bytearray, int, int]:
         """A message buffer for ``n`` records with its header written.
 
         Writes the prefix, vtables, SpotList table, strings and the spot vector's count, in a
-        zeroed buffer with room for ``body`` more bytes after the first record's position.
+        zeroed buffer with room for ``body`` more bytes after the first record's position:
+        the start of ``scratch`` if it is large enough (zeroed here), else a new buffer.
         Returns the buffer, the spot vector's position and the position of the first record
         table, both relative to the FlatBuffer.
         """
@@ -236,7 +241,12 @@ class SpotEncoder:
         if pos % 8 != 4:
             pos += 4
         p = _PREFIX_LEN
-        buf = bytearray(p + pos + body)
+        total = p + pos + body
+        if scratch is not None and len(scratch) >= total:
+            buf = scratch
+            np.frombuffer(buf, np.uint8, total).fill(0)
+        else:
+            buf = bytearray(total)
         buf[:p] = SPOT_PREFIX
         struct.pack_into("<I", buf, p, _SPOTLIST_TABLE_POS)
         buf[p + _SPOTLIST_VT_POS:p + _SPOTLIST_VT_POS + 16] = _SPOTLIST_VTABLE
@@ -297,40 +307,58 @@ class SpotEncoder:
         each field is written for every record with one assignment: no Python code runs per
         record, and the soffsets and the spot vector's offsets are arithmetic progressions.
         """
+        n = cols.n
+        dtype = plan.layout.dtype(cols.levels)
+        header = _PREFIX_LEN + _HEADER_END + self._strings_size + 4 + 4
+        per_message = max(1, (self._max - header) // (plan.layout.size + 4))
+        doubles = [np.asarray(getattr(cols, name), dtype=np.float64) for name in _DOUBLES]
+        books = [np.asarray(getattr(cols, name), dtype=np.float64).reshape(n, cols.levels)
+                 for name in _BOOK_NAMES]
+        pool = self._scratch
+        buf = pool.pop() if pool else None
+        try:
+            for seq, start in enumerate(range(0, n, per_message), first_seq):
+                end = min(n, start + per_message)
+                buf = yield from self._uniform_message(
+                    cols, plan, dtype, doubles, books, buf, seq, start, end, publish_time_ms)
+        finally:
+            if buf is not None and not pool:
+                pool.append(buf)
+
+    def _uniform_message(self, cols: SpotColumns, plan: _UniformPlan, dtype: np.dtype[Any],
+                         doubles: List[Any], books: List[Any], scratch: Optional[bytearray],
+                         seq: int, start: int, end: int,
+                         publish_time_ms: int) -> Generator[Tuple[bytes, int], None, bytearray]:
+        """Records ``start:end`` as one message, written in ``scratch`` when it is large
+        enough; yields the message and returns the buffer it used, for the next message."""
         layout = plan.layout
         size = layout.size
         levels = cols.levels
-        n = cols.n
-        dtype = layout.dtype(levels)
-        header = _PREFIX_LEN + _HEADER_END + self._strings_size + 4 + 4
-        per_message = max(1, (self._max - header) // (size + 4))
-        doubles = [np.asarray(getattr(cols, name), dtype=np.float64) for name in _DOUBLES]
-        books = [np.asarray(getattr(cols, name), dtype=np.float64).reshape(n, levels)
-                 for name in _BOOK_NAMES]
-        for seq, start in enumerate(range(0, n, per_message), first_seq):
-            end = min(n, start + per_message)
-            count = end - start
-            buf, vec_pos, first = self._header(count, seq, publish_time_ms, count * size)
-            slot0 = first - (vec_pos + 4)
-            at = _PREFIX_LEN + vec_pos + 4
-            np.frombuffer(buf, np.uint32, count, at)[:] = np.arange(
-                slot0, slot0 + count * (size - 4), size - 4, dtype=np.uint32)
-            rec = np.frombuffer(buf, dtype, count, _PREFIX_LEN + first)
-            rec["vtable"] = np.arange(first - _SPOT_VT_POS, first - _SPOT_VT_POS + count * size,
-                                      size, dtype=np.int32)
-            for name, col in zip(_DOUBLES, doubles):
-                rec[name] = col[start:end]
-            for name, col in zip(_INT_NAMES, plan.ints):
-                rec[name] = col[start:end]
-            rec["uoffsets"] = layout.uoffsets
-            for k, col in enumerate(books):
-                rec[f"n{k}"] = levels
-                if levels:
-                    rec[f"v{k}"] = col[start:end]
-            for k, (lengths, data) in enumerate(plan.strings):
-                rec[f"len{k}"] = lengths[start:end]
-                rec[f"s{k}"] = data[start:end]
-            yield bytes(buf), count
+        count = end - start
+        buf, vec_pos, first = self._header(count, seq, publish_time_ms, count * size, scratch)
+        slot0 = first - (vec_pos + 4)
+        at = _PREFIX_LEN + vec_pos + 4
+        np.frombuffer(buf, np.uint32, count, at)[:] = np.arange(
+            slot0, slot0 + count * (size - 4), size - 4, dtype=np.uint32)
+        rec = np.frombuffer(buf, dtype, count, _PREFIX_LEN + first)
+        rec["vtable"] = np.arange(first - _SPOT_VT_POS, first - _SPOT_VT_POS + count * size,
+                                  size, dtype=np.int32)
+        for name, col in zip(_DOUBLES, doubles):
+            rec[name] = col[start:end]
+        for name, col in zip(_INT_NAMES, plan.ints):
+            rec[name] = col[start:end]
+        rec["uoffsets"] = layout.uoffsets
+        for k, col in enumerate(books):
+            rec[f"n{k}"] = levels
+            if levels:
+                rec[f"v{k}"] = col[start:end]
+        for k, (lengths, data) in enumerate(plan.strings):
+            rec[f"len{k}"] = lengths[start:end]
+            rec[f"s{k}"] = data[start:end]
+        total = _PREFIX_LEN + first + count * size
+        with memoryview(buf) as view:
+            yield bytes(view[:total]), count
+        return buf
 
     def _prepare(self, records: Sequence[SpotRecord]) -> Tuple[List[_Item], List[int]]:
         """Each record's layout (cached by string/vector lengths) and the message cut points."""

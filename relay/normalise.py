@@ -328,15 +328,42 @@ def _doubles(count: int) -> struct.Struct:
     return struct.Struct(f"={count}d")
 
 
+@lru_cache(maxsize=64)
+def _longs(count: int) -> struct.Struct:
+    return struct.Struct(f"={count}q")
+
+
+def _pack_numbers(row: Any, lo: int, items: List[Any]) -> None:
+    """``items`` as doubles into ``row[lo:lo + len(items)]`` (a contiguous float64 array).
+
+    ``Struct("d")`` reads each item the way ``array("d")`` does in the per-tick path. A
+    Python int goes through a temporary float object that way, so a column that starts
+    with an int (sizes and volumes, which QMT sends as ints) is first packed as int64 --
+    exactly, with no objects -- and cast by numpy, which rounds an int to the nearest double
+    as ``float()`` does; a float in it, or an int outside int64, makes that fail
+    (``struct.error``) and the column is packed as doubles after all.
+    """
+    n = len(items)
+    if n and items[0].__class__ is int:
+        longs = np.empty(n, np.int64)
+        try:
+            _longs(n).pack_into(longs.data, 0, *items)
+        except struct.error:
+            pass
+        else:
+            row[lo:lo + n] = longs
+            return
+    _doubles(n).pack_into(row, 8 * lo, *items)
+
+
 class _Chunk(NamedTuple):
-    """Columns of one chunk of ticks, as :meth:`Normaliser._read` returns them."""
+    """The integer columns and book depth of one chunk of ticks, as :meth:`Normaliser._read`
+    returns them (its doubles go straight into the batch's arrays)."""
 
     times: List[Any]
     status: List[Any]
     trades: List[Any]
-    values: Any  # (7, m) float64: the five prices, amount, shares
     levels: int  # book depth, the same for every list of the chunk
-    book: Any  # (4, m * levels) float64: bid, bid sizes, ask, ask sizes
 
 
 class _Universe(Dict[str, int]):
@@ -465,11 +492,20 @@ class Normaliser:
             return None
         universe = self._universe
         numbers = np.fromiter(map(universe.__getitem__, symbols), np.intp, n)
-        chunks = [self._read(ticks[lo:lo + _CHUNK]) for lo in range(0, n, _CHUNK)]
-        read = [chunk for chunk in chunks if chunk is not None]
-        if len(read) != len(chunks) or len({chunk.levels for chunk in read}) != 1:
-            return None
+        # Every chunk packs its doubles straight into these (no per-chunk arrays to join).
+        values = np.empty((7, n))
+        book = np.empty((4, n * self._book_levels))
+        read: List[_Chunk] = []
+        for lo in range(0, n, _CHUNK):
+            chunk = self._read(ticks[lo:lo + _CHUNK], values, book, lo)
+            if chunk is None:
+                return None
+            read.append(chunk)
         levels = read[0].levels
+        if any(chunk.levels != levels for chunk in read):
+            return None
+        if not levels:
+            book = book[:, :0]
         times_l, status_l, trades_l = (list(chain.from_iterable(column)) for column in zip(
             *((chunk.times, chunk.status, chunk.trades) for chunk in read)))
         times = np.array(times_l, np.int64)
@@ -482,8 +518,6 @@ class Normaliser:
             return None  # the per-tick path reports such a status as absent
         if self._drop_auction and (status == _AUCTION_STATUS).any():
             return None
-        values = np.concatenate([chunk.values for chunk in read], axis=1)
-        book = np.concatenate([chunk.book for chunk in read], axis=1)
         if not (np.isfinite(values).all() and np.isfinite(book).all()):
             return None
         if values.min() < 0 or (levels and book.min() < 0):
@@ -491,16 +525,18 @@ class Normaliser:
         scale = self._scale
         # Round half to even at the given decimals: x * 10**d to the nearest integer, divided
         # back; the per-tick path computes exactly the same (round(x * scale) / scale).
-        prices = np.rint(values[:5] * scale) / scale
-        bid = np.rint(book[0] * scale) / scale
-        ask = np.rint(book[2] * scale) / scale
+        prices, bid, ask = values[:5], book[0], book[2]
+        for col in (prices, bid, ask):  # in place: the raw values are not needed again
+            np.multiply(col, scale, out=col)
+            np.rint(col, out=col)
+            np.divide(col, scale, out=col)
         if not (np.isfinite(prices).all() and np.isfinite(bid).all()
                 and np.isfinite(ask).all()):
             return None
+        amounts, volumes = values[5], values[6]
         if self._units == "hikyuu":
-            amounts, volumes = values[5] / 10000.0, values[6] / 100.0
-        else:
-            amounts, volumes = values[5], values[6]
+            np.divide(amounts, 10000.0, out=amounts)
+            np.divide(volumes, 100.0, out=volumes)
         day = (first_ms + _OFFSET_MS) // _DAY_MS
         if (last_ms + _OFFSET_MS) // _DAY_MS != day:
             return None  # a batch across midnight: compare volumes tick by tick
@@ -528,11 +564,14 @@ class Normaliser:
         columns.wire = wire
         return columns
 
-    def _read(self, ticks: List[Any]) -> Optional[_Chunk]:
-        """One chunk of ticks, read into columns; ``None`` if a check fails.
+    def _read(self, ticks: List[Any], values: Any, book: Any, lo: int) -> Optional[_Chunk]:
+        """One chunk of ticks, from position ``lo`` of the batch, read into columns; ``None``
+        if a check fails.
 
-        The chunk is small enough that its dicts, lists and numbers stay in the CPU cache
-        across the passes over it.
+        The five prices, amount and shares go into ``values[:, lo:lo + m]``, the four book
+        arrays into ``book[:, lo * levels:(lo + m) * levels]``, packed in place. The chunk is
+        small enough that its dicts, lists and numbers stay in the CPU cache across the
+        passes over it.
         """
         m = len(ticks)
         # One pass over the dicts takes all fourteen fields of each tick; the fields of the
@@ -546,8 +585,8 @@ class Normaliser:
         # Struct("d").pack reads a value as a double exactly as array("d") does in the
         # per-tick path: None, strings and lists are refused (struct.error), ints and bools
         # accepted; NaN, infinity and negatives are caught on the arrays after.
-        values = np.frombuffer(_doubles(7 * m).pack(*chain.from_iterable(
-            cells[k::14] for k in range(3, 10))), np.float64).reshape(7, m)
+        for k in range(7):
+            _pack_numbers(values[k], lo, cells[3 + k::14])
         lists = cells[10::14] + cells[11::14] + cells[12::14] + cells[13::14]
         lengths = set(map(len, lists))
         if not set(map(type, lists)) <= _SEQUENCES or len(lengths) != 1:
@@ -555,10 +594,12 @@ class Normaliser:
         levels = lengths.pop()
         if levels not in (self._book_levels, 0):
             return None
-        flat: List[Any] = []  # list.extend copies a short list or tuple without the iterator
-        deque(map(flat.extend, lists), maxlen=0)  # object chain makes per item: 2x faster
-        book = np.frombuffer(_doubles(len(flat)).pack(*flat), np.float64)
-        return _Chunk(times_l, status_l, trades_l, values, levels, book.reshape(4, m * levels))
+        if levels:
+            for k in range(4):
+                flat: List[Any] = []  # list.extend copies a short list without the iterator
+                deque(map(flat.extend, lists[k * m:(k + 1) * m]), maxlen=0)  # object chain
+                _pack_numbers(book[k], lo * levels, flat)  # makes per item: 2x faster
+        return _Chunk(times_l, status_l, trades_l, levels)
 
     def _per_tick(self, batch: Mapping[str, Any]) -> BatchResult:
         records: List[SpotRecord] = []

@@ -440,3 +440,62 @@ def test_spot_columns_records_whatever_the_book_storage(form: str, levels: int) 
     got = SpotColumns(3, levels, cols).records
     assert recs == got
     assert all(type(x) is float for r in got for book in r[11:15] for x in book)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_decode_leaves_the_garbage_collector_as_it_found_it(enabled: bool) -> None:
+    """Record building pauses the cyclic collector; it is enabled again afterwards only if it
+    was enabled before, on the column path and the record-by-record one, and after an error."""
+    import gc
+
+    recs = [SAMPLE._replace(code=f"{600000 + i}") for i in range(5)]
+    (ours,) = SpotEncoder("r", "s").encode(recs, first_seq=1, publish_time_ms=0)
+    plain = build_generated(recs, None)
+    was = gc.isenabled()
+    try:
+        if enabled:
+            gc.enable()
+        else:
+            gc.disable()
+        assert decode_spot_list(ours, 6).records == recs
+        assert gc.isenabled() is enabled
+        assert decode_spot_list(plain).records == recs
+        assert gc.isenabled() is enabled
+        with pytest.raises(DecodeError):
+            decode_spot_list(plain[:-40])
+        assert gc.isenabled() is enabled
+    finally:
+        if was:
+            gc.enable()
+        else:
+            gc.disable()
+
+
+def test_encoder_reusing_its_buffer_writes_what_a_fresh_encoder_writes() -> None:
+    """The encoder keeps a message buffer between batches: nothing of an earlier batch (a
+    longer name, more records, other numbers) shows through in a later one, and two batches
+    encoded interleaved (two generators of one encoder) each get their own buffer."""
+    from relay.records import SpotColumns
+
+    def batch(n: int, name: str, price: float) -> SpotColumns:
+        cols = SpotColumns.from_records([
+            SAMPLE._replace(code=f"{600000 + i}", name=name if i % 2 else "",
+                            close=price + i, bid=(price,) * 5) for i in range(n)])
+        assert cols is not None
+        return cols
+
+    big, small = batch(3000, "浦发银行股份有限公司", 99.5), batch(700, "浦发", 1.25)
+    shared = SpotEncoder("r", "s", max_message_bytes=64 * 1024)
+
+    def fresh(cols: SpotColumns) -> List[bytes]:
+        return SpotEncoder("r", "s", max_message_bytes=64 * 1024).encode(
+            cols, first_seq=1, publish_time_ms=5)
+
+    assert shared.encode(big, first_seq=1, publish_time_ms=5) == fresh(big)
+    assert shared.encode(small, first_seq=1, publish_time_ms=5) == fresh(small)
+    one = shared.iter_messages(big, first_seq=1, publish_time_ms=5)
+    two = shared.iter_messages(small, first_seq=1, publish_time_ms=5)
+    got_one, got_two = [next(one)], list(two)
+    got_one += list(one)
+    assert got_one == fresh(big)
+    assert got_two == fresh(small)

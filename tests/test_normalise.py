@@ -339,3 +339,23 @@ def test_fast_path_units_and_empty_books(units: str, empty_books: bool) -> None:
     expected = Normaliser(units=units)._per_tick(batch)
     assert _typed(expected.records) == _typed(got.records)
     assert (0 if empty_books else 5) == len(got.records[0].bid) == got.columns.levels
+
+
+@pytest.mark.parametrize("sizes", [
+    [2**53 + 1, 2**53 + 3, 2**62 + 2**9 + 1, 7, 1],  # ints a double cannot hold exactly
+    [3, True, 5, False, 9],                           # bools are numbers to array("d")
+    [100, 200.5, 300, 400, 500],                      # an int first, then a float
+    [2**63, 1, 2, 3, 4],                              # outside int64: packed as doubles
+    [10**400, 1, 2, 3, 4],                            # too large even for a double
+])
+def test_int_sizes_are_read_as_the_per_tick_path_reads_them(sizes: List[Any]) -> None:
+    """Sizes and volumes that start with an int are packed as int64 and cast by numpy: the
+    same doubles as array("d") gives, down to the rounding of ints past 2**53; anything
+    int64 cannot hold takes the double route, and the results never differ."""
+    batch = {f"{600000 + i}.SH": tick(time=1733118954000 + i, bidVol=list(sizes),
+                                      askVol=list(reversed(sizes)), pvolume=sizes[0] + i)
+             for i in range(4)}
+    got = Normaliser().normalise_batch(batch)
+    expected = Normaliser()._per_tick(batch)
+    assert _typed(expected.records) == _typed(got.records)
+    assert expected.dropped == got.dropped

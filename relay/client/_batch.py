@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Un
 
 from relay.client._codec import _DEFAULT
 from relay.errors import DecodeError
-from relay.records import FIELDS, SpotColumns, SpotRecord, _plain, _rows
+from relay.records import FIELDS, SpotColumns, SpotRecord, _acyclic, _plain, _rows
 
 __all__ = ["BOOK_FIELDS", "Batch", "CodeFilter", "Message", "columns_of", "numpy_available"]
 
@@ -266,10 +266,11 @@ class Batch:
         for message in self._messages:
             body = message.lists()
             if isinstance(body, SpotColumns):
-                for i, name in enumerate(FIELDS):
-                    col = getattr(body, name)
-                    cols[name].extend(_rows(col, body.levels, body.n) if i in _BOOK_IDS
-                                      else _plain(col))
+                with _acyclic():
+                    for i, name in enumerate(FIELDS):
+                        col = getattr(body, name)
+                        cols[name].extend(_rows(col, body.levels, body.n) if i in _BOOK_IDS
+                                          else _plain(col))
             else:
                 for name, col in columns_of(body).items():
                     cols[name].extend(col)

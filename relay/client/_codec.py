@@ -37,7 +37,7 @@ from typing import (
 
 from relay.client._uniform import uniform_columns
 from relay.errors import DecodeError
-from relay.records import SpotColumns, SpotRecord
+from relay.records import SpotColumns, SpotRecord, _acyclic
 
 __all__ = ["SpotList", "decode_spot_list"]
 
@@ -417,19 +417,20 @@ class _Decoder:
             append = records.append
             last_key = None
             plan: Optional[_Plan] = None
-            for i, rel in enumerate(slots):
-                tpos = base + 4 * i + rel
-                if tpos + 4 > n:
-                    raise DecodeError(f"record {i} outside the buffer", base + 4 * i)
-                # Fast path: same vtable position as the previous record (every Builder and
-                # our encoder share one vtable); the plan already checked that vtable.
-                vt = tpos - _i32(buf, tpos)[0]
-                if vt != last_key or plan is None:
-                    plan = plan_of(buf, tpos, cache, _SPOT_KINDS, _SPOT_DEFAULTS)
-                    last_key = vt
-                elif tpos + plan.table_size > n:
-                    raise DecodeError("table runs past the end", tpos)
-                append(plan.read(buf, tpos, n))  # type: ignore[misc]  # set for Spot plans
+            with _acyclic():
+                for i, rel in enumerate(slots):
+                    tpos = base + 4 * i + rel
+                    if tpos + 4 > n:
+                        raise DecodeError(f"record {i} outside the buffer", base + 4 * i)
+                    # Fast path: same vtable position as the previous record (every Builder
+                    # and our encoder share one vtable); the plan already checked that vtable.
+                    vt = tpos - _i32(buf, tpos)[0]
+                    if vt != last_key or plan is None:
+                        plan = plan_of(buf, tpos, cache, _SPOT_KINDS, _SPOT_DEFAULTS)
+                        last_key = vt
+                    elif tpos + plan.table_size > n:
+                        raise DecodeError("table runs past the end", tpos)
+                    append(plan.read(buf, tpos, n))  # type: ignore[misc]  # set for Spot plans
         return records, head
 
 

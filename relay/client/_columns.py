@@ -270,7 +270,7 @@ def spot_columns(buf: bytes, base: int, count: int, table_size: int,
             return None  # a value ends in NUL, which its str array element has lost
     columns: List[Any] = [text.tolist() for text in cols.strings]
     columns += [[0.0] * count if view is None else view for view in cols.doubles]
-    columns += [np.ascontiguousarray(book).reshape(-1) for book in cols.books]
+    columns += [_contiguous(book).reshape(-1) for book in cols.books]
     columns += [[None] * count if view is None else view for view in cols.optional]
     return SpotColumns(count, depths.pop(), columns)
 
@@ -293,7 +293,10 @@ def batch_arrays(parts: Sequence[MessageColumns],
             out[name] = np.zeros(0, _EMPTY_STR)
             continue
         col = np.concatenate([part.strings[k] for part in parts])
-        width = max(int(part.chars[k].max()) for part in parts) or 1
+        if positions is None:  # each str array is as wide as its longest value
+            width = max(part.strings[k].dtype.itemsize for part in parts) // 4
+        else:  # the records kept may all be shorter
+            width = max(int(part.chars[k].max()) for part in parts) or 1
         out[name] = col if col.dtype.itemsize == 4 * width else col.astype(f"<U{width}")
     # Allocate every numeric column, then fill them message by message: all fields of a
     # message are gathered while its buffer is in the CPU cache.
@@ -322,10 +325,31 @@ def batch_arrays(parts: Sequence[MessageColumns],
                 col[at:end] = view
             else:
                 depth = view.shape[1]
+                if depth == col.shape[1] and depth:
+                    # Each record's book is `depth` contiguous doubles: copied as one item
+                    # each (a strided copy of whole rows is ~2x faster than per double).
+                    _rows_of(col[at:end])[...] = _rows_of(view)
+                    continue
                 col[at:end, :depth] = view
                 if depth < col.shape[1]:
                     col[at:end, depth:] = fill
         at = end
+    return out
+
+
+def _rows_of(matrix: Any) -> Any:
+    """A ``(n, depth)`` float64 array whose rows are contiguous as ``n`` opaque items of
+    ``8 * depth`` bytes (a view of the same memory)."""
+    return matrix.view(f"V{8 * matrix.shape[1]}")[:, 0]
+
+
+def _contiguous(matrix: Any) -> Any:
+    """A C-contiguous copy of a ``(n, depth)`` float64 view, record by record (see
+    :func:`_rows_of`)."""
+    if not matrix.shape[1]:
+        return np.zeros(matrix.shape)
+    out = np.empty(matrix.shape)
+    _rows_of(out)[...] = _rows_of(matrix)
     return out
 
 
