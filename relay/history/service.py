@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Tuple
 
 import h5py
 import numpy as np
@@ -111,6 +111,28 @@ class _Listing(NamedTuple):
     indexes: Tuple[str, ...]
     names: List[str]
     ranges: Dict[str, Tuple[int, int, int]]   # name -> (rows, first, last)
+
+
+def _table(file: h5py.File, group: str, name: str) -> Any:
+    """``/<group>/<name>`` as a low-level dataset id, or None (one HDF5 lookup, no
+    high-level objects: a sync request reads thousands of tables)."""
+    try:
+        return h5py.h5d.open(file.id, f"{group}/{name}".encode())
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+def _read_canonical(ds: Any, lo: int, hi: int, dtype: np.dtype[Any]) -> bytes:
+    """Rows ``[lo, hi)`` as the wire's bytes: HDF5 converts another tool's field order or
+    types by field name, and a field the table lacks reads as 0 (see :func:`canonical`)."""
+    n = max(hi - lo, 0)
+    out = np.zeros(n, dtype=dtype)
+    if n:
+        fspace = ds.get_space()
+        fspace.select_hyperslab((lo,), (n,))
+        ds.read(h5py.h5s.create_simple((n,)), fspace, out, h5py.h5t.py_create(dtype,
+                                                                           logical=True))
+    return out.tobytes()
 
 
 def _committed(ds: h5py.Dataset, mark: Optional[Tuple[int, int]]) -> int:
@@ -389,25 +411,26 @@ class HistoryService:
     @staticmethod
     def _sync_table(file: h5py.File, marks: Dict[str, Tuple[int, int]], market: str,
                     code: str, group: str, have: int, digest: str, budget: int) -> TableSlice:
-        ds = file.get(f"{group}/{market}{code}")
-        if not isinstance(ds, h5py.Dataset):
+        ds = _table(file, group, market + code)
+        if ds is None:
             return TableSlice(code, group, STATUS_MISSING, 0, 0, b"", 0, True)
         is_data = group == "data"
         dtype, width = (BAR_DTYPE, BAR_SIZE) if is_data else (INDEX_DTYPE, INDEX_SIZE)
         derived = False
+        n = int(ds.shape[0])
         if is_data:
             mark = marks.get(market + code)
-            rows = _committed(ds, mark)
+            rows = n if mark is None else min(n, mark[0])
             # the store keeps this security's index tables derived from its data
             derived = mark is not None and mark[1] == rows
         else:
-            rows = int(ds.shape[0])
+            rows = n
         if have > rows:
             return TableSlice(code, group, STATUS_CHANGED, rows, 0, b"", 0, True)
         window = min(SYNC_WINDOW, have)
         fit = max(1, (budget - _TABLE_OVERHEAD) // width)
         stop = min(rows, have + fit)
-        data = canonical(ds[have - window:stop], dtype) if stop > have - window else b""
+        data = _read_canonical(ds, have - window, stop, dtype) if stop > have - window else b""
         if window and digest_rows(data[:window * width]) != digest:
             return TableSlice(code, group, STATUS_CHANGED, rows, 0, b"", 0, True)
         # the digest the requester's next sync request will carry (it may keep it)
