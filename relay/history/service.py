@@ -56,9 +56,10 @@ from relay.history.store import (
     BAR_DTYPE,
     INDEX_DTYPE,
     INDEX_GROUPS,
-    committed_rows,
+    commit_record,
     file_name,
     iter_files,
+    read_table,
     search_datetime,
 )
 from relay.security import Security
@@ -122,26 +123,13 @@ def _table(file: h5py.File, group: str, name: str) -> Any:
         return None
 
 
-def _read_canonical(ds: Any, lo: int, hi: int, dtype: np.dtype[Any]) -> bytes:
-    """Rows ``[lo, hi)`` as the wire's bytes: HDF5 converts another tool's field order or
-    types by field name, and a field the table lacks reads as 0 (see :func:`canonical`)."""
-    n = max(hi - lo, 0)
-    out = np.zeros(n, dtype=dtype)
-    if n:
-        fspace = ds.get_space()
-        fspace.select_hyperslab((lo,), (n,))
-        ds.read(h5py.h5s.create_simple((n,)), fspace, out, h5py.h5t.py_create(dtype,
-                                                                           logical=True))
-    return out.tobytes()
-
-
-def _committed(ds: h5py.Dataset, mark: Optional[Tuple[int, int]]) -> int:
+def _committed(ds: h5py.Dataset, mark: Optional[Tuple[int, ...]]) -> int:
     """Rows of ``ds`` to serve: its committed rows when the store wrote it, else all."""
     n = int(ds.shape[0])
     return n if mark is None else min(n, mark[0])
 
 
-def _range(ds: h5py.Dataset, mark: Optional[Tuple[int, int]]) -> Tuple[int, int, int]:
+def _range(ds: h5py.Dataset, mark: Optional[Tuple[int, ...]]) -> Tuple[int, int, int]:
     rows = _committed(ds, mark)
     if not rows:
         return 0, 0, 0
@@ -177,7 +165,7 @@ class HistoryService:
         self._thread: Optional[ServiceHandle] = None
         self._stop = threading.Event()
         self._listings: Dict[str, _Listing] = {}   # by file path
-        self._records: Dict[str, Tuple[int, Dict[str, Tuple[int, int]]]] = {}   # by path
+        self._records: Dict[str, Tuple[int, Dict[str, Tuple[int, int, int, int]]]] = {}
         self.requests = 0
         self.errors = 0
 
@@ -289,12 +277,12 @@ class HistoryService:
         return h5py.File(path, "r", locking=False), generation
 
     def _marks(self, path: str, file: h5py.File, generation: int
-               ) -> Dict[str, Tuple[int, int]]:
+               ) -> Dict[str, Tuple[int, int, int, int]]:
         """The store's commit record of ``file`` (cached until the file changes)."""
         cached = self._records.get(path)
         if cached is not None and cached[0] == generation:
             return cached[1]
-        marks = committed_rows(file)
+        marks = commit_record(file)
         self._records[path] = (generation, marks)
         return marks
 
@@ -409,7 +397,7 @@ class HistoryService:
                             generation=generation)
 
     @staticmethod
-    def _sync_table(file: h5py.File, marks: Dict[str, Tuple[int, int]], market: str,
+    def _sync_table(file: h5py.File, marks: Dict[str, Tuple[int, int, int, int]], market: str,
                     code: str, group: str, have: int, digest: str, budget: int) -> TableSlice:
         ds = _table(file, group, market + code)
         if ds is None:
@@ -418,8 +406,9 @@ class HistoryService:
         dtype, width = (BAR_DTYPE, BAR_SIZE) if is_data else (INDEX_DTYPE, INDEX_SIZE)
         derived = False
         n = int(ds.shape[0])
+        mark = marks.get(market + code)
+        chunk = 0 if mark is None else mark[2] if is_data else mark[3]
         if is_data:
-            mark = marks.get(market + code)
             rows = n if mark is None else min(n, mark[0])
             # the store keeps this security's index tables derived from its data
             derived = mark is not None and mark[1] == rows
@@ -430,7 +419,8 @@ class HistoryService:
         window = min(SYNC_WINDOW, have)
         fit = max(1, (budget - _TABLE_OVERHEAD) // width)
         stop = min(rows, have + fit)
-        data = _read_canonical(ds, have - window, stop, dtype) if stop > have - window else b""
+        data = (read_table(ds, have - window, stop, dtype, chunk).tobytes()
+                if stop > have - window else b"")
         if window and digest_rows(data[:window * width]) != digest:
             return TableSlice(code, group, STATUS_CHANGED, rows, 0, b"", 0, True)
         # the digest the requester's next sync request will carry (it may keep it)

@@ -93,11 +93,15 @@ __all__ = [
     "TableInfo",
     "bars_to_records",
     "bars_to_records_many",
+    "commit_record",
+    "committed_rows",
     "file_name",
     "index_entries",
     "index_labels",
     "iter_files",
     "open_file",
+    "read_table",
+    "search_datetime",
     "symbol_of",
     "table_name",
 ]
@@ -588,6 +592,13 @@ def committed_rows(file: h5py.File) -> Dict[str, Tuple[int, int]]:
     """``{table: (rows committed, rows indexed)}`` of the tables the store wrote in ``file``
     (an open h5py file, e.g. a reader's); tables not listed are another tool's, complete as
     they are. Files written before the commit record are read from their tables' marks."""
+    return {name: (row[0], row[1]) for name, row in commit_record(file).items()}
+
+
+def commit_record(file: h5py.File) -> Dict[str, Tuple[int, int, int, int]]:
+    """``{table: (rows committed, rows indexed, rows per chunk, rows per index chunk)}``:
+    :func:`committed_rows` with the layout of the store's own tables (0: unknown), for
+    :func:`read_table`."""
     state = _State(file)
     if state.legacy:
         data = file.get("data")
@@ -597,7 +608,32 @@ def committed_rows(file: h5py.File) -> Dict[str, Tuple[int, int]]:
                 found = state.get(name, ds) if isinstance(ds, h5py.Dataset) else None
                 if found is not None:
                     state.rows[name] = found
-    return {name: (row[0], row[1]) for name, row in state.rows.items()}
+    return {name: (row[0], row[1], row[2], row[3]) for name, row in state.rows.items()}
+
+
+def read_table(ds: Table, lo: int, hi: int, dtype: np.dtype[Any], chunk: int = 0
+               ) -> npt.NDArray[np.void]:
+    """Rows ``[lo, hi)`` of a table as ``dtype`` (fields by name; a field the table lacks
+    reads as 0). ``chunk``: its rows per chunk when the store made it (from
+    :func:`commit_record`): its chunks are then decoded directly, without HDF5's type
+    conversion."""
+    n = max(hi - lo, 0)
+    if n and chunk:
+        parts = []
+        for at in range(lo // chunk * chunk, hi, chunk):
+            part = _decode_chunk(ds, at, chunk, dtype)
+            if part is None:
+                break
+            parts.append(part[max(lo - at, 0):min(hi - at, chunk)])
+        else:
+            return parts[0] if len(parts) == 1 else np.concatenate(parts)
+    out: npt.NDArray[np.void] = np.zeros(n, dtype=dtype)
+    if n:
+        dsid = _dsid(ds)
+        fspace = dsid.get_space()
+        fspace.select_hyperslab((lo,), (n,))
+        dsid.read(h5py.h5s.create_simple((n,)), fspace, out, _tid_of(dtype))
+    return out
 
 
 # -- the file -----------------------------------------------------------------------------
