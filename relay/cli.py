@@ -700,7 +700,8 @@ def _history_sync(args: argparse.Namespace) -> int:
     rate = summary.bars / summary.elapsed if summary.elapsed > 0 else 0.0
     lines = [
         f"history sync from {args.url} into {args.dir}: {summary.files} files, "
-        f"{summary.tables} tables ({summary.up_to_date} already up to date)",
+        f"{summary.tables} tables ({summary.up_to_date} already up to date; "
+        f"{summary.copied} files the mirror lacked copied whole)",
         f"  bars fetched: {summary.bars} ({rate:,.0f} bars/s); index rows: "
         f"{summary.index_rows}; index tables rewritten: {summary.index_fixed}",
         f"  tables re-fetched because the relay's history changed: {len(summary.refetched)}"

@@ -58,7 +58,7 @@ SYNC_WINDOW = 16
 """Rows before the requester's end that a ``sync`` request's digest covers."""
 
 # Reply kinds and table statuses (schemas/bars.fbs enums).
-KIND_ERROR, KIND_FILES, KIND_CATALOGUE, KIND_BARS, KIND_SYNC = range(5)
+KIND_ERROR, KIND_FILES, KIND_CATALOGUE, KIND_BARS, KIND_SYNC, KIND_FILE = range(6)
 STATUS_OK, STATUS_CHANGED, STATUS_MISSING = range(3)
 
 BAR_STRUCT = struct.Struct("<QIIIIQQ")
@@ -129,6 +129,8 @@ class Reply(NamedTuple):
     answered: int
     more: bool
     generation: int
+    blob: bytes = b""       # kind file: bytes of the HDF5 file from the offset asked
+    size: int = 0           # kind file: the file's size
 
 
 class _Tab:
@@ -275,9 +277,11 @@ def _decode(buf: bytes) -> Reply:
                                  t.scalar(3, _u64, 8, 0), t.scalar(4, _u64, 8, 0), data,
                                  bars or entries, bool(t.scalar(7, _u8, 1, 1)),
                                  bool(t.scalar(8, _u8, 1, 0)), t.string(9)))
+    blob_at, blob = root.vector(10, 1)
     return Reply(version, root.scalar(1, _u8, 1, KIND_ERROR), root.string(2), catalogues,
                  root.string(4), root.string(5), tables, root.scalar(7, _u32, 4, 0),
-                 bool(root.scalar(8, _u8, 1, 0)), root.scalar(9, _u64, 8, 0))
+                 bool(root.scalar(8, _u8, 1, 0)), root.scalar(9, _u64, 8, 0),
+                 buf[blob_at:blob_at + blob], root.scalar(11, _u64, 8, 0))
 
 
 def checked(reply: Reply, expected: int) -> Reply:

@@ -25,6 +25,7 @@ from relay.client._history import (
     INDEX_SIZE,
     KIND_CATALOGUE,
     KIND_ERROR,
+    KIND_FILE,
     KIND_FILES,
     MARKETS,
     PERIODS,
@@ -100,13 +101,25 @@ class SyncRequest:
     max_bytes: Optional[int]
 
 
-Request = Union[FilesRequest, CatalogueRequest, BarsRequest, SyncRequest]
+@dataclass(**_DC)
+class FileRequest:
+    """``{"op": "file", "market", "period", "offset", "max_bytes"}``: the HDF5 file's own
+    bytes from ``offset`` (a mirror that holds nothing of the file copies it whole)."""
+
+    market: str
+    period: str
+    offset: int
+    max_bytes: Optional[int]
+
+
+Request = Union[FilesRequest, CatalogueRequest, BarsRequest, SyncRequest, FileRequest]
 
 _KEYS: Mapping[str, Tuple[str, ...]] = {
     "files": (),
     "catalogue": ("market", "period", "offset", "codes_only"),
     "bars": ("market", "period", "code", "start", "end", "after", "max_bytes"),
     "sync": ("market", "period", "tables", "max_bytes"),
+    "file": ("market", "period", "offset", "max_bytes"),
 }
 
 
@@ -146,6 +159,8 @@ def parse_request(body: bytes, *, max_bytes: int) -> Request:
         return CatalogueRequest(market, period, _int(data, "offset", 0, 1 << 31) or 0,
                                 codes_only)
     max_reply = _int(data, "max_bytes", 4096, 1 << 40)
+    if op == "file":
+        return FileRequest(market, period, _int(data, "offset", 0, 1 << 50) or 0, max_reply)
     if op == "bars":
         return BarsRequest(market, period, _code(data.get("code")),
                            _int(data, "start", 0, _MAX_DATETIME),
@@ -233,9 +248,12 @@ def _tables_vector(b: flatbuffers.Builder, refs: List[int]) -> int:
 
 def _finish(b: flatbuffers.Builder, kind: int, *, error: int = 0, catalogues: int = 0,
             market: int = 0, period: int = 0, tables: int = 0, answered: int = 0,
-            more: bool = False, generation: int = 0) -> bytes:
-    b.StartObject(10)
+            more: bool = False, generation: int = 0, blob: int = 0, size: int = 0) -> bytes:
+    b.StartObject(12)
     b.PrependUint64Slot(9, generation, 0)
+    b.PrependUint64Slot(11, size, 0)
+    if blob:
+        b.PrependUOffsetTRelativeSlot(10, blob, 0)
     if tables:
         b.PrependUOffsetTRelativeSlot(6, tables, 0)
     if catalogues:
@@ -249,6 +267,15 @@ def _finish(b: flatbuffers.Builder, kind: int, *, error: int = 0, catalogues: in
     b.PrependBoolSlot(8, more, False)
     b.Finish(b.EndObject(), file_identifier=FILE_IDENTIFIER)
     return bytes(b.Output())
+
+
+def file_reply(market: str, period: str, blob: bytes, size: int, generation: int) -> bytes:
+    """A ``file`` reply: ``blob`` (bytes of the file from the offset asked), the file's
+    ``size`` and ``generation``."""
+    b = flatbuffers.Builder(len(blob) + 256)
+    ref = b.CreateByteVector(blob) if blob else 0
+    return _finish(b, KIND_FILE, market=b.CreateString(market), period=b.CreateString(period),
+                   blob=ref, size=size, generation=generation)
 
 
 def error_reply(reason: str) -> bytes:

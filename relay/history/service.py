@@ -43,11 +43,13 @@ from relay.errors import HistoryRequestError
 from relay.history.protocol import (
     BarsRequest,
     CatalogueRequest,
+    FileRequest,
     FilesRequest,
     Request,
     SyncRequest,
     catalogue_reply,
     error_reply,
+    file_reply,
     files_reply,
     parse_request,
     tables_reply,
@@ -261,6 +263,8 @@ class HistoryService:
             return self._files()
         if isinstance(request, CatalogueRequest):
             return self._catalogue(request)
+        if isinstance(request, FileRequest):
+            return self._copy(request)
         if isinstance(request, BarsRequest):
             return self._bars(request)
         return self._sync(request)
@@ -371,6 +375,21 @@ class HistoryService:
         table = TableSlice(request.code, "data", STATUS_OK, rows, lo, data, stop - lo, stop >= hi)
         return tables_reply(KIND_BARS, request.market, request.period, [table],
                             more=stop < hi, generation=generation)
+
+    def _copy(self, request: FileRequest) -> bytes:
+        """A page of the file's own bytes. The requester checks that the generation stays
+        the same over all pages (else it starts again), and a page read while the file
+        changed is refused here: a copy is never torn."""
+        path = self._path(request.market, request.period)
+        if not os.path.exists(path):
+            raise HistoryRequestError(f"no {request.period} file for {request.market}")
+        generation = _generation(path)
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            f.seek(min(request.offset, size))
+            blob = f.read(max(0, self._budget(request.max_bytes) - 256))
+        self._same(path, generation)
+        return file_reply(request.market, request.period, blob, size, generation)
 
     def _sync(self, request: SyncRequest) -> bytes:
         path = self._path(request.market, request.period)

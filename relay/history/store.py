@@ -1111,6 +1111,24 @@ class HistoryFile:
             return None
         return self._stored_last(name, self._rows_of(name, ds))
 
+    def last_rows(self, name: str, count: int, group: str = "data"
+                  ) -> Tuple[int, npt.NDArray[np.void]]:
+        """``(rows, the last count of them)`` of ``/<group>/<name>`` (committed rows of a
+        ``/data`` table; ``(0, empty)`` when absent). Reads the commit record and the table
+        only, no cache, so another thread may call it."""
+        dtype = BAR_DTYPE if group == "data" else INDEX_DTYPE
+        try:
+            dsid = h5py.h5d.open(self._file.id, f"{group}/{name}".encode())
+        except (KeyError, ValueError, TypeError):
+            return 0, np.empty(0, dtype=dtype)
+        row = self._state.rows.get(name)
+        size = _size(dsid)
+        if group == "data":
+            rows, chunk = (size, 0) if row is None else (min(size, row[0]), row[2])
+        else:
+            rows, chunk = size, (0 if row is None else row[3])
+        return rows, read_table(dsid, max(0, rows - count), rows, dtype, chunk)
+
     def committed(self, name: str, ds: Table) -> int:
         """Committed rows of table ``name`` open as ``ds`` (its whole size when another
         tool wrote it); reads the commit record only, so another thread may call it."""

@@ -17,6 +17,7 @@ derived ones where they differ, so the mirror's index tables are the relay's.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import sys
@@ -31,6 +32,7 @@ import numpy as np
 import structlog
 
 from relay.client._history import (
+    KIND_FILE,
     KIND_SYNC,
     STATUS_CHANGED,
     STATUS_MISSING,
@@ -45,12 +47,13 @@ from relay.client._history import (
 )
 from relay.client._transport import Requester
 from relay.errors import HistoryRequestError
-from relay.history.service import canonical, digest_rows
+from relay.history.service import digest_rows
 from relay.history.store import (
     BAR_DTYPE,
     INDEX_DTYPE,
     DirectoryLock,
     HistoryFile,
+    commit_record,
     file_name,
     open_file,
 )
@@ -64,6 +67,8 @@ _TABLES_PER_REQUEST = 3000      # about 200 KB of JSON
 _TAILS_NAME = ".qmt-relay-sync.json"
 _BUSY_RETRIES = 20
 _BUSY_PAUSE = 0.5
+_COPY_SUFFIX = ".copy-"
+_COPY_ATTEMPTS = 5
 
 
 @dataclass
@@ -79,6 +84,7 @@ class SyncSummary:
     up_to_date: int = 0             # data tables that needed nothing
     requests: int = 0
     bytes: int = 0
+    copied: int = 0                 # files the mirror lacked, copied whole
     elapsed: float = 0.0
 
 
@@ -91,6 +97,10 @@ def sync(url: str, directory: str, *, periods: Optional[Sequence[str]] = None,
          timeout: float = 60.0, max_reply_bytes: Optional[int] = None,
          progress: Optional[Progress] = None, writers: int = 0) -> SyncSummary:
     """Bring ``directory`` to the relay's content for what is asked.
+
+    A file the mirror does not hold at all is copied whole (the relay's HDF5 file, at one
+    generation), unless ``codes`` restricts the tables; every other file is synced table by
+    table, fetching only the rows the mirror lacks.
 
     Args:
         url: the relay's history service, ``tcp://HOST:PORT``.
@@ -114,6 +124,8 @@ def sync(url: str, directory: str, *, periods: Optional[Sequence[str]] = None,
     os.makedirs(directory, exist_ok=True)
     with DirectoryLock(directory), Requester(url, timeout=timeout,
                                              max_message_bytes=1 << 30) as req:
+        for stale in glob.glob(os.path.join(glob.escape(directory), f"*{_COPY_SUFFIX}*")):
+            os.unlink(stale)          # a copy a killed sync left (we hold the lock)
         tails = _Tails(directory)
         jobs: List[Tuple[CatalogueSlice, List[int], str]] = []
         for cat in catalogue_pages(req, markets=markets, periods=periods, codes_only=True):
@@ -127,7 +139,7 @@ def sync(url: str, directory: str, *, periods: Optional[Sequence[str]] = None,
             jobs.sort(key=lambda job: -len(job[1]) * _COST.get(job[0].period, 1))
             results = run_jobs(directory, [
                 (_sync_job, (url, timeout, directory, cat, keep, max_reply_bytes,
-                             progress is not None, tails.get(name)))
+                             progress is not None, tails.get(name), codes is None))
                 for cat, keep, name in jobs], count,
                 lambda event: progress(*event) if progress is not None else None)
             for (_, _, name), (part, known) in zip(jobs, results):
@@ -137,7 +149,7 @@ def sync(url: str, directory: str, *, periods: Optional[Sequence[str]] = None,
             for cat, keep, name in jobs:
                 known = tails.get(name)
                 _sync_file(req, directory, cat, keep, summary, max_reply_bytes, progress,
-                           known)
+                           known, codes is None)
                 tails.put(name, known)
     summary.elapsed = time.monotonic() - began
     return summary
@@ -147,19 +159,19 @@ _COST = {"day": 6, "1min": 2, "5min": 5}    # tables of a security in a file (da
 
 
 def _sync_job(url: str, timeout: float, directory: str, cat: CatalogueSlice, keep: List[int],
-              max_reply: Optional[int], report: bool, known: Dict[str, List[Any]]
-              ) -> Tuple[SyncSummary, Dict[str, List[Any]]]:
+              max_reply: Optional[int], report: bool, known: Dict[str, List[Any]],
+              whole: bool) -> Tuple[SyncSummary, Dict[str, List[Any]]]:
     """One file's sync, in a writer process (its own connection to the relay)."""
     part = SyncSummary()
     with Requester(url, timeout=timeout, max_message_bytes=1 << 30) as req:
         _sync_file(req, directory, cat, keep, part, max_reply,
-                   (lambda *event: emit(event)) if report else None, known)
+                   (lambda *event: emit(event)) if report else None, known, whole)
     return part, known
 
 
 def _fold(summary: SyncSummary, part: SyncSummary) -> None:
     for name in ("tables", "bars", "index_rows", "index_fixed", "up_to_date", "requests",
-                 "bytes"):
+                 "bytes", "copied"):
         setattr(summary, name, getattr(summary, name) + getattr(part, name))
     summary.refetched.extend(part.refetched)
 
@@ -224,9 +236,19 @@ class _CodeSet:
 
 def _sync_file(req: Requester, directory: str, cat: CatalogueSlice, keep: List[int],
                summary: SyncSummary, max_reply: Optional[int],
-               progress: Optional[Progress], known: Dict[str, List[Any]]) -> None:
+               progress: Optional[Progress], known: Dict[str, List[Any]],
+               whole: bool = False) -> None:
     label = f"{cat.market.lower()}_{cat.period}"
     groups = ("data", *cat.indexes)
+    if whole and not os.path.exists(os.path.join(directory, file_name(cat.market, cat.period))):
+        before = summary.bars
+        if _copy_file(req, directory, cat, max_reply, summary):
+            known.clear()
+            known.update(_tails_of(directory, cat))   # the next sync reads none of them
+            summary.tables += len(keep)
+            if progress is not None:
+                progress(label, len(keep), len(keep), summary.bars - before)
+            return
     with open_file(directory, cat.market, cat.period, "a", recover_corrupt=True) as hf:
         raw: h5py.File = hf._file  # the store's h5py file: positional reads and index repairs
         # a relay table shorter than ours, or not holding our last rows where we hold them
@@ -335,15 +357,20 @@ class _FileState:
 
 def _entry(hf: HistoryFile, raw: h5py.File, market: str, code: str, group: str) -> _Entry:
     """``[code, group, rows held, digest of the last rows]`` for a sync request."""
-    ds = raw.get(f"{group}/{market}{code}")
-    if not isinstance(ds, h5py.Dataset):
-        return code, group, 0, ""
-    is_data = group == "data"
-    rows = hf.committed(market + code, ds) if is_data else int(ds.shape[0])
-    if not rows:
-        return code, group, 0, ""
-    tail = ds[max(0, rows - SYNC_WINDOW):rows]
-    return code, group, rows, digest_rows(canonical(tail, BAR_DTYPE if is_data else INDEX_DTYPE))
+    rows, tail = hf.last_rows(market + code, SYNC_WINDOW, group)
+    return (code, group, rows, digest_rows(tail.tobytes())) if rows else (code, group, 0, "")
+
+
+def _tails_of(directory: str, cat: CatalogueSlice) -> Dict[str, List[Any]]:
+    """What a sync remembers of a file's /data tables (rows, digest of the last rows), read
+    from the file itself: for a file just copied, it is what the relay would report."""
+    out: Dict[str, List[Any]] = {}
+    with open_file(directory, cat.market, cat.period) as hf:
+        for name in hf.names():
+            rows, tail = hf.last_rows(name, SYNC_WINDOW)
+            if rows:
+                out[name] = [rows, digest_rows(tail.tobytes())]
+    return out
 
 
 def _request(req: Requester, cat: CatalogueSlice, entries: List[_Entry],
@@ -352,16 +379,81 @@ def _request(req: Requester, cat: CatalogueSlice, entries: List[_Entry],
                               "tables": [list(e) for e in entries]}
     if max_reply:
         fields["max_bytes"] = max_reply
-    body = encode_request("sync", **fields)
-    for attempt in range(_BUSY_RETRIES):
+    reply = _ask(req, encode_request("sync", **fields), summary)
+    return checked(reply, KIND_SYNC)
+
+
+def _ask(req: Requester, body: bytes, summary: SyncSummary, *, retries: int = _BUSY_RETRIES
+         ) -> Any:
+    """One request, asked again while the relay answers "busy" (its import is writing
+    the file right now); the last answer, busy or not."""
+    for attempt in range(retries):
         answer = req.request(body)
         summary.requests += 1
         summary.bytes += len(answer)
         reply = decode_reply(answer)
-        if not reply.error.startswith("busy") or attempt == _BUSY_RETRIES - 1:
-            return checked(reply, KIND_SYNC)
-        time.sleep(_BUSY_PAUSE)   # the relay's import is writing this file right now
+        if not reply.error.startswith("busy") or attempt == retries - 1:
+            return reply
+        time.sleep(_BUSY_PAUSE)
     raise AssertionError("unreachable")
+
+
+def _copy_file(req: Requester, directory: str, cat: CatalogueSlice,
+               max_reply: Optional[int], summary: SyncSummary) -> bool:
+    """A mirror that holds nothing of a file copies the relay's file whole, page by page,
+    into a temporary file renamed into place once complete (the copy is the relay's file at
+    one generation: a page read while it changed is refused, a change between pages starts
+    the copy again). Returns False when it did not succeed (the caller then syncs the file
+    table by table)."""
+    final = os.path.join(directory, file_name(cat.market, cat.period))
+    tmp = f"{final}{_COPY_SUFFIX}{os.getpid()}"
+    fields: Dict[str, Any] = {"market": cat.market, "period": cat.period}
+    if max_reply:
+        fields["max_bytes"] = max_reply
+    try:
+        for _ in range(_COPY_ATTEMPTS):
+            generation: Optional[int] = None
+            offset, size = 0, -1
+            with open(tmp, "wb") as out:
+                while offset != size:
+                    reply = _ask(req, encode_request("file", offset=offset, **fields), summary,
+                                 retries=1)
+                    if reply.error.startswith("busy"):
+                        break
+                    checked(reply, KIND_FILE)
+                    if generation is None:
+                        generation, size = reply.generation, reply.size
+                    elif (reply.generation, reply.size) != (generation, size):
+                        break                     # the file changed: start again
+                    if not reply.blob and offset < size:
+                        raise HistoryRequestError("the relay sent an empty page of a file")
+                    out.write(reply.blob)
+                    offset += len(reply.blob)
+                    if offset > size:
+                        raise HistoryRequestError("the relay sent more than its file")
+            if offset == size:
+                summary.bars += _bars_in(tmp)
+                os.replace(tmp, final)
+                summary.copied += 1
+                return True
+            time.sleep(_BUSY_PAUSE)
+        return False
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _bars_in(path: str) -> int:
+    """Committed bars of every /data table of a copied file (which must open)."""
+    try:
+        with h5py.File(path, "r") as f:
+            record = commit_record(f)
+            data = f.get("data")
+            names = list(data) if isinstance(data, h5py.Group) else []
+            return sum(record[n][0] if n in record else int(data[n].shape[0]) for n in names)
+    except OSError as exc:
+        raise HistoryRequestError(f"the copy of {os.path.basename(path)} is not an HDF5 "
+                                  f"file HDF5 opens ({exc})") from None
 
 
 def _apply(hf: HistoryFile, raw: h5py.File, market: str,

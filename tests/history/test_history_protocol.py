@@ -17,6 +17,7 @@ from relay.client._history import (
     INDEX_STRUCT,
     KIND_BARS,
     KIND_CATALOGUE,
+    KIND_FILE,
     KIND_SYNC,
     STATUS_CHANGED,
     Bars,
@@ -31,10 +32,12 @@ from relay.errors import DecodeError, HistoryRequestError
 from relay.history.protocol import (
     BarsRequest,
     CatalogueRequest,
+    FileRequest,
     FilesRequest,
     SyncRequest,
     catalogue_reply,
     error_reply,
+    file_reply,
     files_reply,
     parse_request,
     tables_reply,
@@ -82,6 +85,21 @@ def test_catalogue_and_files_round_trip() -> None:
     assert [page] == checked(decode_reply(catalogue_reply(page, 5)), KIND_CATALOGUE).catalogues
     empty = page._replace(codes=[], rows=[], first=[], last=[])
     assert [empty, empty] == decode_reply(files_reply([empty, empty])).catalogues
+
+
+def test_file_reply_round_trip_and_flatc_reads_it() -> None:
+    """A file page decodes to its bytes, size and generation, in both decoders; a file
+    request parses with its offset."""
+    blob = bytes(range(256)) * 3
+    body = file_reply("SZ", "day", blob, 10_000, 77)
+    reply = checked(decode_reply(body), KIND_FILE)
+    assert (blob, 10_000, 77, "SZ", "day") == (reply.blob, reply.size, reply.generation,
+                                               reply.market, reply.period)
+    ref = load_history().Reply.GetRootAs(body, 0)
+    assert (blob, 10_000, 5) == (ref.BlobAsNumpy().tobytes(), ref.Size(), ref.Kind())
+    assert b"" == decode_reply(file_reply("SZ", "day", b"", 0, 1)).blob
+    assert FileRequest("BJ", "1min", 4096, 8192) == parse_request(encode_request(
+        "file", market="BJ", period="1min", offset=4096, max_bytes=8192), max_bytes=1 << 20)
 
 
 def test_error_reply_raises_history_error() -> None:

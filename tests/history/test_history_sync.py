@@ -80,6 +80,28 @@ def test_writer_processes_mirror_what_one_process_mirrors(relay_dir: Tuple[str, 
     assert (0, again.tables) == (again.bars, again.up_to_date)
 
 
+def test_a_file_the_mirror_lacks_is_copied_whole(relay_dir: Tuple[str, Path],
+                                                 tmp_path: Path) -> None:
+    """A mirror holding nothing of a file copies it whole, page by page (here pages of 4 KiB),
+    and the copy is the relay's file; a later sync goes table by table and finds it up to
+    date; a sync of some codes only never copies."""
+    url, server = relay_dir
+    mirror = tmp_path / "mirror"
+    summary = sync(url, str(mirror), max_reply_bytes=4096)
+    served = sorted(p.name for p in server.glob("*.h5"))
+    assert summary.copied == summary.files == len(served)
+    assert summary.requests > 2 * len(served)          # several pages per file
+    for name in served:
+        assert (server / name).read_bytes() == (mirror / name).read_bytes()
+    assert not list(mirror.glob("*.copy-*"))
+    again = sync(url, str(mirror))
+    assert (0, 0, again.tables) == (again.copied, again.bars, again.up_to_date)
+    some = tmp_path / "some"
+    code = fetch_catalogue(url, markets=["SZ"], periods=["day"])[0].symbol
+    part = sync(url, str(some), periods=["day"], markets=["SZ"], codes=[code])
+    assert (0, 1) == (part.copied, part.tables)
+
+
 def test_second_sync_fetches_only_the_new_day(relay_dir: Tuple[str, Path],
                                               tmp_path: Path) -> None:
     """After an incremental import of one day, sync fetches exactly that day's bars."""
@@ -129,6 +151,7 @@ def test_foreign_index_tables_are_copied_as_served(relay_dir: Tuple[str, Path],
         f.create_dataset("relay_state", data=record[record["name"] != name.encode()],
                          maxshape=(None,), chunks=(2048,))
     mirror = tmp_path / "mirror"
+    open_file(mirror, "SH", "day", "a").close()    # held: synced table by table, not copied
     summary = sync(url, str(mirror))
     assert 1 == summary.index_fixed
     assert summary.index_rows > 0

@@ -8,3 +8,4 @@ class Kind(object):
     catalogue = 2
     bars = 3
     sync = 4
+    file = 5

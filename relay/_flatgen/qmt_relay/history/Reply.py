@@ -134,8 +134,42 @@ class Reply(object):
             return self._tab.Get(flatbuffers.number_types.Uint64Flags, o + self._tab.Pos)
         return 0
 
+    # Reply
+    def Blob(self, j):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(24))
+        if o != 0:
+            a = self._tab.Vector(o)
+            return self._tab.Get(flatbuffers.number_types.Uint8Flags, a + flatbuffers.number_types.UOffsetTFlags.py_type(j * 1))
+        return 0
+
+    # Reply
+    def BlobAsNumpy(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(24))
+        if o != 0:
+            return self._tab.GetVectorAsNumpy(flatbuffers.number_types.Uint8Flags, o)
+        return 0
+
+    # Reply
+    def BlobLength(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(24))
+        if o != 0:
+            return self._tab.VectorLen(o)
+        return 0
+
+    # Reply
+    def BlobIsNone(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(24))
+        return o == 0
+
+    # Reply
+    def Size(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(26))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Uint64Flags, o + self._tab.Pos)
+        return 0
+
 def ReplyStart(builder):
-    builder.StartObject(10)
+    builder.StartObject(12)
 
 def Start(builder):
     ReplyStart(builder)
@@ -211,6 +245,24 @@ def ReplyAddGeneration(builder, generation):
 
 def AddGeneration(builder, generation):
     ReplyAddGeneration(builder, generation)
+
+def ReplyAddBlob(builder, blob):
+    builder.PrependUOffsetTRelativeSlot(10, flatbuffers.number_types.UOffsetTFlags.py_type(blob), 0)
+
+def AddBlob(builder, blob):
+    ReplyAddBlob(builder, blob)
+
+def ReplyStartBlobVector(builder, numElems):
+    return builder.StartVector(1, numElems, 1)
+
+def StartBlobVector(builder, numElems):
+    return ReplyStartBlobVector(builder, numElems)
+
+def ReplyAddSize(builder, size):
+    builder.PrependUint64Slot(11, size, 0)
+
+def AddSize(builder, size):
+    ReplyAddSize(builder, size)
 
 def ReplyEnd(builder):
     return builder.EndObject()
