@@ -77,7 +77,10 @@ def snapshot_request(url: str, *, source: str = "127.0.0.1", body: bytes = b"sna
         header = _exact(sock, 8)
         if header is None:
             return None
-        sock.sendall(frame(b"\x80\x00\x00\x01" + body))
+        try:
+            sock.sendall(frame(b"\x80\x00\x00\x01" + body))
+        except (BrokenPipeError, ConnectionResetError):
+            return None       # refused mid-send (an oversized request): dropped, no reply
         reply = recv_frame(sock, timeout)
         return None if reply is None else reply[4:]
 
