@@ -61,6 +61,7 @@ from relay.history.store import (
     commit_record,
     file_name,
     iter_files,
+    open_table,
     read_table,
     search_datetime,
 )
@@ -116,16 +117,7 @@ class _Listing(NamedTuple):
     ranges: Dict[str, Tuple[int, int, int]]   # name -> (rows, first, last)
 
 
-def _table(file: h5py.File, group: str, name: str) -> Any:
-    """``/<group>/<name>`` as a low-level dataset id, or None (one HDF5 lookup, no
-    high-level objects: a sync request reads thousands of tables)."""
-    try:
-        return h5py.h5d.open(file.id, f"{group}/{name}".encode())
-    except (KeyError, ValueError, TypeError):
-        return None
-
-
-def _committed(ds: h5py.Dataset, mark: Optional[Tuple[int, ...]]) -> int:
+def _committed(ds: Any, mark: Optional[Tuple[int, ...]]) -> int:
     """Rows of ``ds`` to serve: its committed rows when the store wrote it, else all."""
     n = int(ds.shape[0])
     return n if mark is None else min(n, mark[0])
@@ -418,21 +410,20 @@ class HistoryService:
     @staticmethod
     def _sync_table(file: h5py.File, marks: Dict[str, Tuple[int, int, int, int]], market: str,
                     code: str, group: str, have: int, digest: str, budget: int) -> TableSlice:
-        ds = _table(file, group, market + code)
+        ds = open_table(file, f"{group}/{market}{code}")
         if ds is None:
             return TableSlice(code, group, STATUS_MISSING, 0, 0, b"", 0, True)
         is_data = group == "data"
         dtype, width = (BAR_DTYPE, BAR_SIZE) if is_data else (INDEX_DTYPE, INDEX_SIZE)
         derived = False
-        n = int(ds.shape[0])
         mark = marks.get(market + code)
         chunk = 0 if mark is None else mark[2] if is_data else mark[3]
         if is_data:
-            rows = n if mark is None else min(n, mark[0])
+            rows = _committed(ds, mark)
             # the store keeps this security's index tables derived from its data
             derived = mark is not None and mark[1] == rows
         else:
-            rows = n
+            rows = int(ds.shape[0])
         if have > rows:
             return TableSlice(code, group, STATUS_CHANGED, rows, 0, b"", 0, True)
         window = min(SYNC_WINDOW, have)

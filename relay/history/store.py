@@ -100,6 +100,7 @@ __all__ = [
     "index_labels",
     "iter_files",
     "open_file",
+    "open_table",
     "read_table",
     "search_datetime",
     "symbol_of",
@@ -411,11 +412,12 @@ def _dsid(ds: Table) -> Any:
     return ds.id if isinstance(ds, h5py.Dataset) else ds
 
 
-def _read_rows(ds: Table, lo: int, hi: int, dtype: np.dtype[Any] = BAR_DTYPE
-               ) -> npt.NDArray[np.void]:
-    """Rows ``[lo, hi)`` of a one-dimensional compound dataset, read as ``dtype``."""
+def _read_rows(ds: Table, lo: int, hi: int, dtype: np.dtype[Any] = BAR_DTYPE, *,
+               zeroed: bool = False) -> npt.NDArray[np.void]:
+    """Rows ``[lo, hi)`` of a one-dimensional compound dataset, read as ``dtype`` (HDF5
+    converts fields by name; ``zeroed``: a field the table lacks reads as 0, not garbage)."""
     n = max(hi - lo, 0)
-    out: npt.NDArray[np.void] = np.empty(n, dtype=dtype)
+    out: npt.NDArray[np.void] = (np.zeros if zeroed else np.empty)(n, dtype=dtype)
     if n:
         dsid = _dsid(ds)
         fspace = dsid.get_space()
@@ -443,8 +445,9 @@ def _set_size(ds: Table, rows: int) -> None:
     _dsid(ds).set_extent((rows,))
 
 
-def _open_dataset(group: h5py.Group, name: str, dapl: Any = None) -> Optional[Table]:
-    """``group[name]`` when it is a dataset, else None (one HDF5 lookup)."""
+def open_table(group: h5py.Group, name: str, dapl: Any = None) -> Optional[Table]:
+    """``group[name]`` (a name or a path such as ``data/SH600000``; ``group`` may be the
+    file) as a low-level dataset id when it is a dataset, else None (one HDF5 lookup)."""
     try:
         dsid = h5py.h5d.open(group.id, name.encode(), dapl=dapl)
     except (KeyError, ValueError, TypeError):
@@ -627,13 +630,7 @@ def read_table(ds: Table, lo: int, hi: int, dtype: np.dtype[Any], chunk: int = 0
             parts.append(part[max(lo - at, 0):min(hi - at, chunk)])
         else:
             return parts[0] if len(parts) == 1 else np.concatenate(parts)
-    out: npt.NDArray[np.void] = np.zeros(n, dtype=dtype)
-    if n:
-        dsid = _dsid(ds)
-        fspace = dsid.get_space()
-        fspace.select_hyperslab((lo,), (n,))
-        dsid.read(h5py.h5s.create_simple((n,)), fspace, out, _tid_of(dtype))
-    return out
+    return _read_rows(ds, lo, hi, dtype, zeroed=True)
 
 
 # -- the file -----------------------------------------------------------------------------
@@ -1047,7 +1044,7 @@ class HistoryFile:
             if name in self._absent:
                 return None
             group = self._group("data")
-            found = _open_dataset(group, name, self._dapl) if group is not None else None
+            found = open_table(group, name, self._dapl) if group is not None else None
             if found is None:
                 if self.mode == "a":      # a writer alone adds tables: remember the misses
                     self._absent.add(name)
@@ -1060,7 +1057,7 @@ class HistoryFile:
 
     def _index(self, index: str, name: str) -> Optional[Table]:
         group = self._group(index)
-        return _open_dataset(group, name, self._dapl) if group is not None else None
+        return open_table(group, name, self._dapl) if group is not None else None
 
     def _tail(self, name: str, ds: Table, rows: int, start: Optional[int] = None
               ) -> npt.NDArray[np.void]:
@@ -1117,16 +1114,14 @@ class HistoryFile:
         ``/data`` table; ``(0, empty)`` when absent). Reads the commit record and the table
         only, no cache, so another thread may call it."""
         dtype = BAR_DTYPE if group == "data" else INDEX_DTYPE
-        try:
-            dsid = h5py.h5d.open(self._file.id, f"{group}/{name}".encode())
-        except (KeyError, ValueError, TypeError):
+        dsid = open_table(self._file, f"{group}/{name}")
+        if dsid is None:
             return 0, np.empty(0, dtype=dtype)
         row = self._state.rows.get(name)
-        size = _size(dsid)
         if group == "data":
-            rows, chunk = (size, 0) if row is None else (min(size, row[0]), row[2])
+            rows, chunk = self.committed(name, dsid), (0 if row is None else row[2])
         else:
-            rows, chunk = size, (0 if row is None else row[3])
+            rows, chunk = _size(dsid), (0 if row is None else row[3])
         return rows, read_table(dsid, max(0, rows - count), rows, dtype, chunk)
 
     def committed(self, name: str, ds: Table) -> int:

@@ -250,7 +250,7 @@ def _sync_file(req: Requester, directory: str, cat: CatalogueSlice, keep: List[i
                 progress(label, len(keep), len(keep), summary.bars - before)
             return
     with open_file(directory, cat.market, cat.period, "a", recover_corrupt=True) as hf:
-        raw: h5py.File = hf._file  # the store's h5py file: positional reads and index repairs
+        raw: h5py.File = hf._file  # the store's h5py file: which tables each group holds
         # a relay table shorter than ours, or not holding our last rows where we hold them
         # (a re-import, another start), is answered "changed" and fetched again whole
         refetch: Set[Tuple[str, str]] = set()
@@ -277,7 +277,7 @@ def _sync_file(req: Requester, directory: str, cat: CatalogueSlice, keep: List[i
                 size = max(16, min(_TABLES_PER_REQUEST, reply.answered * 5 // 4))
                 batch = _take(queue, size)
                 future = pool.submit(fetch, batch) if batch else None
-                later += state.applied(hf, raw, cat.market, groups, entries, reply, refetch,
+                later += state.applied(hf, cat.market, groups, entries, reply, refetch,
                                        summary, known)
         # What is left (changed tables, a table longer than a page, foreign index tables):
         # one request after the other, each built from what the previous one wrote.
@@ -286,7 +286,7 @@ def _sync_file(req: Requester, directory: str, cat: CatalogueSlice, keep: List[i
             entries, reply = fetch(batch)
             tables = _check(reply, entries)
             rest = [(e[0], e[1]) for e in entries[len(tables):]]
-            later = state.applied(hf, raw, cat.market, groups, entries, reply, refetch,
+            later = state.applied(hf, cat.market, groups, entries, reply, refetch,
                                   summary, known) + rest + later
 
 
@@ -316,7 +316,7 @@ def _entries(hf: HistoryFile, raw: h5py.File, market: str, groups: Sequence[str]
             continue
         tail = known.get(name) if group == "data" else None
         out.append((code, group, int(tail[0]), str(tail[1])) if tail else
-                   _entry(hf, raw, market, code, group))
+                   _entry(hf, market, code, group))
     return out
 
 
@@ -330,7 +330,7 @@ class _FileState:
         self.progress = progress
         self.refetches: Dict[Tuple[str, str], int] = {}
 
-    def applied(self, hf: HistoryFile, raw: h5py.File, market: str, groups: Sequence[str],
+    def applied(self, hf: HistoryFile, market: str, groups: Sequence[str],
                 entries: List[_Entry], reply: Any, refetch: Set[Tuple[str, str]],
                 summary: SyncSummary, known: Dict[str, List[Any]]) -> List[Tuple[str, str]]:
         """Write one reply; returns the tables to ask for again (changed tables whole, a
@@ -339,7 +339,7 @@ class _FileState:
         for table in tables:   # forget first: a failed write below must not leave them
             if table.group == "data":
                 known.pop(market + table.code, None)
-        again, foreign = _apply(hf, raw, market, entries, tables, refetch, summary)
+        again, foreign = _apply(hf, market, entries, tables, refetch, summary)
         for table in tables:
             if table.group == "data" and table.status == STATUS_OK and table.tail:
                 known[market + table.code] = [table.start + table.records, table.tail]
@@ -355,7 +355,7 @@ class _FileState:
         return sorted(again) + partial + [(code, g) for code in foreign for g in groups[1:]]
 
 
-def _entry(hf: HistoryFile, raw: h5py.File, market: str, code: str, group: str) -> _Entry:
+def _entry(hf: HistoryFile, market: str, code: str, group: str) -> _Entry:
     """``[code, group, rows held, digest of the last rows]`` for a sync request."""
     rows, tail = hf.last_rows(market + code, SYNC_WINDOW, group)
     return (code, group, rows, digest_rows(tail.tobytes())) if rows else (code, group, 0, "")
@@ -456,7 +456,7 @@ def _bars_in(path: str) -> int:
                                   f"file HDF5 opens ({exc})") from None
 
 
-def _apply(hf: HistoryFile, raw: h5py.File, market: str,
+def _apply(hf: HistoryFile, market: str,
            entries: List[_Entry], tables: List[TableSlice],
            refetch: Set[Tuple[str, str]], summary: SyncSummary
            ) -> Tuple[Set[Tuple[str, str]], List[str]]:
