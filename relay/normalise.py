@@ -38,7 +38,7 @@ from functools import lru_cache
 from itertools import chain, repeat
 from math import isfinite
 from operator import itemgetter
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -356,16 +356,6 @@ def _pack_numbers(row: Any, lo: int, items: List[Any]) -> None:
     _doubles(n).pack_into(row, 8 * lo, *items)
 
 
-class _Chunk(NamedTuple):
-    """The integer columns and book depth of one chunk of ticks, as :meth:`Normaliser._read`
-    returns them (its doubles go straight into the batch's arrays)."""
-
-    times: List[Any]
-    status: List[Any]
-    trades: List[Any]
-    levels: int  # book depth, the same for every list of the chunk
-
-
 class _Universe(Dict[str, int]):
     """Every symbol seen so far, numbered from 0 on first sight.
 
@@ -492,28 +482,25 @@ class Normaliser:
             return None
         universe = self._universe
         numbers = np.fromiter(map(universe.__getitem__, symbols), np.intp, n)
-        # Every chunk packs its doubles straight into these (no per-chunk arrays to join).
+        # Every chunk packs its numbers straight into these (no per-chunk arrays to join).
         values = np.empty((7, n))
+        ints = np.empty((3, n), np.int64)  # time, status, trade count
         book = np.empty((4, n * self._book_levels))
-        read: List[_Chunk] = []
+        depths = set()
         for lo in range(0, n, _CHUNK):
-            chunk = self._read(ticks[lo:lo + _CHUNK], values, book, lo)
-            if chunk is None:
+            depth = self._read(ticks[lo:lo + _CHUNK], values, ints, book, lo)
+            if depth is None:
                 return None
-            read.append(chunk)
-        levels = read[0].levels
-        if any(chunk.levels != levels for chunk in read):
+            depths.add(depth)
+        if len(depths) != 1:
             return None
+        levels = depths.pop()
         if not levels:
             book = book[:, :0]
-        times_l, status_l, trades_l = (list(chain.from_iterable(column)) for column in zip(
-            *((chunk.times, chunk.status, chunk.trades) for chunk in read)))
-        times = np.array(times_l, np.int64)
+        times, status, trades = ints
         first_ms, last_ms = int(times.min()), int(times.max())
         if first_ms < _MIN_MS or last_ms >= _MAX_MS:
             return None
-        status = np.array(status_l, np.int64)  # OverflowError past the int64 range
-        trades = np.array(trades_l, np.int64)
         if status.min() < _INT32_MIN or status.max() > _INT32_MAX:
             return None  # the per-tick path reports such a status as absent
         if self._drop_auction and (status == _AUCTION_STATUS).any():
@@ -564,24 +551,29 @@ class Normaliser:
         columns.wire = wire
         return columns
 
-    def _read(self, ticks: List[Any], values: Any, book: Any, lo: int) -> Optional[_Chunk]:
-        """One chunk of ticks, from position ``lo`` of the batch, read into columns; ``None``
-        if a check fails.
+    def _read(self, ticks: List[Any], values: Any, ints: Any, book: Any,
+              lo: int) -> Optional[int]:
+        """One chunk of ticks, from position ``lo`` of the batch, read into columns: returns
+        its book depth, or ``None`` if a check fails.
 
-        The five prices, amount and shares go into ``values[:, lo:lo + m]``, the four book
-        arrays into ``book[:, lo * levels:(lo + m) * levels]``, packed in place. The chunk is
-        small enough that its dicts, lists and numbers stay in the CPU cache across the
-        passes over it.
+        The five prices, amount and shares go into ``values[:, lo:lo + m]``, time, status
+        and trade count into ``ints[:, lo:lo + m]``, the four book arrays into
+        ``book[:, lo * levels:(lo + m) * levels]``, packed in place. The chunk is small
+        enough that its dicts, lists and numbers stay in the CPU cache across the passes
+        over it.
         """
         m = len(ticks)
         # One pass over the dicts takes all fourteen fields of each tick; the fields of the
         # chunk then lie in one flat list, where field k is the slice [k::14].
         cells: List[Any] = []
         deque(map(cells.extend, map(_FIELDS, ticks)), maxlen=0)
-        times_l, status_l, trades_l = cells[0::14], cells[1::14], cells[2::14]
-        if not set(map(type, times_l)) == set(map(type, status_l)) == set(
-                map(type, trades_l)) == _INT:
+        columns = cells[0::14], cells[1::14], cells[2::14]
+        # Plain ints only (a bool or a float is judged tick by tick); an int past the int64
+        # range fails to pack (struct.error), and the per-tick path says what it is.
+        if set(map(type, chain(*columns))) != _INT:
             return None
+        for k in range(3):
+            _longs(m).pack_into(ints[k], 8 * lo, *columns[k])
         # Struct("d").pack reads a value as a double exactly as array("d") does in the
         # per-tick path: None, strings and lists are refused (struct.error), ints and bools
         # accepted; NaN, infinity and negatives are caught on the arrays after.
@@ -591,7 +583,7 @@ class Normaliser:
         lengths = set(map(len, lists))
         if not set(map(type, lists)) <= _SEQUENCES or len(lengths) != 1:
             return None
-        levels = lengths.pop()
+        levels: int = lengths.pop()
         if levels not in (self._book_levels, 0):
             return None
         if levels:
@@ -599,7 +591,7 @@ class Normaliser:
                 flat: List[Any] = []  # list.extend copies a short list without the iterator
                 deque(map(flat.extend, lists[k * m:(k + 1) * m]), maxlen=0)  # object chain
                 _pack_numbers(book[k], lo * levels, flat)  # makes per item: 2x faster
-        return _Chunk(times_l, status_l, trades_l, levels)
+        return levels
 
     def _per_tick(self, batch: Mapping[str, Any]) -> BatchResult:
         records: List[SpotRecord] = []

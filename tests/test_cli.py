@@ -16,6 +16,7 @@ import pytest
 from helpers import REPO, ipc_address, no_streams, relay_env, run_relay_with, tcp_address
 
 from relay import cli
+from relay._heap import keep_freed_memory
 from relay.app import Relay
 from relay.client import decode_spot_list
 from relay.wire import END, HEARTBEAT_PREFIX, START, decode_heartbeat
@@ -181,6 +182,8 @@ def test_relay_subprocess_end_to_end(
     names = [e["event"] for e in events]
     assert "relay_started" in names and "relay_stopped" in names and "stats" in names
     assert not any(e["event"] == "tick_dropped" for e in events)  # nothing per tick
+    started = next(e for e in events if e["event"] == "relay_started")
+    assert started["heap_kept"] is keep_freed_memory()  # glibc: freed memory kept
 
 
 def test_relay_subprocess_sigint_and_tail(

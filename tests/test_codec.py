@@ -471,6 +471,55 @@ def test_decode_leaves_the_garbage_collector_as_it_found_it(enabled: bool) -> No
             gc.disable()
 
 
+def test_records_skip_the_young_collections_and_leave_frozen_objects_alone() -> None:
+    """Records built from columns go straight to the oldest generation (the collector never
+    walks them young), cyclic garbage the application made before is still collected, and
+    an application's own gc.freeze() is neither undone nor joined."""
+    import gc
+    import weakref
+
+    from relay.records import _acyclic
+
+    class Node:
+        pass
+
+    recs = [SAMPLE._replace(code=f"{600000 + i}") for i in range(200)]
+    (ours,) = SpotEncoder("r", "s").encode(recs, first_seq=1, publish_time_ms=0)
+    was = gc.isenabled()
+    gc.enable()
+    try:
+        cycle = Node()
+        cycle.self = cycle  # type: ignore[attr-defined]
+        gone = weakref.ref(cycle)
+        del cycle
+        got = decode_spot_list(ours, 6).records
+        assert gone() is None  # the application's young garbage was collected first
+        assert got == recs
+        assert gc.isenabled()
+        assert gc.get_freeze_count() == 0
+        oldest = {id(o) for o in gc.get_objects(generation=2)}
+        young = {id(o) for o in gc.get_objects(generation=0)}
+        assert id(got[0]) in oldest and id(got[-1]) in oldest and id(got[0]) not in young
+        assert gc.get_count()[0] < 50  # the build did not count towards a collection
+
+        gc.collect()
+        frozen_before = Node()
+        gc.freeze()
+        try:
+            count = gc.get_freeze_count()
+            with _acyclic():
+                built = [(float(i), (1.0, 2.0)) for i in range(100)]
+            assert gc.get_freeze_count() == count  # not unfrozen, nothing added
+            assert id(built) in {id(o) for o in gc.get_objects(generation=0)}  # left young
+            assert gc.isenabled()
+            del frozen_before
+        finally:
+            gc.unfreeze()
+    finally:
+        if not was:
+            gc.disable()
+
+
 def test_encoder_reusing_its_buffer_writes_what_a_fresh_encoder_writes() -> None:
     """The encoder keeps a message buffer between batches: nothing of an earlier batch (a
     longer name, more records, other numbers) shows through in a later one, and two batches
