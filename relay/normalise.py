@@ -475,13 +475,12 @@ class Normaliser:
 
         Every check here is one the per-tick path makes, applied to a whole column.
         """
-        symbols = list(batch)
         ticks = list(batch.values())
         n = len(ticks)
         if set(map(type, ticks)) != _DICT:
             return None
         universe = self._universe
-        numbers = np.fromiter(map(universe.__getitem__, symbols), np.intp, n)
+        numbers = np.fromiter(map(universe.__getitem__, batch), np.intp, n)
         # Every chunk packs its numbers straight into these (no per-chunk arrays to join).
         values = np.empty((7, n))
         ints = np.empty((3, n), np.int64)  # time, status, trade count

@@ -9,7 +9,8 @@ On one simulated full-market batch (default 8,000 records) it measures, best of 
   NumPy and pandas straight from the buffers, against the flatc-generated accessors reading
   every field of the same messages (timed in the same rounds);
 * a snapshot reply: decode of the whole-market reply the snapshot service sends;
-* end to end: a full-market burst from the relay's publisher until a
+* end to end (the publishing side tuned as ``qmt-relay run`` tunes it, see
+  :mod:`relay._heap`): a full-market burst from the relay's publisher until a
   :class:`~relay.client.Subscriber` in another process (pure-Python TCP) has delivered the
   decoded batch (p50/p99 over ``--bursts``), and until a columns-mode subscriber has it as
   NumPy columns.
@@ -42,6 +43,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--bursts", type=int, default=60, help="end-to-end bursts (0 = skip)")
     args = ap.parse_args(argv)
 
+    from relay._heap import keep_freed_memory  # noqa: PLC0415
     from relay.bench.spot import (  # noqa: PLC0415 - relay side, not the library
         best_time,
         best_times,
@@ -116,6 +118,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t_reply = best_time(lambda: snapshot_batch(reply, None), rep)
     figures["snapshot_decode_ms"] = round(t_reply * 1000, 2)
     if args.bursts > 0:
+        # The publishing side (this process) as `qmt-relay run` has it: freed memory kept
+        # (glibc). The subscriber processes keep the allocator as an application has it.
+        figures["heap_kept"] = keep_freed_memory()
         latencies = measure_e2e(result.columns or result.records, args.bursts,
                                 subscriber=tcp_subscriber_proc)
         figures["e2e_p50_ms"] = round(percentile(latencies, 50), 2)

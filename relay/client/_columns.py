@@ -20,7 +20,7 @@ identical arrays, dtypes included (tested).
 
 from __future__ import annotations
 
-from itertools import chain
+from itertools import chain, repeat
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -268,11 +268,35 @@ def spot_columns(buf: bytes, base: int, count: int, table_size: int,
         last = points[np.arange(count), np.maximum(chars, 1) - 1]
         if ((last == 0) & (chars > 0)).any():
             return None  # a value ends in NUL, which its str array element has lost
-    columns: List[Any] = [text.tolist() for text in cols.strings]
+    columns: List[Any] = [_values(text) for text in cols.strings]
     columns += [[0.0] * count if view is None else view for view in cols.doubles]
     columns += [_contiguous(book).reshape(-1) for book in cols.books]
-    columns += [[None] * count if view is None else view for view in cols.optional]
+    time_ms, status, trades = cols.optional
+    columns += [[None] * count if time_ms is None else _values(time_ms), status, trades]
+    if status is None:
+        columns[16] = [None] * count
+    if trades is None:
+        columns[17] = [None] * count
     return SpotColumns(count, depths.pop(), columns)
+
+
+def _values(column: Any) -> List[Any]:
+    """A 1-D array as a list of Python values; a run of equal values shares one object.
+
+    A message's market column comes in long runs (SH, then SZ), and its timestamps often do
+    (a snapshot at one second): one string or int per run instead of one per record saves
+    making and later freeing thousands of objects. Columns with many runs (codes, names)
+    are converted value by value, after one vectorised comparison.
+    """
+    count = len(column)
+    if count < 64:
+        return column.tolist()  # type: ignore[no-any-return]
+    changes = np.flatnonzero(column[1:] != column[:-1]) + 1
+    if len(changes) * 16 > count:
+        return column.tolist()  # type: ignore[no-any-return]
+    starts = np.concatenate(([0], changes))
+    lengths = np.diff(np.append(starts, count))
+    return list(chain.from_iterable(map(repeat, column[starts].tolist(), lengths.tolist())))
 
 
 def batch_arrays(parts: Sequence[MessageColumns],
