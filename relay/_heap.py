@@ -22,7 +22,7 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
 
-def keep_freed_memory(mmap_threshold: int = 16 << 20, trim_threshold: int = 128 << 20) -> bool:
+def keep_freed_memory(mmap_threshold: int = 8 << 20, trim_threshold: int = 32 << 20) -> bool:
     """Tune glibc's allocator for the whole process (idempotent).
 
     Args:

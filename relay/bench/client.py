@@ -101,7 +101,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         }
         if importlib.util.find_spec("pandas") is not None:
             contenders["pandas"] = lambda: column_batch(messages).to_pandas()
-        col_t = best_times(contenders, max(3, rep // 2))  # the accessors take ~1 s a round
+        col_t = best_times(contenders, rep)  # as many rounds as the main bench
         figures["baseline_accessors_rps"] = round(n / col_t["accessors"])
         figures["columns_numpy_rps"] = round(n / col_t["numpy"])
         figures["columns_numpy_speedup"] = round(col_t["accessors"] / col_t["numpy"], 1)
