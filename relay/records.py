@@ -63,7 +63,9 @@ HIKYUU_FIELDS: Tuple[str, ...] = FIELDS[:15]
 _new_record = tuple.__new__
 
 
-_GIL: bool = getattr(sys, "_is_gil_enabled", lambda: True)()
+# Whether _acyclic may promote: not on a free-threaded build, and never again once the
+# application is seen to freeze objects itself (counting frozen objects walks them all).
+_PROMOTE = {"ok": bool(getattr(sys, "_is_gil_enabled", lambda: True)())}
 
 
 @contextmanager
@@ -80,25 +82,34 @@ def _acyclic() -> Iterator[None]:
     block are examined as usual), the collector is paused while the block builds, and what
     the block built is then moved straight to the oldest generation, uncounted, with
     ``gc.freeze()`` + ``gc.unfreeze()`` (both constant-time list moves). Skipped when the
-    collector is disabled or the application froze objects itself (unfreezing would undo
-    that), and on a free-threaded build (where freezing walks the heap): the block then runs
-    with the collector paused only. If another thread allocates while the block runs, its
-    objects are moved too and wait for the next full collection.
+    collector is disabled, on a free-threaded build (where freezing walks the heap), and from
+    the first time the application is seen to have frozen objects itself (unfreezing would
+    undo that): the block then runs with the collector paused only. If another thread
+    allocates while the block runs, its objects are moved too and wait for the next full
+    collection.
     """
     if not gc.isenabled():
         yield
         return
-    promote = gc.get_freeze_count() == 0 and _GIL
+    promote = _PROMOTE["ok"] and _unfrozen()
     if promote:
         gc.collect(1)
     gc.disable()
     try:
         yield
     finally:
-        if promote and gc.get_freeze_count() == 0:
+        if promote and _unfrozen():
             gc.freeze()
             gc.unfreeze()
         gc.enable()
+
+
+def _unfrozen() -> bool:
+    """No object is frozen (cheap while none is); once some are, promotion stops for good."""
+    if gc.get_freeze_count():
+        _PROMOTE["ok"] = False
+        return False
+    return True
 
 
 class SpotColumns:

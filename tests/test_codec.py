@@ -471,14 +471,19 @@ def test_decode_leaves_the_garbage_collector_as_it_found_it(enabled: bool) -> No
             gc.disable()
 
 
-def test_records_skip_the_young_collections_and_leave_frozen_objects_alone() -> None:
+def test_records_skip_the_young_collections_and_leave_frozen_objects_alone(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """Records built from columns go straight to the oldest generation (the collector never
     walks them young), cyclic garbage the application made before is still collected, and
-    an application's own gc.freeze() is neither undone nor joined."""
+    an application's own gc.freeze() is neither undone nor joined (and, once seen, turns the
+    promotion off for good)."""
     import gc
     import weakref
 
+    from relay import records
     from relay.records import _acyclic
+
+    monkeypatch.setitem(records._PROMOTE, "ok", True)  # restored after the test
 
     class Node:
         pass
@@ -515,6 +520,10 @@ def test_records_skip_the_young_collections_and_leave_frozen_objects_alone() -> 
             del frozen_before
         finally:
             gc.unfreeze()
+        assert records._PROMOTE["ok"] is False
+        with _acyclic():
+            later = [(1.0,) for _ in range(10)]
+        assert id(later) in {id(o) for o in gc.get_objects(generation=0)}
     finally:
         if not was:
             gc.disable()
