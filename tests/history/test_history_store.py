@@ -98,6 +98,17 @@ def _aggregate_by_index(rows: np.ndarray, index: np.ndarray) -> List[Tuple[int, 
     return out
 
 
+def _assert_recovered_whole(path: Path, rows: np.ndarray) -> None:
+    """SH600000's 40 day bars from 2024-01-02 are ``rows``, and its week index matches them
+    (after a killed write was recovered and finished)."""
+    with open_file(path, "SH", "day") as f:
+        assert (f.read("SH600000") == rows).all()
+        labels = [int(_label_by_calendar(d, "week").strftime("%Y%m%d")) * 10000
+                  for d in _days(dt.date(2024, 1, 2), 40)]
+        assert _aggregate(rows, labels) == _aggregate_by_index(rows,
+                                                               f.read_index("SH600000", "week"))
+
+
 def test_layout_round_trip_h5py(tmp_path: Path) -> None:
     """Written rows read back with plain h5py equal the input; the layout is hikyuu's."""
     rows = _day_rows(_days(dt.date(2023, 1, 2), 300))
@@ -298,12 +309,7 @@ def test_killed_writer_is_recovered_on_open(tmp_path: Path) -> None:
         assert ["SH600000"] == f.recovered
         assert (f.read("SH600000") == rows[:30]).all()
         f.append("SH600000", rows[30:])
-    with open_file(tmp_path, "SH", "day") as f:
-        assert (f.read("SH600000") == rows).all()
-        labels = [int(_label_by_calendar(d, "week").strftime("%Y%m%d")) * 10000
-                  for d in _days(dt.date(2024, 1, 2), 40)]
-        assert _aggregate(rows, labels) == _aggregate_by_index(rows,
-                                                               f.read_index("SH600000", "week"))
+    _assert_recovered_whole(tmp_path, rows)
 
 
 def test_corrupt_file_moved_aside(tmp_path: Path) -> None:
@@ -358,12 +364,7 @@ def test_writer_killed_after_writing_a_new_table_before_its_marks(tmp_path: Path
         assert ["SH600000"] == f.recovered
         assert 0 == f.read("SH600000").shape[0]
         f.merge("SH600000", rows)
-    with open_file(tmp_path, "SH", "day") as f:
-        assert (f.read("SH600000") == rows).all()
-        labels = [int(_label_by_calendar(d, "week").strftime("%Y%m%d")) * 10000
-                  for d in _days(dt.date(2024, 1, 2), 40)]
-        assert _aggregate(rows, labels) == _aggregate_by_index(rows,
-                                                               f.read_index("SH600000", "week"))
+    _assert_recovered_whole(tmp_path, rows)
 
 
 def _to_legacy_marks(path: Path, extra: int = 0) -> None:
