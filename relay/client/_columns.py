@@ -271,12 +271,9 @@ def spot_columns(buf: bytes, base: int, count: int, table_size: int,
     columns: List[Any] = [_values(text) for text in cols.strings]
     columns += [[0.0] * count if view is None else view for view in cols.doubles]
     columns += [_contiguous(book).reshape(-1) for book in cols.books]
-    time_ms, status, trades = cols.optional
-    columns += [[None] * count if time_ms is None else _values(time_ms), status, trades]
-    if status is None:
-        columns[16] = [None] * count
-    if trades is None:
-        columns[17] = [None] * count
+    columns += [[None] * count if view is None else view for view in cols.optional]
+    if cols.optional[0] is not None:  # timestamps often come in runs: shared ints
+        columns[15] = _values(cols.optional[0])
     return SpotColumns(count, depths.pop(), columns)
 
 
